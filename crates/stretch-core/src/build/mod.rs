@@ -1,0 +1,276 @@
+//! The build step (SPEC §5): pull, decrypt, archive, build images, push, run build
+//! plugins — one function per stage, in order. The release is recorded only when all
+//! stages succeed; a failure removes whatever the build wrote.
+
+mod images;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+
+use crate::home::{Home, write_private};
+use crate::log::Log;
+use crate::plugin::{self, Facts, Hook, ReleaseFacts};
+use crate::release::config::{ConfigTemplate, FORMAT, NodeConfig, Plugin, ReleaseConfig};
+use crate::release::{archive, name};
+use crate::secrets::{self, Identities};
+use crate::source::{self, Pulled};
+use crate::store::{ReleaseRecord, Store};
+use crate::system::System;
+use crate::system::project::Project;
+use crate::util::now_rfc3339;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// The age identity file (`--identity` / `STRETCH_IDENTITY`).
+    pub identity: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BuildOutcome {
+    pub release: ReleaseRecord,
+    /// True when the sources produced a release that already existed.
+    pub reused: bool,
+}
+
+/// What the decrypt stage yields.
+struct Decrypted {
+    project: Project,
+    secrets: BTreeMap<String, serde_json::Value>,
+    files: BTreeMap<String, Vec<u8>>,
+}
+
+/// Run the whole build step.
+pub async fn build(system: &System, home: &Home, store: &Store, opts: &BuildOptions, log: &Log) -> Result<BuildOutcome> {
+    // One build at a time per home: they share the buffer folder.
+    let _lock = home.lock("build", true)?;
+    let (pulled, merged) = log
+        .stage("pull", async {
+            let (s, h, l) = (system.clone(), home.clone(), log.clone());
+            blocking(move || source::pull_all(&s, &h, &l)).await
+        })
+        .await?;
+    let decrypted = log.stage("decrypt", decrypt(system, &merged, opts, log)).await?;
+    let release_config = release_config(system, &decrypted);
+    let (record, reused) = log.stage("archive", archive_stage(home, store, &merged, &release_config, pulled, log)).await?;
+    if reused {
+        log.line(format!("release {} ({}) already exists: nothing to build", record.id, record.name));
+        return Ok(BuildOutcome { release: record, reused: true });
+    }
+    let rest = async {
+        let images = log
+            .stage("images", images::build_all(system, &decrypted.project, &release_config, &record.id, store, log))
+            .await?;
+        log.stage("push", images::push_all(system, &images, log)).await?;
+        log.stage("plugins", run_plugins(system, &merged, &decrypted, &record, log)).await?;
+        let mut record = record.clone();
+        record.images = images.iter().map(|i| i.reference.clone()).collect();
+        store.insert_release(&record)?;
+        Ok::<_, Error>(record)
+    };
+    match rest.await {
+        Ok(record) => Ok(BuildOutcome { release: record, reused: false }),
+        Err(e) => {
+            // A failed build leaves no half-made release behind.
+            let _ = std::fs::remove_file(home.archive(&record.id));
+            let _ = std::fs::remove_file(home.release_config(&record.id));
+            Err(e)
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::failed("build", format!("worker thread: {e}")))?
+}
+
+/// Every `*.age` file of the tree, as paths relative to it.
+fn age_files(root: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in walkdir::WalkDir::new(root).follow_links(false).sort_by_file_name() {
+        let entry = entry.map_err(|e| Error::failed("decrypt", format!("cannot walk the sources: {e}")))?;
+        if entry.file_type().is_file() && entry.file_name().to_string_lossy().ends_with(".age") {
+            let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
+            out.push(rel.to_string_lossy().into_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// Stage 2: parse the build files, then decrypt `secrets.yml` leaves and `*.age` files.
+async fn decrypt(system: &System, merged: &Path, opts: &BuildOptions, log: &Log) -> Result<Decrypted> {
+    let project = Project::load(merged, system.name())?;
+    for p in project.all_plugins() {
+        plugin::validate(p, merged)?;
+    }
+    log.line(format!(
+        "{} node(s): {}; {} container(s)",
+        project.nodes.len(),
+        project.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "),
+        project.containers.len()
+    ));
+    let age = age_files(merged)?;
+    let mut secrets = BTreeMap::new();
+    let mut files = BTreeMap::new();
+    if project.secrets_files.is_empty() && age.is_empty() {
+        return Ok(Decrypted { project, secrets, files });
+    }
+    let Some(identity) = &opts.identity else {
+        let first = project.secrets_files.first().or(age.first()).cloned().unwrap_or_default();
+        return Err(Error::invalid_with_help(
+            format!("the sources hold secrets (`{first}`) but no identity was given"),
+            "pass `--identity FILE` (or set STRETCH_IDENTITY) with the age key that can decrypt them",
+        ));
+    };
+    let ids = Identities::from_file(identity)?;
+    for file in &project.secrets_files {
+        let text = std::fs::read_to_string(merged.join(file))
+            .map_err(|e| Error::invalid(format!("cannot read `{file}`: {e}")))?;
+        let tree = secrets::decrypt_secrets_file(file, &text, &ids)?;
+        secrets.insert(file.clone(), tree.to_json());
+    }
+    for file in &age {
+        let data = std::fs::read(merged.join(file)).map_err(|e| Error::invalid(format!("cannot read `{file}`: {e}")))?;
+        let clear = secrets::decrypt_file(&ids, file, &data)?;
+        files.insert(file.trim_end_matches(".age").to_string(), clear);
+    }
+    log.line(format!("decrypted {} secrets file(s) and {} .age file(s)", secrets.len(), files.len()));
+    Ok(Decrypted { project, secrets, files })
+}
+
+/// Image repository (without tag) of a node or base image.
+pub fn image_repo(system: &System, name: &str) -> String {
+    if system.spec.registry == "local" {
+        format!("{}/{name}", system.name())
+    } else {
+        format!("{}/{}/{name}", system.spec.registry, system.name())
+    }
+}
+
+fn release_config(system: &System, d: &Decrypted) -> ReleaseConfig {
+    let p = &d.project;
+    let nodes = p
+        .nodes
+        .iter()
+        .map(|n| {
+            let c = &p.containers[n.container];
+            NodeConfig {
+                name: n.name.clone(),
+                dir: n.dir.clone(),
+                image: image_repo(system, &n.image),
+                port: c.port,
+                health: c.health.clone(),
+                reload: c.reload.clone(),
+                stop_timeout_ms: c.stop_timeout.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                templates: if c.dir.is_empty() { "templates".into() } else { format!("{}/templates", c.dir) },
+                plugins: n.plugins.iter().map(Plugin::from).collect(),
+                root_config: n.root_config.clone(),
+                config: n.config.clone(),
+            }
+        })
+        .collect();
+    ReleaseConfig {
+        format: FORMAT,
+        system: system.name().to_string(),
+        registry: system.spec.registry.clone(),
+        plugins: p.plugins.iter().map(Plugin::from).collect(),
+        nodes,
+        config_files: p
+            .config_files
+            .iter()
+            .map(|(k, v)| (k.clone(), ConfigTemplate { template: v.template.clone(), secrets: v.secrets.clone() }))
+            .collect(),
+        secrets: d.secrets.clone(),
+        files: d.files.iter().map(|(k, v)| (k.clone(), base64::engine::general_purpose::STANDARD.encode(v))).collect(),
+    }
+}
+
+/// The release id: a hash of the archive's content and the release configuration.
+pub fn release_id(archive_hash: &str, config_json: &[u8]) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"stretch-release-v1\0");
+    h.update(archive_hash.as_bytes());
+    h.update(b"\0");
+    h.update(config_json);
+    h.finalize().to_hex()[..20].to_string()
+}
+
+/// Stage 3: write the archive and the release configuration; find out the id.
+async fn archive_stage(
+    home: &Home,
+    store: &Store,
+    merged: &Path,
+    config: &ReleaseConfig,
+    sources: Vec<Pulled>,
+    log: &Log,
+) -> Result<(ReleaseRecord, bool)> {
+    let config_json = serde_json::to_vec_pretty(config).map_err(|e| Error::failed("archive", e.to_string()))?;
+    let tmp = home.releases().join(format!(".building-{}.tar.zst", std::process::id()));
+    let (m, t) = (merged.to_path_buf(), tmp.clone());
+    let digest = blocking(move || archive::write_archive(&m, &t, &|_| false)).await?;
+    let id = release_id(&digest.hash, &config_json);
+    log.line(format!("archived {} files, {} bytes: release id {id}", digest.files, digest.bytes));
+    if let Some(existing) = store.release_by_id(&id)? {
+        let _ = std::fs::remove_file(&tmp);
+        if home.archive(&id).exists() {
+            return Ok((existing, true));
+        }
+        // The record survived but its archive did not: restore it.
+        std::fs::rename(&tmp, home.archive(&id)).map_err(|e| Error::failed("archive", format!("cannot store the archive: {e}")))?;
+        write_private(&home.release_config(&id), &config_json)
+            .map_err(|e| Error::failed("archive", format!("cannot write the release configuration: {e}")))?;
+        return Ok((existing, true));
+    }
+    std::fs::rename(&tmp, home.archive(&id)).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::failed("archive", format!("cannot store the archive: {e}"))
+    })?;
+    write_private(&home.release_config(&id), &config_json)
+        .map_err(|e| Error::failed("archive", format!("cannot write the release configuration: {e}")))?;
+    let name = name::memorable(&id, &|n| store.name_taken(n).unwrap_or(false));
+    let record = ReleaseRecord {
+        id,
+        name,
+        created_at: now_rfc3339(),
+        sources,
+        images: Vec::new(),
+        archive_hash: digest.hash,
+    };
+    Ok((record, false))
+}
+
+/// Stage 6: decrypted `*.age` files join the merged tree (0600), then build hooks run.
+async fn run_plugins(system: &System, merged: &Path, d: &Decrypted, record: &ReleaseRecord, log: &Log) -> Result<()> {
+    for (path, data) in &d.files {
+        write_private(&merged.join(path), data)
+            .map_err(|e| Error::failed("plugins", format!("cannot write decrypted `{path}`: {e}")))?;
+    }
+    let plugins: Vec<_> = d.project.all_plugins().collect();
+    if plugins.is_empty() {
+        log.line("no build plugins");
+        return Ok(());
+    }
+    let facts = Facts {
+        system: system.name().to_string(),
+        environment: None,
+        kind: None,
+        release: ReleaseFacts { id: record.id.clone(), name: record.name.clone(), path: merged.to_path_buf() },
+        existing_release: None,
+    };
+    plugin::run_all(&plugins, Hook::Build, &facts, merged, log).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        let a = release_id("h1", b"{}");
+        assert_eq!(a.len(), 20);
+        assert_eq!(a, release_id("h1", b"{}"));
+        assert_ne!(a, release_id("h2", b"{}"));
+        assert_ne!(a, release_id("h1", b"{ }"));
+    }
+}

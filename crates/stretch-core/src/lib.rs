@@ -1,0 +1,19 @@
+//! The stretch pipeline as a library: system files, sources, secrets, releases, builds,
+//! deploys, plugins and the Docker engine. It prints nothing; callers see progress
+//! through [`log::Log`] events and results as typed values.
+
+pub mod build;
+pub mod docker;
+pub mod error;
+pub mod home;
+pub mod log;
+pub mod plugin;
+pub mod release;
+pub mod secrets;
+pub mod source;
+pub mod store;
+pub mod system;
+pub mod template;
+pub mod util;
+
+pub use error::{Error, Result};

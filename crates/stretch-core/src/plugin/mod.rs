@@ -1,0 +1,218 @@
+//! Plugins: code run at the pipeline's hooks (`build`, `pre_deploy`, `post_deploy`).
+//! Kinds are a closed set: the built-ins `exec` and `migrations`, and external
+//! executables speaking the JSON-on-stdin protocol. Every command gets the facts as
+//! `STRETCH_*` env vars and has its output streamed to the log.
+
+mod exec;
+mod external;
+mod migrations;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::log::Log;
+use crate::system::project::PluginDecl;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hook {
+    Build,
+    PreDeploy,
+    PostDeploy,
+}
+
+impl Hook {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hook::Build => "build",
+            Hook::PreDeploy => "pre_deploy",
+            Hook::PostDeploy => "post_deploy",
+        }
+    }
+}
+
+/// A release as plugins see it: its id, name and the folder holding its files.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReleaseFacts {
+    pub id: String,
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// What a hook runs about.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    pub system: String,
+    pub environment: Option<String>,
+    /// `deploy` or `rollback` (deploy hooks only).
+    pub kind: Option<String>,
+    pub release: ReleaseFacts,
+    pub existing_release: Option<ReleaseFacts>,
+}
+
+/// One plugin invocation: which plugin, which hook, and where its files are.
+pub struct Call<'a> {
+    pub decl: &'a PluginDecl,
+    pub hook: Hook,
+    pub facts: &'a Facts,
+    /// The tree the plugin's files are read from (the merged tree, or a release buffer).
+    pub tree: &'a Path,
+}
+
+impl Call<'_> {
+    /// The plugin's folder in `tree`, plus an optional relative `path` option.
+    fn folder(&self, tree: &Path, sub: Option<&str>) -> Result<PathBuf> {
+        let dir = match sub {
+            Some(p) => crate::system::project::resolve(tree, &self.decl.dir, p)
+                .map_err(|m| Error::invalid(format!("plugin `{}` ({}): {m}", self.decl.name, self.label())))?,
+            None => self.decl.dir.clone(),
+        };
+        Ok(tree.join(dir))
+    }
+
+    fn label(&self) -> String {
+        let file = if self.decl.dir.is_empty() { "stretch.yml".to_string() } else { format!("{}/stretch.yml", self.decl.dir) };
+        match &self.decl.node {
+            Some(n) => format!("node `{n}`, {file}"),
+            None => file,
+        }
+    }
+
+    /// The `STRETCH_*` variables for this call.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        let f = self.facts;
+        let mut env = vec![("STRETCH_HOOK", self.hook.as_str().to_string()), ("STRETCH_SYSTEM", f.system.clone())];
+        if let Some(e) = &f.environment {
+            env.push(("STRETCH_ENVIRONMENT", e.clone()));
+        }
+        if let Some(k) = &f.kind {
+            env.push(("STRETCH_KIND", k.clone()));
+        }
+        if let Some(n) = &self.decl.node {
+            env.push(("STRETCH_NODE", n.clone()));
+        }
+        env.push(("STRETCH_RELEASE_ID", f.release.id.clone()));
+        env.push(("STRETCH_RELEASE_NAME", f.release.name.clone()));
+        env.push(("STRETCH_RELEASE_PATH", f.release.path.display().to_string()));
+        if let Some(x) = &f.existing_release {
+            env.push(("STRETCH_EXISTING_RELEASE_ID", x.id.clone()));
+            env.push(("STRETCH_EXISTING_RELEASE_PATH", x.path.display().to_string()));
+        }
+        env
+    }
+
+    /// Run a program, streaming its output to the log; a non-zero exit fails the hook.
+    async fn command(&self, mut cmd: tokio::process::Command, stdin: Option<Vec<u8>>, log: &Log) -> Result<()> {
+        let stage = self.hook.as_str();
+        for name in STRETCH_VARS {
+            cmd.env_remove(name);
+        }
+        cmd.envs(self.env()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.kill_on_drop(true);
+        let what = format!("plugin `{}` ({})", self.decl.name, self.label());
+        let mut child = cmd.spawn().map_err(|e| Error::failed(stage, format!("{what}: cannot start: {e}")))?;
+        if let (Some(data), Some(mut input)) = (stdin, child.stdin.take()) {
+            use tokio::io::AsyncWriteExt;
+            // A plugin may exit without reading its input: a broken pipe is not an error.
+            let _ = input.write_all(&data).await;
+        }
+        let out = child.stdout.take().map(|o| stream(o, log.clone()));
+        let err = child.stderr.take().map(|o| stream(o, log.clone()));
+        let status = child.wait().await.map_err(|e| Error::failed(stage, format!("{what}: {e}")))?;
+        if let Some(t) = out {
+            let _ = t.await;
+        }
+        if let Some(t) = err {
+            let _ = t.await;
+        }
+        if !status.success() {
+            let code = status.code().map(|c| format!("status {c}")).unwrap_or_else(|| "a signal".into());
+            return Err(Error::failed(stage, format!("{what}: `{}` hook exited with {code}", self.hook.as_str())));
+        }
+        Ok(())
+    }
+}
+
+const STRETCH_VARS: [&str; 10] = [
+    "STRETCH_HOOK",
+    "STRETCH_SYSTEM",
+    "STRETCH_ENVIRONMENT",
+    "STRETCH_KIND",
+    "STRETCH_NODE",
+    "STRETCH_RELEASE_ID",
+    "STRETCH_RELEASE_NAME",
+    "STRETCH_RELEASE_PATH",
+    "STRETCH_EXISTING_RELEASE_ID",
+    "STRETCH_EXISTING_RELEASE_PATH",
+];
+
+fn stream<R: tokio::io::AsyncRead + Unpin + Send + 'static>(r: R, log: Log) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(r).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            log.line(line);
+        }
+    })
+}
+
+/// Check a plugin's declaration before anything runs: known options, an executable
+/// for external plugins.
+pub fn validate(decl: &PluginDecl, tree: &Path) -> Result<()> {
+    match decl.name.as_str() {
+        "exec" => exec::validate(decl),
+        "migrations" => migrations::validate(decl),
+        _ => external::find(decl, tree).map(|_| ()),
+    }
+}
+
+/// Run one hook of one plugin.
+pub async fn run(call: &Call<'_>, log: &Log) -> Result<()> {
+    match call.decl.name.as_str() {
+        "exec" => exec::run(call, log).await,
+        "migrations" => migrations::run(call, log).await,
+        _ => external::run(call, log).await,
+    }
+}
+
+/// Run `hook` of every plugin in order, stopping at the first failure.
+pub async fn run_all(plugins: &[&PluginDecl], hook: Hook, facts: &Facts, tree: &Path, log: &Log) -> Result<()> {
+    for decl in plugins {
+        run(&Call { decl, hook, facts, tree }, log).await?;
+    }
+    Ok(())
+}
+
+/// Read an optional string option.
+fn opt_str<'a>(decl: &'a PluginDecl, key: &str) -> Result<Option<&'a str>> {
+    match decl.options.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(Error::invalid(format!("plugin `{}`: option `{key}` must be a string", decl.name))),
+    }
+}
+
+/// Reject options a built-in does not know.
+fn known_options(decl: &PluginDecl, known: &[&str]) -> Result<()> {
+    match &decl.options {
+        serde_json::Value::Null => Ok(()),
+        serde_json::Value::Object(m) => {
+            for k in m.keys() {
+                if !known.contains(&k.as_str()) {
+                    let hint = known
+                        .iter()
+                        .min_by_key(|c| crate::system::yaml::levenshtein(k, c))
+                        .map(|c| format!("did you mean `{c}`? ({} knows: {})", decl.name, known.join(", ")))
+                        .unwrap_or_default();
+                    return Err(Error::invalid_with_help(format!("plugin `{}`: unknown option `{k}`", decl.name), hint));
+                }
+            }
+            Ok(())
+        }
+        _ => Err(Error::invalid(format!("plugin `{}`: options must be a map", decl.name))),
+    }
+}

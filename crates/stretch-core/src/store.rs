@@ -1,0 +1,303 @@
+//! The release store: an embedded SQLite database (WAL) in the home folder holding
+//! releases, runs (builds and deploys) with their logs, and built images by input
+//! digest. The CLI and a server may use one home at the same time.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::log::{Event, Sink};
+use crate::source::Pulled;
+use crate::util::now_rfc3339;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+    pub sources: Vec<Pulled>,
+    pub images: Vec<String>,
+    /// blake3 of the archive's uncompressed tar, checked before every extraction.
+    pub archive_hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: i64,
+    pub kind: String,
+    pub environment: Option<String>,
+    pub release: Option<String>,
+    pub existing_release: Option<String>,
+    pub status: String,
+    pub started_at: String,
+    pub ended_at: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub seq: i64,
+    pub at: String,
+    pub stage: String,
+    pub text: String,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn db_error(e: rusqlite::Error) -> Error {
+    Error::failed("store", format!("release store: {e}"))
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS releases (
+  id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL,
+  sources TEXT NOT NULL, images TEXT NOT NULL, archive_hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, environment TEXT,
+  release TEXT, existing_release TEXT, status TEXT NOT NULL,
+  started_at TEXT NOT NULL, ended_at TEXT, pid INTEGER);
+CREATE TABLE IF NOT EXISTS log_lines (
+  run INTEGER NOT NULL, seq INTEGER NOT NULL, at TEXT NOT NULL, stage TEXT NOT NULL,
+  text TEXT NOT NULL, PRIMARY KEY (run, seq));
+CREATE TABLE IF NOT EXISTS images (
+  input_digest TEXT PRIMARY KEY, image_id TEXT NOT NULL, created_at TEXT NOT NULL);
+";
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path).map_err(db_error)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_error)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(db_error)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(db_error)?;
+        conn.execute_batch(SCHEMA).map_err(db_error)?;
+        Ok(Store { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let conn = self.conn.lock().map_err(|_| Error::failed("store", "release store lock poisoned"))?;
+        f(&conn).map_err(db_error)
+    }
+
+    pub fn insert_release(&self, r: &ReleaseRecord) -> Result<()> {
+        let sources = serde_json::to_string(&r.sources).unwrap_or_default();
+        let images = serde_json::to_string(&r.images).unwrap_or_default();
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO releases (id, name, created_at, sources, images, archive_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![r.id, r.name, r.created_at, sources, images, r.archive_hash],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn release_rows(&self, sql: &str, arg: &str) -> Result<Vec<ReleaseRecord>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(sql)?;
+            let rows = stmt.query_map([arg], |row| {
+                let sources: String = row.get(3)?;
+                let images: String = row.get(4)?;
+                Ok(ReleaseRecord {
+                    id: row.get(0)?,
+                    name: row.get(1)?,
+                    created_at: row.get(2)?,
+                    sources: serde_json::from_str(&sources).unwrap_or_default(),
+                    images: serde_json::from_str(&images).unwrap_or_default(),
+                    archive_hash: row.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Releases, newest first.
+    pub fn releases(&self) -> Result<Vec<ReleaseRecord>> {
+        self.release_rows(
+            "SELECT id, name, created_at, sources, images, archive_hash FROM releases WHERE ?1 = ?1 ORDER BY created_at DESC, rowid DESC",
+            "",
+        )
+    }
+
+    pub fn release_by_id(&self, id: &str) -> Result<Option<ReleaseRecord>> {
+        Ok(self
+            .release_rows("SELECT id, name, created_at, sources, images, archive_hash FROM releases WHERE id = ?1", id)?
+            .into_iter()
+            .next())
+    }
+
+    /// Find a release by id, unique id prefix (at least 6 characters) or name.
+    pub fn find_release(&self, key: &str) -> Result<ReleaseRecord> {
+        let by_name = self.release_rows("SELECT id, name, created_at, sources, images, archive_hash FROM releases WHERE name = ?1", key)?;
+        if let Some(r) = by_name.into_iter().next() {
+            return Ok(r);
+        }
+        if key.len() >= 6 && key.chars().all(|c| c.is_ascii_hexdigit()) {
+            let mut found = self.release_rows(
+                "SELECT id, name, created_at, sources, images, archive_hash FROM releases WHERE substr(id, 1, length(?1)) = ?1",
+                key,
+            )?;
+            match found.len() {
+                1 => return Ok(found.remove(0)),
+                0 => {}
+                n => return Err(Error::invalid(format!("release prefix `{key}` is ambiguous ({n} releases match)"))),
+            }
+        }
+        Err(Error::invalid_with_help(
+            format!("unknown release `{key}`"),
+            "`stretch releases` lists them; use an id, a unique id prefix of 6 or more characters, or a name",
+        ))
+    }
+
+    pub fn name_taken(&self, name: &str) -> Result<bool> {
+        self.with(|c| c.query_row("SELECT 1 FROM releases WHERE name = ?1", [name], |_| Ok(())).optional().map(|o| o.is_some()))
+    }
+
+    pub fn start_run(&self, kind: &str, environment: Option<&str>, release: Option<&str>, existing: Option<&str>) -> Result<i64> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO runs (kind, environment, release, existing_release, status, started_at, pid) VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6)",
+                params![kind, environment, release, existing, now_rfc3339(), std::process::id()],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    /// Set what a run turned out to be about (a build learns its release late).
+    pub fn set_run_release(&self, run: i64, release: &str) -> Result<()> {
+        self.with(|c| c.execute("UPDATE runs SET release = ?2 WHERE id = ?1", params![run, release]).map(|_| ()))
+    }
+
+    pub fn finish_run(&self, run: i64, ok: bool) -> Result<()> {
+        let status = if ok { "succeeded" } else { "failed" };
+        self.with(|c| c.execute("UPDATE runs SET status = ?2, ended_at = ?3 WHERE id = ?1", params![run, status, now_rfc3339()]).map(|_| ()))
+    }
+
+    /// Forget a run that changed nothing (bad input).
+    pub fn delete_run(&self, run: i64) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM log_lines WHERE run = ?1", [run])?;
+            c.execute("DELETE FROM runs WHERE id = ?1", [run]).map(|_| ())
+        })
+    }
+
+    /// Runs, newest first; only those of `environment` when given.
+    pub fn runs(&self, environment: Option<&str>) -> Result<Vec<RunRecord>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, kind, environment, release, existing_release, status, started_at, ended_at FROM runs
+                 WHERE ?1 IS NULL OR environment = ?1 ORDER BY id DESC",
+            )?;
+            let rows = stmt.query_map([environment], |row| {
+                Ok(RunRecord {
+                    id: row.get(0)?,
+                    kind: row.get(1)?,
+                    environment: row.get(2)?,
+                    release: row.get(3)?,
+                    existing_release: row.get(4)?,
+                    status: row.get(5)?,
+                    started_at: row.get(6)?,
+                    ended_at: row.get(7)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn run(&self, id: i64) -> Result<Option<RunRecord>> {
+        Ok(self.runs(None)?.into_iter().find(|r| r.id == id))
+    }
+
+    pub fn add_line(&self, run: i64, stage: &str, text: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO log_lines (run, seq, at, stage, text)
+                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM log_lines WHERE run = ?1), ?2, ?3, ?4)",
+                params![run, now_rfc3339(), stage, text],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Log lines of a run after `after` (a seq), in order.
+    pub fn log(&self, run: i64, after: i64) -> Result<Vec<LogLine>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT seq, at, stage, text FROM log_lines WHERE run = ?1 AND seq > ?2 ORDER BY seq")?;
+            let rows = stmt.query_map(params![run, after], |row| {
+                Ok(LogLine { seq: row.get(0)?, at: row.get(1)?, stage: row.get(2)?, text: row.get(3)? })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn image_for_input(&self, digest: &str) -> Result<Option<String>> {
+        self.with(|c| c.query_row("SELECT image_id FROM images WHERE input_digest = ?1", [digest], |r| r.get(0)).optional())
+    }
+
+    pub fn record_image(&self, digest: &str, image_id: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO images (input_digest, image_id, created_at) VALUES (?1, ?2, ?3)",
+                params![digest, image_id, now_rfc3339()],
+            )
+            .map(|_| ())
+        })
+    }
+}
+
+/// Writes every event of a run's log into the store.
+pub struct RunSink {
+    pub store: Store,
+    pub run: i64,
+}
+
+impl Sink for RunSink {
+    fn event(&self, event: &Event) {
+        // A log line that cannot be stored must not fail the pipeline.
+        let _ = match event {
+            Event::StageStarted { stage } => self.store.add_line(self.run, stage, &format!("==> {stage}")),
+            Event::StageFinished { stage, elapsed, ok } => self.store.add_line(
+                self.run,
+                stage,
+                &format!("<== {stage} {} in {:.2}s", if *ok { "done" } else { "failed" }, elapsed.as_secs_f64()),
+            ),
+            Event::Line { stage, text } => self.store.add_line(self.run, stage, text),
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn releases_and_runs() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::open(&t.path().join("db")).unwrap();
+        let r = ReleaseRecord {
+            id: "abcdef0123".into(),
+            name: "brave-otter".into(),
+            created_at: now_rfc3339(),
+            sources: vec![Pulled { name: "app".into(), commit: Some("c0ffee".into()) }],
+            images: vec!["local/shop/web:abcdef0123".into()],
+            archive_hash: "h".into(),
+        };
+        s.insert_release(&r).unwrap();
+        assert_eq!(s.find_release("brave-otter").unwrap(), r);
+        assert_eq!(s.find_release("abcdef").unwrap(), r);
+        assert!(s.find_release("abcde").is_err());
+        assert!(s.name_taken("brave-otter").unwrap());
+        let run = s.start_run("build", None, None, None).unwrap();
+        s.add_line(run, "pull", "one").unwrap();
+        s.add_line(run, "pull", "two").unwrap();
+        s.finish_run(run, true).unwrap();
+        let lines: Vec<String> = s.log(run, 0).unwrap().into_iter().map(|l| l.text).collect();
+        assert_eq!(lines, ["one", "two"]);
+        assert_eq!(s.log(run, 1).unwrap().len(), 1);
+        assert_eq!(s.runs(None).unwrap()[0].status, "succeeded");
+        assert!(s.runs(Some("prod")).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,265 @@
+//! The operator's `system.yml` and the build files inside sources: types, loading and
+//! validation. Every error points at a file, line and column.
+
+pub mod project;
+pub mod yaml;
+
+use std::path::{Path, PathBuf};
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// `system.yml`, as written by the operator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemFile {
+    pub system: String,
+    #[serde(default = "default_registry")]
+    pub registry: String,
+    pub sources: Vec<SourceSpec>,
+    #[serde(default)]
+    pub environments: IndexMap<String, Environment>,
+}
+
+fn default_registry() -> String {
+    "local".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    pub name: Option<String>,
+    pub git: Option<String>,
+    #[serde(rename = "ref")]
+    pub git_ref: Option<String>,
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Environment {
+    #[serde(default)]
+    pub auto_deploy: bool,
+    pub agent_token_file: Option<String>,
+    #[serde(default)]
+    pub services: IndexMap<String, serde_json::Value>,
+    #[serde(default)]
+    pub hosts: IndexMap<String, Host>,
+    #[serde(default)]
+    pub groups: IndexMap<String, Group>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Host {
+    pub agent: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    pub node: String,
+    pub hosts: Vec<String>,
+    pub instances: Option<u32>,
+    pub batch: Option<u32>,
+    pub listen: Option<u16>,
+}
+
+/// A source, resolved: where it comes from and its label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub name: String,
+    pub kind: SourceKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceKind {
+    /// A git repository: a URL, or a local path made absolute.
+    Git { url: String, git_ref: Option<String> },
+    /// A plain directory, absolute.
+    Path { path: PathBuf },
+}
+
+/// A loaded, validated system file.
+#[derive(Debug, Clone)]
+pub struct System {
+    pub file: PathBuf,
+    pub dir: PathBuf,
+    pub spec: SystemFile,
+    pub sources: Vec<Source>,
+    text: String,
+}
+
+impl System {
+    pub fn load(file: &Path) -> Result<System> {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            Error::invalid_with_help(
+                format!("cannot read system file `{}`: {e}", file.display()),
+                "pass `--system FILE`, or run `stretch init` to write an example",
+            )
+        })?;
+        let label = file.display().to_string();
+        let spec: SystemFile = yaml::parse(&label, &text)?;
+        let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let dir = dir.canonicalize().unwrap_or(dir);
+        let mut system = System { file: file.to_path_buf(), dir, spec, sources: Vec::new(), text };
+        system.validate()?;
+        Ok(system)
+    }
+
+    /// An error pointing at the first place `needle` appears in system.yml.
+    pub fn error_at(&self, needle: &str, message: impl Into<String>, help: Option<String>) -> Error {
+        let (line, column) = yaml::line_of(&self.text, needle);
+        Error::config(self.file.display().to_string(), &self.text, line, column, message, help)
+    }
+
+    fn validate(&mut self) -> Result<()> {
+        let name = self.spec.system.clone();
+        if !valid_name(&name) {
+            return Err(self.error_at(
+                "system:",
+                format!("invalid system name `{name}`"),
+                Some("a system name matches `[a-z0-9][a-z0-9_-]*`".into()),
+            ));
+        }
+        if self.spec.sources.is_empty() {
+            return Err(self.error_at("sources", "`sources` is empty", Some("list at least one `git:` or `path:` source".into())));
+        }
+        let mut sources = Vec::new();
+        for (i, s) in self.spec.sources.iter().enumerate() {
+            let name = s.name.clone().unwrap_or_else(|| (i + 1).to_string());
+            if sources.iter().any(|x: &Source| x.name == name) {
+                return Err(self.error_at(&format!("name: {name}"), format!("two sources are named `{name}`"), None));
+            }
+            let kind = match (&s.git, &s.path) {
+                (Some(url), None) => SourceKind::Git { url: self.git_url(url), git_ref: s.git_ref.clone() },
+                (None, Some(p)) if s.git_ref.is_none() => SourceKind::Path { path: self.dir.join(p) },
+                (None, Some(p)) => {
+                    return Err(self.error_at(p, format!("source `{name}`: `ref` only applies to `git` sources"), None));
+                }
+                _ => {
+                    return Err(self.error_at(
+                        "sources",
+                        format!("source `{name}` needs exactly one of `git` or `path`"),
+                        None,
+                    ));
+                }
+            };
+            sources.push(Source { name, kind });
+        }
+        self.sources = sources;
+        for (env_name, env) in &self.spec.environments {
+            if !valid_name(env_name) {
+                return Err(self.error_at(env_name, format!("invalid environment name `{env_name}`"), None));
+            }
+            for (group_name, group) in &env.groups {
+                for h in &group.hosts {
+                    if !env.hosts.contains_key(h) {
+                        let known: Vec<&str> = env.hosts.keys().map(String::as_str).collect();
+                        return Err(self.error_at(
+                            &format!("{group_name}:"),
+                            format!("group `{group_name}` of environment `{env_name}` names unknown host `{h}`"),
+                            Some(format!("hosts of `{env_name}`: {}", known.join(", "))),
+                        ));
+                    }
+                }
+                if group.batch == Some(0) || group.instances == Some(0) {
+                    return Err(self.error_at(
+                        &format!("{group_name}:"),
+                        format!("group `{group_name}`: `batch` and `instances` must be at least 1"),
+                        None,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Local repository paths are made absolute, relative to the system file.
+    fn git_url(&self, url: &str) -> String {
+        let is_remote = url.contains("://") || (url.contains('@') && url.contains(':'));
+        if is_remote { url.to_string() } else { self.dir.join(url).display().to_string() }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.system
+    }
+
+    /// Override a git source's ref (`--source NAME=REF`).
+    pub fn override_ref(&mut self, name: &str, git_ref: &str) -> Result<()> {
+        let known: Vec<String> = self.sources.iter().map(|s| s.name.clone()).collect();
+        let source = self.sources.iter_mut().find(|s| s.name == name).ok_or_else(|| {
+            Error::invalid_with_help(format!("`--source {name}=…`: no source is named `{name}`"), format!("sources: {}", known.join(", ")))
+        })?;
+        match &mut source.kind {
+            SourceKind::Git { git_ref: r, .. } => {
+                *r = Some(git_ref.to_string());
+                Ok(())
+            }
+            SourceKind::Path { .. } => Err(Error::invalid(format!("`--source {name}=…`: source `{name}` is a path, not a git source"))),
+        }
+    }
+}
+
+/// `[a-z0-9][a-z0-9_-]*`
+pub fn valid_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<System> {
+        let dir = tempfile::tempdir().map_err(|e| Error::invalid(e.to_string()))?;
+        let file = dir.path().join("system.yml");
+        std::fs::write(&file, text).map_err(|e| Error::invalid(e.to_string()))?;
+        System::load(&file)
+    }
+
+    fn message(text: &str) -> String {
+        match load(text) {
+            Ok(_) => "ok".into(),
+            Err(Error::Config(c)) => format!("{}:{} {}", c.line, c.column, c.message),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn minimal() {
+        let s = load("system: shop\nsources:\n  - path: ./app\n  - name: o\n    git: ../repo\n    ref: main\n").unwrap();
+        assert_eq!(s.spec.registry, "local");
+        assert_eq!(s.sources[0].name, "1");
+        assert!(matches!(&s.sources[1].kind, SourceKind::Git { git_ref: Some(r), .. } if r == "main"));
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(message("system: Shop\nsources: [{path: .}]\n"), "1:1 invalid system name `Shop`");
+        assert_eq!(message("system: shop\nsources: []\n"), "2:1 `sources` is empty");
+        assert_eq!(message("system: shop\nsources: [{path: ., git: x}]\n"), "2:1 source `1` needs exactly one of `git` or `path`");
+        assert_eq!(message("system: shop\nsource: []\n"), "2:1 unknown field `source`, expected one of `system`, `registry`, `sources`, `environments`");
+        assert_eq!(
+            message("system: shop\nsources: [{path: .}]\nenvironments:\n  p:\n    hosts: {a: {agent: x}}\n    groups:\n      web: {node: web, hosts: [b]}\n"),
+            "7:7 group `web` of environment `p` names unknown host `b`"
+        );
+        assert_eq!(
+            message("system: shop\nsources: [{path: .}]\nenvironments:\n  p:\n    hosts: {a: {agnet: x}}\n"),
+            "5:17 environments.p.hosts.a: unknown field `agnet`, expected `agent`"
+        );
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("shop"));
+        assert!(valid_name("0a_b-c"));
+        assert!(!valid_name("-a"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("A"));
+    }
+}

@@ -1,0 +1,97 @@
+//! Command-line types (clap). Commands never see these directly: `settings` turns the
+//! global flags into [`crate::settings::Settings`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "stretch", version, about = "Build immutable releases and deploy them to hosts through agents")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// The system file.
+    #[arg(long, global = true, default_value = "system.yml", value_name = "FILE")]
+    pub system: PathBuf,
+    /// The home folder (default: `.stretch/` beside the system file).
+    #[arg(long, global = true, env = "STRETCH_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Machine-readable output on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Print less (only results and errors).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Print more (every log line).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build a release from the system's sources.
+    Build(BuildArgs),
+    /// List releases, newest first.
+    Releases,
+    /// Builds and deploys, newest first.
+    History {
+        /// Only runs of this environment.
+        environment: Option<String>,
+    },
+    /// The log of one build or deploy (ID from `history`).
+    Logs {
+        id: i64,
+        /// Keep printing new lines until the run ends.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Age keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Encrypt or show a `secrets.yml`.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The age identity file that decrypts the sources' secrets.
+    #[arg(short, long, env = "STRETCH_IDENTITY", value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// Build a git source at another ref: `NAME=REF` (repeatable).
+    #[arg(long = "source", value_name = "NAME=REF")]
+    pub sources: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a new age identity and print its recipient (like `age-keygen`).
+    Generate {
+        /// Write the identity here (mode 0600) instead of stdout.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// Encrypt every clear leaf of FILE in place for the recipients.
+    Encrypt {
+        file: PathBuf,
+        /// An age recipient (`age1…`), repeatable.
+        #[arg(short, long = "recipient", required = true, value_name = "RECIPIENT")]
+        recipients: Vec<String>,
+    },
+    /// Print FILE decrypted.
+    Show {
+        file: PathBuf,
+        #[arg(short, long, env = "STRETCH_IDENTITY", value_name = "FILE")]
+        identity: PathBuf,
+    },
+}

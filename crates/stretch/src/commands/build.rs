@@ -1,0 +1,59 @@
+//! `stretch build`: run the build step and print the release.
+
+use stretch_core::build::{self, BuildOptions};
+use stretch_core::log::Log;
+use stretch_core::store::RunSink;
+use stretch_core::{Error, Result};
+
+use crate::cli::BuildArgs;
+use crate::printer::Printer;
+use crate::settings::Settings;
+
+pub async fn run(args: BuildArgs, settings: &Settings, printer: &Printer) -> Result<()> {
+    let mut system = super::load_system(settings)?;
+    for s in &args.sources {
+        let (name, git_ref) = s
+            .split_once('=')
+            .filter(|(n, r)| !n.is_empty() && !r.is_empty())
+            .ok_or_else(|| Error::invalid(format!("`--source {s}`: expected `NAME=REF`")))?;
+        system.override_ref(name, git_ref)?;
+    }
+    let (home, store) = super::open_home(settings)?;
+    let run = store.start_run("build", None, None, None)?;
+    let log = Log::new(vec![printer.progress()]).with(std::sync::Arc::new(RunSink { store: store.clone(), run }));
+    let result = build::build(&system, &home, &store, &BuildOptions { identity: args.identity }, &log).await;
+    match result {
+        Ok(outcome) => {
+            let r = &outcome.release;
+            store.set_run_release(run, &r.id)?;
+            store.finish_run(run, true)?;
+            if printer.json {
+                printer.json(&serde_json::json!({
+                    "id": r.id,
+                    "name": r.name,
+                    "created_at": r.created_at,
+                    "images": r.images,
+                    "sources": r.sources,
+                    "reused": outcome.reused,
+                }));
+            } else {
+                let verb = if outcome.reused { "unchanged:" } else { "built" };
+                printer.out(format!("{verb} release {} ({})", r.id, r.name));
+                for i in &r.images {
+                    printer.info(format!("  image {i}"));
+                }
+            }
+            Ok(())
+        }
+        Err(e) => {
+            // Bad input changes nothing, not even the history; a failed stage is recorded.
+            if e.exit_code() == 2 {
+                let _ = store.delete_run(run);
+            } else {
+                let _ = store.add_line(run, "error", &e.to_string());
+                let _ = store.finish_run(run, false);
+            }
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! `stretch keys generate`: a new age identity, in `age-keygen`'s format.
+
+use std::path::PathBuf;
+
+use stretch_core::{Result, secrets};
+
+use crate::cli::KeysCommand;
+use crate::printer::Printer;
+
+pub fn run(command: KeysCommand, printer: &Printer) -> Result<()> {
+    match command {
+        KeysCommand::Generate { output: Some(path) } => generate_to(&path, printer),
+        KeysCommand::Generate { output: None } => {
+            let (file, recipient) = secrets::generate();
+            print!("{file}");
+            print_recipient(&recipient, printer);
+            Ok(())
+        }
+    }
+}
+
+fn generate_to(path: &PathBuf, printer: &Printer) -> Result<()> {
+    let recipient = secrets::write_new_identity(path)?;
+    print_recipient(&recipient, printer);
+    Ok(())
+}
+
+/// Like `age-keygen`: the recipient goes to stderr as `Public key: …`, or to stdout
+/// with `--json`.
+fn print_recipient(recipient: &str, printer: &Printer) {
+    if printer.json {
+        printer.json(&serde_json::json!({ "recipient": recipient }));
+    } else {
+        eprintln!("Public key: {recipient}");
+    }
+}

@@ -1,0 +1,49 @@
+//! One module per subcommand; each takes settings and typed arguments, never clap types
+//! beyond its own argument struct.
+
+mod build;
+mod keys;
+mod runs;
+mod secrets;
+
+use std::path::Path;
+
+use stretch_core::home::Home;
+use stretch_core::store::Store;
+use stretch_core::system::System;
+use stretch_core::Result;
+
+use crate::cli::Command;
+use crate::printer::Printer;
+use crate::settings::Settings;
+
+pub async fn run(command: Command, settings: &Settings, printer: &Printer) -> Result<()> {
+    match command {
+        Command::Build(args) => build::run(args, settings, printer).await,
+        Command::Releases => runs::releases(settings, printer),
+        Command::History { environment } => runs::history(environment.as_deref(), settings, printer),
+        Command::Logs { id, follow } => runs::logs(id, follow, settings, printer).await,
+        Command::Keys(k) => keys::run(k, printer),
+        Command::Secrets(s) => secrets::run(s, printer),
+    }
+}
+
+/// The system file, loaded and validated.
+pub fn load_system(settings: &Settings) -> Result<System> {
+    System::load(&settings.system_file)
+}
+
+/// The home folder and its store.
+pub fn open_home(settings: &Settings) -> Result<(Home, Store)> {
+    let home = Home::open(&settings.home)?;
+    let store = Store::open(&home.db())?;
+    Ok((home, store))
+}
+
+/// The home folder's store, without creating anything when there is none yet.
+pub fn open_store_if_any(settings: &Settings) -> Result<Option<Store>> {
+    if !Path::new(&settings.home).join("stretch.db").exists() {
+        return Ok(None);
+    }
+    open_home(settings).map(|(_, s)| Some(s))
+}

@@ -1,0 +1,7 @@
+//! Integration tests: the real `stretch` binary against real git repos, the real Docker
+//! engine and a real registry process. One test binary, so one build serves them all.
+
+mod bad_input;
+mod build;
+mod common;
+mod secrets;
