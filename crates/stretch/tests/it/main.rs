@@ -1,6 +1,8 @@
 //! Integration tests: the real `stretch` binary against real git repos, the real Docker
 //! engine and a real registry process. One test binary, so one build serves them all.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod bad_input;
 mod build;
 mod common;
