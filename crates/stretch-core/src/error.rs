@@ -14,7 +14,7 @@ pub enum Error {
     Config(Box<ConfigError>),
 
     #[error("{message}")]
-    #[diagnostic(code(stretch::invalid))]
+    #[diagnostic()]
     Invalid {
         message: String,
         #[help]
@@ -22,7 +22,7 @@ pub enum Error {
     },
 
     #[error("{stage} failed: {message}")]
-    #[diagnostic(code(stretch::failed))]
+    #[diagnostic()]
     Failed {
         stage: String,
         message: String,
@@ -34,7 +34,7 @@ pub enum Error {
 /// An error inside a file, pointing at a line and column.
 #[derive(Debug, thiserror::Error, Diagnostic)]
 #[error("{file}:{line}:{column}: {message}")]
-#[diagnostic(code(stretch::config))]
+#[diagnostic()]
 pub struct ConfigError {
     pub file: String,
     pub line: usize,

@@ -20,7 +20,7 @@ impl Printer {
     pub fn new(settings: &Settings) -> Printer {
         let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
         let _ = miette::set_hook(Box::new(move |_| {
-            Box::new(miette::MietteHandlerOpts::new().terminal_links(false).color(color).unicode(color).build())
+            Box::new(miette::MietteHandlerOpts::new().terminal_links(false).wrap_lines(false).color(color).unicode(color).build())
         }));
         Printer { json: settings.json, verbosity: settings.verbosity, color }
     }

@@ -107,7 +107,8 @@ impl Call<'_> {
 
     /// Run a program, streaming its output to the log; a non-zero exit fails the hook.
     async fn command(&self, mut cmd: tokio::process::Command, stdin: Option<Vec<u8>>, log: &Log) -> Result<()> {
-        let stage = self.hook.as_str();
+        let stage = format!("{} plugins", self.hook.as_str());
+        let stage = stage.as_str();
         for name in STRETCH_VARS {
             cmd.env_remove(name);
         }

@@ -146,8 +146,9 @@ struct HealthFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RootConfig {
-    #[serde(default)]
-    config: Option<Yaml>,
+    // Read at deploy time; here only its presence is allowed.
+    #[serde(default, rename = "config")]
+    _config: Option<Yaml>,
     #[serde(default)]
     local_config: Option<OneOrMany>,
 }
@@ -383,9 +384,9 @@ impl Loader<'_> {
     fn node_container(&mut self, stretch_file: &str, dir: &str, container: Option<&str>) -> Result<usize> {
         let file = match container {
             Some(c) => {
-                let target = resolve(self.root, dir, c).map_err(|m| self.path_error(stretch_file, "container", m))?;
+                let target = resolve(self.root, dir, c).map_err(|m| self.path_error(stretch_file, c, m))?;
                 if !self.exists(&target) {
-                    return Err(self.path_error(stretch_file, "container", format!("container `{c}` does not exist")));
+                    return Err(self.path_error(stretch_file, c, format!("container `{c}` does not exist")));
                 }
                 if self.root.join(&target).is_dir() && self.exists(&join(&target, "container.yml")) {
                     join(&target, "container.yml")
@@ -733,7 +734,7 @@ mod tests {
             "config.yml:1:12 `!secret db.pass`: `secrets.yml` has no value at `db.pass`"
         );
         assert_eq!(err(&[("stretch.yml", "name: web\n"), DF, ("config.yml", "a: [\n")]), "config.yml:2:1 did not find expected node content");
-        assert_eq!(err(&[("stretch.yml", "name: web\n"), ("container.yml", "health: {interval: soon}\n"), DF]), "container.yml:1:11 `interval: soon` is not a duration (expected e.g. `500ms`, `1s`, `2m`)");
+        assert_eq!(err(&[("stretch.yml", "name: web\n"), ("container.yml", "health: {interval: soon}\n"), DF]), "container.yml:1:10 `interval: soon` is not a duration (expected e.g. `500ms`, `1s`, `2m`)");
     }
 
     #[cfg(unix)]

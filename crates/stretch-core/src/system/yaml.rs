@@ -43,7 +43,7 @@ fn did_you_mean(message: &str) -> Option<String> {
     let start = message.find(kind)? + kind.len();
     let rest = &message[start..];
     let found = &rest[..rest.find('`')?];
-    let expected: Vec<&str> = rest.split('`').skip(1).step_by(2).skip(1).collect();
+    let expected: Vec<&str> = rest.split('`').skip(2).step_by(2).collect();
     let best = expected
         .iter()
         .map(|c| (levenshtein(found, c), *c))

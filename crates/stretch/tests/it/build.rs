@@ -111,7 +111,7 @@ fn three_nodes_two_sources_with_secrets_push_to_a_registry() {
     // The override won, the base chain ran, and no plaintext secret is in any image.
     let web = format!("{}/{system}/web:{id}", registry.addr);
     let cat = stretch_test::docker(&["run", "--rm", &web, "cat", "/www/index.html", "/os.txt", "/httpd.txt"]);
-    assert_eq!(cat, "version 1 (overridden)\nos\nhttpd\n");
+    assert_eq!(cat, "version 1 (overridden)\nos\nhttpd");
     let history = stretch_test::docker(&["history", "--no-trunc", &web]);
     assert!(!history.contains("s3cret-root") && !history.contains("web-token-123"));
 
@@ -127,7 +127,9 @@ fn three_nodes_two_sources_with_secrets_push_to_a_registry() {
     assert!(config["files"]["node_worker/tls.key"].is_string());
     assert_eq!(config["nodes"][0]["port"], 8080);
     // Secrets never reach the output or the log.
-    let run_log = ctx.run(&["logs", "1"]).ok();
+    let run_id = ctx.run(&["history", "--json"]).ok().json()[0]["id"].to_string();
+    let run_log = ctx.run(&["logs", &run_id]).ok();
+    assert!(run_log.stdout.contains("[images]"), "{run_log}");
     for text in [&out.stdout, &out.stderr, &run_log.stdout] {
         assert!(!text.contains("s3cret-root") && !text.contains("web-token-123"), "secret leaked");
     }
@@ -188,7 +190,7 @@ fn source_ref_override_and_identical_trees() {
     assert_eq!(by_commit["id"], tagged["id"]);
     assert_eq!(by_commit["reused"], true);
     let out = stretch_test::docker(&["run", "--rm", &format!("{system}/web:{}", tagged["id"].as_str().unwrap()), "cat", "/v.txt"]);
-    assert_eq!(out, "one\n");
+    assert_eq!(out, "one");
     // A new commit upstream is fetched into the cached mirror.
     write(&repo, "v.txt", "three\n");
     let third = git_commit_all(&repo, "three");
