@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "stretch", version, about = "Build immutable releases and deploy them to hosts through agents")]
+#[command(
+    name = "stretch",
+    version,
+    about = "Build immutable releases and deploy them to hosts through agents"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,

@@ -13,7 +13,10 @@ fn main() -> ExitCode {
     let args = cli::Cli::parse();
     let settings = settings::Settings::from_args(&args);
     let printer = printer::Printer::new(&settings);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

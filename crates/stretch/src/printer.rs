@@ -20,9 +20,20 @@ impl Printer {
     pub fn new(settings: &Settings) -> Printer {
         let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
         let _ = miette::set_hook(Box::new(move |_| {
-            Box::new(miette::MietteHandlerOpts::new().terminal_links(false).wrap_lines(false).color(color).unicode(color).build())
+            Box::new(
+                miette::MietteHandlerOpts::new()
+                    .terminal_links(false)
+                    .wrap_lines(false)
+                    .color(color)
+                    .unicode(color)
+                    .build(),
+            )
         }));
-        Printer { json: settings.json, verbosity: settings.verbosity, color }
+        Printer {
+            json: settings.json,
+            verbosity: settings.verbosity,
+            color,
+        }
     }
 
     /// A line of data on stdout.
@@ -52,7 +63,11 @@ impl Printer {
     }
 
     fn paint(&self, code: &str, text: &str) -> String {
-        if self.color { format!("\x1b[{code}m{text}\x1b[0m") } else { text.to_string() }
+        if self.color {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
     }
 
     /// The sink that shows a pipeline's progress.
@@ -68,11 +83,27 @@ impl Sink for Printer {
         }
         let line = match event {
             Event::StageStarted { stage } => format!("{} {stage}", self.paint("1;34", "==>")),
-            Event::StageFinished { stage, elapsed, ok: true } => {
-                format!("{} {stage} {}", self.paint("1;32", "ok "), self.paint("2", &format!("({:.2}s)", elapsed.as_secs_f64())))
+            Event::StageFinished {
+                stage,
+                elapsed,
+                ok: true,
+            } => {
+                format!(
+                    "{} {stage} {}",
+                    self.paint("1;32", "ok "),
+                    self.paint("2", &format!("({:.2}s)", elapsed.as_secs_f64()))
+                )
             }
-            Event::StageFinished { stage, elapsed, ok: false } => {
-                format!("{} {stage} {}", self.paint("1;31", "failed"), self.paint("2", &format!("({:.2}s)", elapsed.as_secs_f64())))
+            Event::StageFinished {
+                stage,
+                elapsed,
+                ok: false,
+            } => {
+                format!(
+                    "{} {stage} {}",
+                    self.paint("1;31", "failed"),
+                    self.paint("2", &format!("({:.2}s)", elapsed.as_secs_f64()))
+                )
             }
             Event::Line { text, .. } => format!("    {}", self.paint("2", text)),
         };

@@ -24,7 +24,11 @@ impl Settings {
         let g = &cli.global;
         let home = g.home.clone().unwrap_or_else(|| {
             let dir = g.system.parent().map(PathBuf::from).unwrap_or_default();
-            if dir.as_os_str().is_empty() { PathBuf::from(".stretch") } else { dir.join(".stretch") }
+            if dir.as_os_str().is_empty() {
+                PathBuf::from(".stretch")
+            } else {
+                dir.join(".stretch")
+            }
         });
         let verbosity = if g.quiet {
             Verbosity::Quiet
@@ -33,6 +37,11 @@ impl Settings {
         } else {
             Verbosity::Normal
         };
-        Settings { system_file: g.system.clone(), home, json: g.json, verbosity }
+        Settings {
+            system_file: g.system.clone(),
+            home,
+            json: g.json,
+            verbosity,
+        }
     }
 }

@@ -15,15 +15,22 @@ fn git(dir: Option<&Path>) -> Command {
         cmd.arg("-C").arg(d);
     }
     // Never wait for a password prompt: a build is not interactive.
-    cmd.env("GIT_TERMINAL_PROMPT", "0").env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes").stdin(Stdio::null());
+    cmd.env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
+        .stdin(Stdio::null());
     cmd
 }
 
 fn run(mut cmd: Command, what: &str) -> Result<String> {
-    let out = cmd.output().map_err(|e| Error::failed("pull", format!("cannot run git ({what}): {e}")))?;
+    let out = cmd
+        .output()
+        .map_err(|e| Error::failed("pull", format!("cannot run git ({what}): {e}")))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(Error::failed("pull", format!("git {what} failed: {}", stderr.trim())));
+        return Err(Error::failed(
+            "pull",
+            format!("git {what} failed: {}", stderr.trim()),
+        ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -38,28 +45,51 @@ pub fn mirror_path(cache: &Path, url: &str) -> PathBuf {
         .next()
         .unwrap_or("repo")
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     cache.join(format!("{tail}-{}.git", &hash[..12]))
 }
 
 /// Fetch `url` into its mirror, resolve `git_ref` (default: the remote HEAD) and unpack
 /// the commit's tree into `dest`. Returns the full commit id.
-pub fn pull(url: &str, git_ref: Option<&str>, cache: &Path, dest: &Path, log: &Log) -> Result<String> {
+pub fn pull(
+    url: &str,
+    git_ref: Option<&str>,
+    cache: &Path,
+    dest: &Path,
+    log: &Log,
+) -> Result<String> {
     let mirror = mirror_path(cache, url);
     if !mirror.join("HEAD").exists() {
         // Clone into a temp sibling and rename, so an interrupted clone leaves nothing.
         let tmp = tempfile::Builder::new()
             .prefix(".clone")
             .tempdir_in(cache)
-            .map_err(|e| Error::failed("pull", format!("cannot create a temp folder in `{}`: {e}", cache.display())))?;
+            .map_err(|e| {
+                Error::failed(
+                    "pull",
+                    format!("cannot create a temp folder in `{}`: {e}", cache.display()),
+                )
+            })?;
         let target = tmp.path().join("m.git");
         log.line(format!("cloning {url}"));
         let mut cmd = git(None);
-        cmd.args(["clone", "--mirror", "--quiet", "--"]).arg(url).arg(&target);
+        cmd.args(["clone", "--mirror", "--quiet", "--"])
+            .arg(url)
+            .arg(&target);
         run(cmd, &format!("clone of `{url}`"))?;
-        std::fs::rename(&target, &mirror)
-            .map_err(|e| Error::failed("pull", format!("cannot move the mirror of `{url}` into place: {e}")))?;
+        std::fs::rename(&target, &mirror).map_err(|e| {
+            Error::failed(
+                "pull",
+                format!("cannot move the mirror of `{url}` into place: {e}"),
+            )
+        })?;
     } else {
         let mut cmd = git(Some(&mirror));
         cmd.args(["fetch", "--prune", "--quiet", "origin"]);
@@ -69,7 +99,10 @@ pub fn pull(url: &str, git_ref: Option<&str>, cache: &Path, dest: &Path, log: &L
             let mut cmd = git(Some(&mirror));
             cmd.args(["ls-remote", "--symref", "origin", "HEAD"]);
             if let Ok(out) = run(cmd, "ls-remote")
-                && let Some(target) = out.lines().find_map(|l| l.strip_prefix("ref: ")).and_then(|l| l.split('\t').next())
+                && let Some(target) = out
+                    .lines()
+                    .find_map(|l| l.strip_prefix("ref: "))
+                    .and_then(|l| l.split('\t').next())
             {
                 let mut cmd = git(Some(&mirror));
                 cmd.args(["symbolic-ref", "HEAD", target]);
@@ -80,8 +113,18 @@ pub fn pull(url: &str, git_ref: Option<&str>, cache: &Path, dest: &Path, log: &L
     let wanted = git_ref.unwrap_or("HEAD");
     let commit = resolve(&mirror, wanted).ok_or_else(|| {
         let mut cmd = git(Some(&mirror));
-        cmd.args(["for-each-ref", "--count=20", "--format=%(refname:short)", "refs/heads", "refs/tags"]);
-        let refs = run(cmd, "for-each-ref").unwrap_or_default().lines().collect::<Vec<_>>().join(", ");
+        cmd.args([
+            "for-each-ref",
+            "--count=20",
+            "--format=%(refname:short)",
+            "refs/heads",
+            "refs/tags",
+        ]);
+        let refs = run(cmd, "for-each-ref")
+            .unwrap_or_default()
+            .lines()
+            .collect::<Vec<_>>()
+            .join(", ");
         Error::invalid_with_help(
             format!("ref `{wanted}` does not exist in `{url}`"),
             format!("branches and tags there: {refs}"),
@@ -97,7 +140,8 @@ fn resolve(mirror: &Path, git_ref: &str) -> Option<String> {
         return None;
     }
     let mut cmd = git(Some(mirror));
-    cmd.args(["rev-parse", "--verify", "--quiet", "--end-of-options"]).arg(format!("{git_ref}^{{commit}}"));
+    cmd.args(["rev-parse", "--verify", "--quiet", "--end-of-options"])
+        .arg(format!("{git_ref}^{{commit}}"));
     run(cmd, "rev-parse").ok().filter(|s| !s.is_empty())
 }
 
@@ -110,13 +154,24 @@ fn unpack(mirror: &Path, commit: &str, dest: &Path) -> Result<()> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| Error::failed("pull", format!("cannot run git archive: {e}")))?;
-    let stdout = child.stdout.take().ok_or_else(|| Error::failed("pull", "git archive has no output"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| Error::failed("pull", "git archive has no output"))?;
     let mut archive = tar::Archive::new(stdout);
     archive.set_preserve_permissions(true);
     let unpacked = archive.unpack(dest);
-    let out = child.wait_with_output().map_err(|e| Error::failed("pull", format!("git archive: {e}")))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::failed("pull", format!("git archive: {e}")))?;
     if !out.status.success() {
-        return Err(Error::failed("pull", format!("git archive failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(Error::failed(
+            "pull",
+            format!(
+                "git archive failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
     }
     unpacked.map_err(|e| Error::failed("pull", format!("cannot unpack commit {commit}: {e}")))
 }
@@ -131,6 +186,9 @@ mod tests {
         assert!(p.to_string_lossy().starts_with("/c/shop-"), "{p:?}");
         let p = mirror_path(Path::new("/c"), "git@host:team/app");
         assert!(p.to_string_lossy().starts_with("/c/app-"), "{p:?}");
-        assert_ne!(mirror_path(Path::new("/c"), "a/x"), mirror_path(Path::new("/c"), "b/x"));
+        assert_ne!(
+            mirror_path(Path::new("/c"), "a/x"),
+            mirror_path(Path::new("/c"), "b/x")
+        );
     }
 }

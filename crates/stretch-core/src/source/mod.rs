@@ -30,13 +30,22 @@ pub fn pull_all(system: &System, home: &Home, log: &Log) -> Result<(Vec<Pulled>,
     let mut dirs = Vec::new();
     for (i, source) in system.sources.iter().enumerate() {
         let dir = buffer.join((i + 1).to_string());
-        let commit = pull_one(source, home, &dir, log).map_err(|e| e.context(&format!("source `{}`", source.name)))?;
+        let commit = pull_one(source, home, &dir, log)
+            .map_err(|e| e.context(&format!("source `{}`", source.name)))?;
         check_symlinks(&dir).map_err(|e| e.context(&format!("source `{}`", source.name)))?;
         match &commit {
-            Some(c) => log.line(format!("source {}: {} at {}", source.name, describe(source), &c[..c.len().min(12)])),
+            Some(c) => log.line(format!(
+                "source {}: {} at {}",
+                source.name,
+                describe(source),
+                &c[..c.len().min(12)]
+            )),
             None => log.line(format!("source {}: {}", source.name, describe(source))),
         }
-        pulled.push(Pulled { name: source.name.clone(), commit });
+        pulled.push(Pulled {
+            name: source.name.clone(),
+            commit,
+        });
         dirs.push(dir);
     }
     let merged = buffer.join("merged");
@@ -49,16 +58,20 @@ pub fn pull_all(system: &System, home: &Home, log: &Log) -> Result<(Vec<Pulled>,
 
 fn describe(source: &Source) -> String {
     match &source.kind {
-        SourceKind::Git { url, git_ref } => format!("git {url} ({})", git_ref.as_deref().unwrap_or("HEAD")),
+        SourceKind::Git { url, git_ref } => {
+            format!("git {url} ({})", git_ref.as_deref().unwrap_or("HEAD"))
+        }
         SourceKind::Path { path } => format!("path {}", path.display()),
     }
 }
 
 fn pull_one(source: &Source, home: &Home, dir: &Path, log: &Log) -> Result<Option<String>> {
     match &source.kind {
-        SourceKind::Git { url, git_ref } => git::pull(url, git_ref.as_deref(), &home.git(), dir, log).map(Some),
+        SourceKind::Git { url, git_ref } => {
+            git::pull(url, git_ref.as_deref(), &home.git(), dir, log).map(Some)
+        }
         SourceKind::Path { path } => {
-            path::copy(path, dir, &[home.root.clone()])?;
+            path::copy(path, dir, std::slice::from_ref(&home.root))?;
             Ok(None)
         }
     }
@@ -71,15 +84,21 @@ pub(crate) fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
 /// Fail if a symlink under `root` points outside it (absolute, or `..` above the root).
 pub fn check_symlinks(root: &Path) -> Result<()> {
     for entry in walkdir::WalkDir::new(root).follow_links(false) {
-        let entry = entry.map_err(|e| Error::failed("pull", format!("cannot walk `{}`: {e}", root.display())))?;
+        let entry = entry
+            .map_err(|e| Error::failed("pull", format!("cannot walk `{}`: {e}", root.display())))?;
         if !entry.path_is_symlink() {
             continue;
         }
         let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
-        let target = fs::read_link(entry.path()).map_err(|e| io_error("read link", entry.path(), e))?;
+        let target =
+            fs::read_link(entry.path()).map_err(|e| io_error("read link", entry.path(), e))?;
         if !stays_inside(rel, &target) {
             return Err(Error::invalid_with_help(
-                format!("symlink `{}` -> `{}` escapes its source", rel.display(), target.display()),
+                format!(
+                    "symlink `{}` -> `{}` escapes its source",
+                    rel.display(),
+                    target.display()
+                ),
                 "symlinks must point inside the source, with a relative target",
             ));
         }
@@ -109,8 +128,13 @@ fn stays_inside(link: &Path, target: &Path) -> bool {
 
 /// Hard-link every file of `from` into `to`, replacing what is there.
 fn merge_into(from: &Path, to: &Path) -> Result<()> {
-    for entry in walkdir::WalkDir::new(from).min_depth(1).follow_links(false).sort_by_file_name() {
-        let entry = entry.map_err(|e| Error::failed("pull", format!("cannot walk `{}`: {e}", from.display())))?;
+    for entry in walkdir::WalkDir::new(from)
+        .min_depth(1)
+        .follow_links(false)
+        .sort_by_file_name()
+    {
+        let entry = entry
+            .map_err(|e| Error::failed("pull", format!("cannot walk `{}`: {e}", from.display())))?;
         let rel = entry.path().strip_prefix(from).unwrap_or(entry.path());
         let dest = to.join(rel);
         let ft = entry.file_type();
@@ -127,12 +151,15 @@ fn merge_into(from: &Path, to: &Path) -> Result<()> {
             continue;
         }
         match existing {
-            Some(m) if m.is_dir() => fs::remove_dir_all(&dest).map_err(|e| io_error("replace", &dest, e))?,
+            Some(m) if m.is_dir() => {
+                fs::remove_dir_all(&dest).map_err(|e| io_error("replace", &dest, e))?
+            }
             Some(_) => fs::remove_file(&dest).map_err(|e| io_error("replace", &dest, e))?,
             None => {}
         }
         if ft.is_symlink() {
-            let target = fs::read_link(entry.path()).map_err(|e| io_error("read link", entry.path(), e))?;
+            let target =
+                fs::read_link(entry.path()).map_err(|e| io_error("read link", entry.path(), e))?;
             std::os::unix::fs::symlink(&target, &dest).map_err(|e| io_error("link", &dest, e))?;
         } else {
             fs::hard_link(entry.path(), &dest).map_err(|e| io_error("link", &dest, e))?;
@@ -158,7 +185,12 @@ mod tests {
     fn merge_overrides() {
         let t = tempfile::tempdir().unwrap();
         let (a, b, m) = (t.path().join("1"), t.path().join("2"), t.path().join("m"));
-        for (d, f, c) in [(&a, "x.txt", "a"), (&a, "d/y.txt", "a"), (&b, "x.txt", "b"), (&b, "d", "file")] {
+        for (d, f, c) in [
+            (&a, "x.txt", "a"),
+            (&a, "d/y.txt", "a"),
+            (&b, "x.txt", "b"),
+            (&b, "d", "file"),
+        ] {
             let p = d.join(f);
             fs::create_dir_all(p.parent().unwrap()).unwrap();
             fs::write(p, c).unwrap();

@@ -20,8 +20,20 @@ pub async fn run(args: BuildArgs, settings: &Settings, printer: &Printer) -> Res
     }
     let (home, store) = super::open_home(settings)?;
     let run = store.start_run("build", None, None, None)?;
-    let log = Log::new(vec![printer.progress()]).with(std::sync::Arc::new(RunSink { store: store.clone(), run }));
-    let result = build::build(&system, &home, &store, &BuildOptions { identity: args.identity }, &log).await;
+    let log = Log::new(vec![printer.progress()]).with(std::sync::Arc::new(RunSink {
+        store: store.clone(),
+        run,
+    }));
+    let result = build::build(
+        &system,
+        &home,
+        &store,
+        &BuildOptions {
+            identity: args.identity,
+        },
+        &log,
+    )
+    .await;
     match result {
         Ok(outcome) => {
             let r = &outcome.release;
@@ -37,7 +49,11 @@ pub async fn run(args: BuildArgs, settings: &Settings, printer: &Printer) -> Res
                     "reused": outcome.reused,
                 }));
             } else {
-                let verb = if outcome.reused { "unchanged:" } else { "built" };
+                let verb = if outcome.reused {
+                    "unchanged:"
+                } else {
+                    "built"
+                };
                 printer.out(format!("{verb} release {} ({})", r.id, r.name));
                 for i in &r.images {
                     printer.info(format!("  image {i}"));

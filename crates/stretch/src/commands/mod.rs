@@ -8,10 +8,10 @@ mod secrets;
 
 use std::path::Path;
 
+use stretch_core::Result;
 use stretch_core::home::Home;
 use stretch_core::store::Store;
 use stretch_core::system::System;
-use stretch_core::Result;
 
 use crate::cli::Command;
 use crate::printer::Printer;
@@ -21,7 +21,9 @@ pub async fn run(command: Command, settings: &Settings, printer: &Printer) -> Re
     match command {
         Command::Build(args) => build::run(args, settings, printer).await,
         Command::Releases => runs::releases(settings, printer),
-        Command::History { environment } => runs::history(environment.as_deref(), settings, printer),
+        Command::History { environment } => {
+            runs::history(environment.as_deref(), settings, printer)
+        }
         Command::Logs { id, follow } => runs::logs(id, follow, settings, printer).await,
         Command::Keys(k) => keys::run(k, printer),
         Command::Secrets(s) => secrets::run(s, printer),

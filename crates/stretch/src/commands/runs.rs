@@ -59,9 +59,13 @@ pub fn history(environment: Option<&str>, settings: &Settings, printer: &Printer
 }
 
 pub async fn logs(id: i64, follow: bool, settings: &Settings, printer: &Printer) -> Result<()> {
-    let store = super::open_store_if_any(settings)?.ok_or_else(|| Error::invalid(format!("unknown run `{id}`: no history yet")))?;
+    let store = super::open_store_if_any(settings)?
+        .ok_or_else(|| Error::invalid(format!("unknown run `{id}`: no history yet")))?;
     if store.run(id)?.is_none() {
-        return Err(Error::invalid_with_help(format!("unknown run `{id}`"), "`stretch history` lists the runs"));
+        return Err(Error::invalid_with_help(
+            format!("unknown run `{id}`"),
+            "`stretch history` lists the runs",
+        ));
     }
     let mut after = 0;
     loop {

@@ -27,33 +27,86 @@ fn three_nodes(ctx: &Ctx, system: &str, registry: &str) -> (String, String) {
     );
     w("secrets.yml", "db:\n  password: s3cret-root\n");
     w("containers/os/container.yml", "name: os\n");
-    w("containers/os/Dockerfile", &format!("FROM {base}\nRUN echo os > /os.txt\n"));
-    w("containers/httpd/container.yml", "from: ../os/container.yml\n");
-    w("containers/httpd/Dockerfile", "RUN echo httpd > /httpd.txt\n");
-    w("node_web/container.yml", "from: ../containers/httpd\nport: 8080\nhealth: {path: /, interval: 500ms}\n");
-    w("node_web/Dockerfile", "ARG STRETCH_BASE_IMAGE\nFROM ${STRETCH_BASE_IMAGE}\nCOPY app/ /www/\n");
+    w(
+        "containers/os/Dockerfile",
+        &format!("FROM {base}\nRUN echo os > /os.txt\n"),
+    );
+    w(
+        "containers/httpd/container.yml",
+        "from: ../os/container.yml\n",
+    );
+    w(
+        "containers/httpd/Dockerfile",
+        "RUN echo httpd > /httpd.txt\n",
+    );
+    w(
+        "node_web/container.yml",
+        "from: ../containers/httpd\nport: 8080\nhealth: {path: /, interval: 500ms}\n",
+    );
+    w(
+        "node_web/Dockerfile",
+        "ARG STRETCH_BASE_IMAGE\nFROM ${STRETCH_BASE_IMAGE}\nCOPY app/ /www/\n",
+    );
     w("node_web/app/index.html", "version 1\n");
-    w("node_web/config.yml", "port: 8080\ntoken: !secret api.token\n");
+    w(
+        "node_web/config.yml",
+        "port: 8080\ntoken: !secret api.token\n",
+    );
     w("node_web/secrets.yml", "api:\n  token: web-token-123\n");
-    w("node_web/templates/httpd.conf.jinja", "listen {{ config.port }}\n");
-    w("node_api/container.yml", "from: ../containers/os/container.yml\n");
+    w(
+        "node_web/templates/httpd.conf.jinja",
+        "listen {{ config.port }}\n",
+    );
+    w(
+        "node_api/container.yml",
+        "from: ../containers/os/container.yml\n",
+    );
     w("node_api/Dockerfile", "COPY app/ /api/\n");
     w("node_api/app/api.txt", "api v1\n");
-    w("node_worker/Dockerfile", &format!("FROM {base}\nCMD [\"sleep\", \"3600\"]\n"));
+    w(
+        "node_worker/Dockerfile",
+        &format!("FROM {base}\nCMD [\"sleep\", \"3600\"]\n"),
+    );
     w("node_worker/tls.key", "not yet encrypted");
     let commit = git_commit_all(&repo, "first");
 
     // Secrets: one key from `stretch keys generate`, one from `age-keygen`.
     let out = ctx.run(&["keys", "generate", "-o", "key.txt"]).ok();
-    let recipient = out.stderr.trim().strip_prefix("Public key: ").expect("recipient").to_string();
+    let recipient = out
+        .stderr
+        .trim()
+        .strip_prefix("Public key: ")
+        .expect("recipient")
+        .to_string();
     let age_key = ctx.path().join("age-key.txt");
-    let status = std::process::Command::new("age-keygen").arg("-o").arg(&age_key).output().unwrap();
+    let status = std::process::Command::new("age-keygen")
+        .arg("-o")
+        .arg(&age_key)
+        .output()
+        .unwrap();
     assert!(status.status.success());
-    let age_recipient = String::from_utf8_lossy(&status.stderr).trim().strip_prefix("Public key: ").unwrap().to_string();
+    let age_recipient = String::from_utf8_lossy(&status.stderr)
+        .trim()
+        .strip_prefix("Public key: ")
+        .unwrap()
+        .to_string();
     for f in ["secrets.yml", "node_web/secrets.yml"] {
         let file = repo.join(f);
-        ctx.run(&["secrets", "encrypt", file.to_str().unwrap(), "-r", &recipient, "-r", &age_recipient]).ok();
-        assert!(std::fs::read_to_string(&file).unwrap().contains("BEGIN AGE ENCRYPTED FILE"));
+        ctx.run(&[
+            "secrets",
+            "encrypt",
+            file.to_str().unwrap(),
+            "-r",
+            &recipient,
+            "-r",
+            &age_recipient,
+        ])
+        .ok();
+        assert!(
+            std::fs::read_to_string(&file)
+                .unwrap()
+                .contains("BEGIN AGE ENCRYPTED FILE")
+        );
     }
     // A `.age` file made by the age CLI.
     let key_plain = repo.join("node_worker/tls.key");
@@ -74,7 +127,10 @@ fn three_nodes(ctx: &Ctx, system: &str, registry: &str) -> (String, String) {
             "system: {system}\nregistry: {registry}\nsources:\n  - name: app\n    git: ./repo\n    ref: main\n  - name: overrides\n    path: ./overrides\n"
         ),
     );
-    ctx.write("overrides/node_web/app/index.html", "version 1 (overridden)\n");
+    ctx.write(
+        "overrides/node_web/app/index.html",
+        "version 1 (overridden)\n",
+    );
     (commit2, recipient)
 }
 
@@ -86,7 +142,8 @@ fn three_nodes_two_sources_with_secrets_push_to_a_registry() {
     let mut ctx = Ctx::new();
     let (commit, _) = three_nodes(&ctx, &system, &registry.addr);
     let marker = ctx.path().join("marker.txt");
-    ctx.env.push(("MARKER".into(), marker.display().to_string()));
+    ctx.env
+        .push(("MARKER".into(), marker.display().to_string()));
 
     // Missing identity while secrets exist: bad input, nothing recorded.
     ctx.run(&["build"]).fails(2, &["no identity was given"]);
@@ -96,13 +153,28 @@ fn three_nodes_two_sources_with_secrets_push_to_a_registry() {
     let r = out.json();
     let id = r["id"].as_str().unwrap().to_string();
     assert_eq!(r["reused"], false);
-    assert_eq!(r["sources"][0], serde_json::json!({"name": "app", "commit": commit}));
-    assert_eq!(r["sources"][1], serde_json::json!({"name": "overrides", "commit": null}));
-    let images: Vec<String> = r["images"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert_eq!(
+        r["sources"][0],
+        serde_json::json!({"name": "app", "commit": commit})
+    );
+    assert_eq!(
+        r["sources"][1],
+        serde_json::json!({"name": "overrides", "commit": null})
+    );
+    let images: Vec<String> = r["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
     for node in ["base-os", "base-httpd", "web", "api", "worker"] {
         let want = format!("{}/{system}/{node}:{id}", registry.addr);
         assert!(images.contains(&want), "{want} not in {images:?}");
-        assert_eq!(registry.catalog_tags(&format!("{system}/{node}")), vec![id.clone()], "{node} not pushed");
+        assert_eq!(
+            registry.catalog_tags(&format!("{system}/{node}")),
+            vec![id.clone()],
+            "{node} not pushed"
+        );
     }
     // Build plugins ran, root first, then node plugins from local_stretch.
     let m = std::fs::read_to_string(&marker).unwrap();
@@ -110,20 +182,50 @@ fn three_nodes_two_sources_with_secrets_push_to_a_registry() {
 
     // The override won, the base chain ran, and no plaintext secret is in any image.
     let web = format!("{}/{system}/web:{id}", registry.addr);
-    let cat = stretch_test::docker(&["run", "--rm", &web, "cat", "/www/index.html", "/os.txt", "/httpd.txt"]);
+    let cat = stretch_test::docker(&[
+        "run",
+        "--rm",
+        &web,
+        "cat",
+        "/www/index.html",
+        "/os.txt",
+        "/httpd.txt",
+    ]);
     assert_eq!(cat, "version 1 (overridden)\nos\nhttpd");
     let history = stretch_test::docker(&["history", "--no-trunc", &web]);
     assert!(!history.contains("s3cret-root") && !history.contains("web-token-123"));
 
     // Home 0700; archive and release configuration 0600; secrets decrypted in the config.
     let home = ctx.home();
-    assert_eq!(std::fs::metadata(&home).unwrap().permissions().mode() & 0o777, 0o700);
-    for f in [format!("releases/{id}.tar.zst"), format!("releases/{id}.json")] {
-        assert_eq!(std::fs::metadata(home.join(&f)).unwrap().permissions().mode() & 0o777, 0o600, "{f}");
+    assert_eq!(
+        std::fs::metadata(&home).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    for f in [
+        format!("releases/{id}.tar.zst"),
+        format!("releases/{id}.json"),
+    ] {
+        assert_eq!(
+            std::fs::metadata(home.join(&f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600,
+            "{f}"
+        );
     }
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(home.join(format!("releases/{id}.json"))).unwrap()).unwrap();
-    assert_eq!(config["secrets"]["secrets.yml"]["db"]["password"], "s3cret-root");
-    assert_eq!(config["secrets"]["node_web/secrets.yml"]["api"]["token"], "web-token-123");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(home.join(format!("releases/{id}.json"))).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["secrets"]["secrets.yml"]["db"]["password"],
+        "s3cret-root"
+    );
+    assert_eq!(
+        config["secrets"]["node_web/secrets.yml"]["api"]["token"],
+        "web-token-123"
+    );
     assert!(config["files"]["node_worker/tls.key"].is_string());
     assert_eq!(config["nodes"][0]["port"], 8080);
     // Secrets never reach the output or the log.
@@ -131,7 +233,10 @@ fn three_nodes_two_sources_with_secrets_push_to_a_registry() {
     let run_log = ctx.run(&["logs", &run_id]).ok();
     assert!(run_log.stdout.contains("[images]"), "{run_log}");
     for text in [&out.stdout, &out.stderr, &run_log.stdout] {
-        assert!(!text.contains("s3cret-root") && !text.contains("web-token-123"), "secret leaked");
+        assert!(
+            !text.contains("s3cret-root") && !text.contains("web-token-123"),
+            "secret leaked"
+        );
     }
 
     // Listed.
@@ -144,19 +249,42 @@ fn three_nodes_two_sources_with_secrets_push_to_a_registry() {
     assert_eq!(again.json()["id"], id.as_str());
     assert_eq!(again.json()["reused"], true);
     assert!(!again.stderr.contains("==> images"), "{again}");
-    assert_eq!(ctx.run(&["releases", "--json"]).ok().json().as_array().unwrap().len(), 1);
+    assert_eq!(
+        ctx.run(&["releases", "--json"])
+            .ok()
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 
     // One changed byte: a new release; unchanged containers are not rebuilt.
     ctx.write("overrides/node_web/app/index.html", "version 2\n");
     let third = ctx.run(&["build", "-i", "key.txt", "--json"]).ok();
     let id3 = third.json()["id"].as_str().unwrap().to_string();
     assert_ne!(id3, id);
-    assert!(third.stderr.contains("container `node_api/container.yml`: inputs unchanged"), "{third}");
-    assert!(third.stderr.contains("container `node_web/container.yml`: building"), "{third}");
+    assert!(
+        third
+            .stderr
+            .contains("container `node_api/container.yml`: inputs unchanged"),
+        "{third}"
+    );
+    assert!(
+        third
+            .stderr
+            .contains("container `node_web/container.yml`: building"),
+        "{third}"
+    );
     assert_eq!(registry.catalog_tags(&format!("{system}/api")).len(), 2);
 
     let history = ctx.run(&["history", "--json"]).ok().json();
-    let kinds: Vec<&str> = history.as_array().unwrap().iter().map(|h| h["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, ["build", "build", "build"]);
     assert_eq!(history[0]["status"], "succeeded");
     assert_eq!(history[0]["release"], id3.as_str());
@@ -171,25 +299,44 @@ fn source_ref_override_and_identical_trees() {
     std::fs::create_dir_all(&repo).unwrap();
     git_init(&repo);
     write(&repo, "stretch.yml", "name: web\n");
-    write(&repo, "Dockerfile", &format!("FROM {}\nCOPY v.txt /v.txt\n", base_image()));
+    write(
+        &repo,
+        "Dockerfile",
+        format!("FROM {}\nCOPY v.txt /v.txt\n", base_image()),
+    );
     write(&repo, "v.txt", "one\n");
     let first = git_commit_all(&repo, "one");
     git(&repo, &["tag", "v1"]);
     write(&repo, "v.txt", "two\n");
     let second = git_commit_all(&repo, "two");
-    ctx.write("system.yml", format!("system: {system}\nsources:\n  - name: app\n    git: ./repo\n"));
+    ctx.write(
+        "system.yml",
+        format!("system: {system}\nsources:\n  - name: app\n    git: ./repo\n"),
+    );
 
     // Default ref: the remote HEAD.
     let head = ctx.run(&["build", "--json"]).ok().json();
     assert_eq!(head["sources"][0]["commit"], second.as_str());
     // A tag, and a commit id, give the older tree.
-    let tagged = ctx.run(&["build", "--json", "--source", "app=v1"]).ok().json();
+    let tagged = ctx
+        .run(&["build", "--json", "--source", "app=v1"])
+        .ok()
+        .json();
     assert_eq!(tagged["sources"][0]["commit"], first.as_str());
     assert_ne!(tagged["id"], head["id"]);
-    let by_commit = ctx.run(&["build", "--json", "--source", &format!("app={first}")]).ok().json();
+    let by_commit = ctx
+        .run(&["build", "--json", "--source", &format!("app={first}")])
+        .ok()
+        .json();
     assert_eq!(by_commit["id"], tagged["id"]);
     assert_eq!(by_commit["reused"], true);
-    let out = stretch_test::docker(&["run", "--rm", &format!("{system}/web:{}", tagged["id"].as_str().unwrap()), "cat", "/v.txt"]);
+    let out = stretch_test::docker(&[
+        "run",
+        "--rm",
+        &format!("{system}/web:{}", tagged["id"].as_str().unwrap()),
+        "cat",
+        "/v.txt",
+    ]);
     assert_eq!(out, "one");
     // A new commit upstream is fetched into the cached mirror.
     write(&repo, "v.txt", "three\n");
@@ -197,5 +344,6 @@ fn source_ref_override_and_identical_trees() {
     let latest = ctx.run(&["build", "--json"]).ok().json();
     assert_eq!(latest["sources"][0]["commit"], third.as_str());
 
-    ctx.run(&["build", "--source", "nope=main"]).fails(2, &["no source is named `nope`"]);
+    ctx.run(&["build", "--source", "nope=main"])
+        .fails(2, &["no source is named `nope`"]);
 }

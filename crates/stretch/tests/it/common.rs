@@ -15,7 +15,8 @@ pub struct Out {
 
 impl Out {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{self}"))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{self}"))
     }
 
     #[track_caller]
@@ -37,7 +38,11 @@ impl Out {
 
 impl std::fmt::Display for Out {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.stdout, self.stderr)
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
     }
 }
 
@@ -49,7 +54,10 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new() -> Ctx {
-        Ctx { dir: tempfile::tempdir().expect("temp dir"), env: Vec::new() }
+        Ctx {
+            dir: tempfile::tempdir().expect("temp dir"),
+            env: Vec::new(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -67,7 +75,10 @@ impl Ctx {
     /// Run `stretch ARGS` in the folder.
     pub fn run(&self, args: &[&str]) -> Out {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_stretch"));
-        cmd.args(args).current_dir(self.path()).env_remove("STRETCH_HOME").env_remove("STRETCH_IDENTITY");
+        cmd.args(args)
+            .current_dir(self.path())
+            .env_remove("STRETCH_HOME")
+            .env_remove("STRETCH_IDENTITY");
         cmd.env("NO_COLOR", "1");
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -106,9 +117,15 @@ impl Ctx {
 
     /// A one-node system at the root of a `path` source, with the test base image.
     pub fn one_node(&self, system: &str, registry: &str) {
-        self.write("system.yml", format!("system: {system}\nregistry: {registry}\nsources:\n  - path: ./app\n"));
+        self.write(
+            "system.yml",
+            format!("system: {system}\nregistry: {registry}\nsources:\n  - path: ./app\n"),
+        );
         self.write("app/stretch.yml", "name: web\n");
-        self.write("app/Dockerfile", format!("FROM {}\nCOPY . /app\n", base_image()));
+        self.write(
+            "app/Dockerfile",
+            format!("FROM {}\nCOPY . /app\n", base_image()),
+        );
     }
 }
 

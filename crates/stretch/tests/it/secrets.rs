@@ -7,7 +7,11 @@ use std::process::Command;
 use super::common::*;
 
 fn age(args: &[&str], dir: &std::path::Path) -> std::process::Output {
-    Command::new("age").args(args).current_dir(dir).output().expect("run age")
+    Command::new("age")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run age")
 }
 
 #[test]
@@ -15,41 +19,96 @@ fn keys_and_secrets_interoperate_with_age() {
     let ctx = Ctx::new();
     // Our key: 0600, in age-keygen's format, usable by the age CLI.
     let out = ctx.run(&["keys", "generate", "-o", "ours.txt"]).ok();
-    let ours = out.stderr.trim().strip_prefix("Public key: ").unwrap().to_string();
+    let ours = out
+        .stderr
+        .trim()
+        .strip_prefix("Public key: ")
+        .unwrap()
+        .to_string();
     assert!(ours.starts_with("age1"));
     let key = std::fs::read_to_string(ctx.path().join("ours.txt")).unwrap();
-    assert!(key.starts_with("# created: ") && key.contains(&format!("# public key: {ours}\nAGE-SECRET-KEY-1")));
-    assert_eq!(std::fs::metadata(ctx.path().join("ours.txt")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(
+        key.starts_with("# created: ")
+            && key.contains(&format!("# public key: {ours}\nAGE-SECRET-KEY-1"))
+    );
+    assert_eq!(
+        std::fs::metadata(ctx.path().join("ours.txt"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
     // Refuses to overwrite a key.
-    ctx.run(&["keys", "generate", "-o", "ours.txt"]).fails(2, &["ours.txt"]);
+    ctx.run(&["keys", "generate", "-o", "ours.txt"])
+        .fails(2, &["ours.txt"]);
     // Without -o: the identity on stdout.
     let printed = ctx.run(&["keys", "generate"]).ok();
     assert!(printed.stdout.contains("AGE-SECRET-KEY-1"));
 
     // age-keygen's key works with stretch.
-    let made = Command::new("age-keygen").arg("-o").arg(ctx.path().join("theirs.txt")).output().unwrap();
-    let theirs = String::from_utf8_lossy(&made.stderr).trim().strip_prefix("Public key: ").unwrap().to_string();
+    let made = Command::new("age-keygen")
+        .arg("-o")
+        .arg(ctx.path().join("theirs.txt"))
+        .output()
+        .unwrap();
+    let theirs = String::from_utf8_lossy(&made.stderr)
+        .trim()
+        .strip_prefix("Public key: ")
+        .unwrap()
+        .to_string();
 
-    ctx.write("secrets.yml", "# database\ndb:\n  password: hunter2\n  port: 5432\nlist:\n  - a\n  - b\n");
-    ctx.run(&["secrets", "encrypt", "secrets.yml", "-r", &ours, "-r", &theirs]).ok();
+    ctx.write(
+        "secrets.yml",
+        "# database\ndb:\n  password: hunter2\n  port: 5432\nlist:\n  - a\n  - b\n",
+    );
+    ctx.run(&[
+        "secrets",
+        "encrypt",
+        "secrets.yml",
+        "-r",
+        &ours,
+        "-r",
+        &theirs,
+    ])
+    .ok();
     let encrypted = std::fs::read_to_string(ctx.path().join("secrets.yml")).unwrap();
     assert!(!encrypted.contains("hunter2"));
-    assert!(encrypted.contains("db:") && encrypted.contains("password:"), "keys stay in clear:\n{encrypted}");
+    assert!(
+        encrypted.contains("db:") && encrypted.contains("password:"),
+        "keys stay in clear:\n{encrypted}"
+    );
     // Encrypting again leaves encrypted leaves untouched.
     ctx.write("extra.yml", &encrypted);
-    ctx.run(&["secrets", "encrypt", "extra.yml", "-r", &ours]).ok();
-    assert_eq!(std::fs::read_to_string(ctx.path().join("extra.yml")).unwrap(), encrypted);
+    ctx.run(&["secrets", "encrypt", "extra.yml", "-r", &ours])
+        .ok();
+    assert_eq!(
+        std::fs::read_to_string(ctx.path().join("extra.yml")).unwrap(),
+        encrypted
+    );
 
     for key in ["ours.txt", "theirs.txt"] {
-        let shown = ctx.run(&["secrets", "show", "secrets.yml", "-i", key, "--json"]).ok().json();
-        assert_eq!(shown, serde_json::json!({"db": {"password": "hunter2", "port": "5432"}, "list": ["a", "b"]}));
+        let shown = ctx
+            .run(&["secrets", "show", "secrets.yml", "-i", key, "--json"])
+            .ok()
+            .json();
+        assert_eq!(
+            shown,
+            serde_json::json!({"db": {"password": "hunter2", "port": "5432"}, "list": ["a", "b"]})
+        );
     }
-    let shown = ctx.run(&["secrets", "show", "secrets.yml", "-i", "ours.txt"]).ok();
+    let shown = ctx
+        .run(&["secrets", "show", "secrets.yml", "-i", "ours.txt"])
+        .ok();
     assert!(shown.stdout.contains("password: hunter2"), "{shown}");
 
     // A leaf our encrypt wrote (the first one: db.password) decrypts with the age CLI.
     let mut armored = String::new();
-    for line in encrypted.lines().map(str::trim).skip_while(|l| !l.contains("BEGIN AGE ENCRYPTED FILE")) {
+    for line in encrypted
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| !l.contains("BEGIN AGE ENCRYPTED FILE"))
+    {
         let line = line.trim_start_matches("password: ").trim_matches('"');
         armored.push_str(line);
         armored.push('\n');
@@ -59,7 +118,11 @@ fn keys_and_secrets_interoperate_with_age() {
     }
     ctx.write("leaf.age", &armored);
     let dec = age(&["-d", "-i", "theirs.txt", "leaf.age"], ctx.path());
-    assert!(dec.status.success(), "{}", String::from_utf8_lossy(&dec.stderr));
+    assert!(
+        dec.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dec.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&dec.stdout), "hunter2");
 
     // A leaf the age CLI wrote decrypts with stretch.
@@ -69,11 +132,19 @@ fn keys_and_secrets_interoperate_with_age() {
     let armored = String::from_utf8_lossy(&enc.stdout).into_owned();
     let indented: String = armored.lines().map(|l| format!("  {l}\n")).collect();
     ctx.write("cli.yml", format!("token: |\n{indented}"));
-    let shown = ctx.run(&["secrets", "show", "cli.yml", "-i", "ours.txt", "--json"]).ok().json();
+    let shown = ctx
+        .run(&["secrets", "show", "cli.yml", "-i", "ours.txt", "--json"])
+        .ok()
+        .json();
     assert_eq!(shown, serde_json::json!({"token": "from-age-cli"}));
 
     // Wrong key: a clear error naming the file and the key path, exit 2.
-    let made = Command::new("age-keygen").arg("-o").arg(ctx.path().join("stranger.txt")).output().unwrap();
+    let made = Command::new("age-keygen")
+        .arg("-o")
+        .arg(ctx.path().join("stranger.txt"))
+        .output()
+        .unwrap();
     assert!(made.status.success());
-    ctx.run(&["secrets", "show", "cli.yml", "-i", "stranger.txt"]).fails(2, &["cli.yml", "token"]);
+    ctx.run(&["secrets", "show", "cli.yml", "-i", "stranger.txt"])
+        .fails(2, &["cli.yml", "token"]);
 }
