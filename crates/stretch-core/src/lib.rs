@@ -2,6 +2,7 @@
 //! deploys, plugins and the Docker engine. It prints nothing; callers see progress
 //! through [`log::Log`] events and results as typed values.
 
+pub mod agent;
 pub mod build;
 pub mod docker;
 pub mod error;

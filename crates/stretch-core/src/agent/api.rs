@@ -1,0 +1,153 @@
+//! The agent protocol: JSON over HTTP/1.1, every request with `Authorization: Bearer
+//! TOKEN`. The controller (deploy) is the client; `stretch agent` is the server.
+//!
+//! | method and path                         | body          | answer                 |
+//! | --------------------------------------- | ------------- | ---------------------- |
+//! | `GET /v1/state`                         |               | [`AgentState`]         |
+//! | `PUT /v1/groups/{system}/{env}/{group}` | [`GroupSpec`] | [`Prepared`]           |
+//! | `POST …/{group}/switch`                 | [`Switch`]    | [`GroupStatus`]        |
+//! | `POST …/{group}/config`                 | [`GroupSpec`] | [`GroupStatus`]        |
+//! | `DELETE …/{group}`                      |               | 204                    |
+//!
+//! * `PUT` stores a spec as the group's *pending* spec and pulls its image (when
+//!   `pull`); nothing running changes.
+//! * `switch` makes the pending spec (which must match `release_id` and
+//!   `config_version`) current: start the new instances, wait until healthy, point the
+//!   proxy at them, drain and stop the old ones. On failure the new instances are
+//!   removed, the old ones keep serving, and the answer is an error.
+//! * `config` (config-only deploy) gives running instances of the *same release* a new
+//!   configuration: rewrite `/stretch/`, run `reload`, or replace the instances with
+//!   the same image without downtime when the node declares no `reload`.
+//! * `DELETE` stops the group's instances and closes its proxy.
+//!
+//! Errors are a status code and an [`ErrorBody`]; 401 for a missing or wrong token.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One group of one environment of one system, on a host.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct GroupKey {
+    pub system: String,
+    pub environment: String,
+    pub group: String,
+}
+
+impl GroupKey {
+    /// The URL path of this group: `/v1/groups/{system}/{environment}/{group}`.
+    pub fn path(&self) -> String {
+        format!("/v1/groups/{}/{}/{}", self.system, self.environment, self.group)
+    }
+}
+
+/// A release as templates and labels see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRef {
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+}
+
+/// Health check of an instance: HTTP GET `path` on its port, 2xx = healthy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthSpec {
+    pub path: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+}
+
+/// Everything an agent needs to run a group's instances of one release.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupSpec {
+    pub key: GroupKey,
+    /// This host's name in `system.yml`.
+    pub host: String,
+    pub node: String,
+    pub release: ReleaseRef,
+    pub existing_release: Option<ReleaseRef>,
+    /// Full image reference, `REGISTRY/SYSTEM/NODE:RELEASE_ID`.
+    pub image: String,
+    /// Pull the image from its registry first (false for `registry: local`).
+    pub pull: bool,
+    pub instances: u32,
+    /// The port this host's proxy listens on for the group (none for workers).
+    pub listen: Option<u16>,
+    /// The port the app listens on inside its container (none: no proxy, healthy while running).
+    pub port: Option<u16>,
+    pub health: HealthSpec,
+    /// Run inside running instances after a config-only update.
+    pub reload: Option<Vec<String>>,
+    pub stop_timeout_ms: Option<u64>,
+    /// The node's configuration tree, written to `/stretch/config.json`.
+    pub config: serde_json::Value,
+    /// A hash of `config` and `templates`: what the instances were given.
+    pub config_version: String,
+    /// Container templates (path relative to `templates/`, as in the sources) → text.
+    /// Rendered by the agent per instance into `/stretch/templates/` (`.jinja` dropped).
+    pub templates: BTreeMap<String, String>,
+    /// The environment's name (templates see it as `environment`).
+    pub environment_name: String,
+}
+
+/// The answer to `PUT`: the image is there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prepared {
+    pub image_id: String,
+}
+
+/// Body of `switch`: which pending spec to make current.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Switch {
+    pub release_id: String,
+    pub config_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentState {
+    pub version: String,
+    pub groups: Vec<GroupStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub key: GroupKey,
+    pub node: String,
+    pub host: String,
+    /// The release the proxy sends traffic to.
+    pub release: Option<ReleaseRef>,
+    pub config_version: Option<String>,
+    pub listen: Option<u16>,
+    pub instances: Vec<InstanceStatus>,
+    /// Every current instance is running and healthy.
+    pub healthy: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub container: String,
+    pub index: u32,
+    pub release_id: String,
+    pub config_version: String,
+    /// Docker's state: `running`, `exited`, …
+    pub state: String,
+    pub healthy: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// The hash that names a configuration: the tree and the templates.
+pub fn config_version(config: &serde_json::Value, templates: &BTreeMap<String, String>) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(serde_json::to_string(config).unwrap_or_default().as_bytes());
+    for (k, v) in templates {
+        h.update(b"\0");
+        h.update(k.as_bytes());
+        h.update(b"\0");
+        h.update(v.as_bytes());
+    }
+    h.finalize().to_hex()[..12].to_string()
+}

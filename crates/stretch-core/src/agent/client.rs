@@ -1,0 +1,1 @@
+//! Client of the agent protocol (used by the deploy step).
