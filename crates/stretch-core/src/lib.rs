@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod build;
+pub mod deploy;
 pub mod docker;
 pub mod error;
 pub mod home;

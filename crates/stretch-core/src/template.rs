@@ -68,9 +68,56 @@ pub fn render_templates(
 
 /// Render `text` strictly: an undefined variable is an error naming the file.
 pub fn render(file: &str, text: &str, ctx: &serde_json::Value) -> Result<String> {
+    render_value(file, text, Value::from(Serde(ctx)))
+}
+
+/// [`render`] with a context built by [`deploy_context`].
+pub fn render_value(file: &str, text: &str, ctx: Value) -> Result<String> {
     let env = environment(UndefinedBehavior::Strict);
-    env.render_str(text, Value::from(Serde(ctx)))
-        .map_err(|e| template_error(file, text, &e))
+    env.render_str(text, ctx).map_err(|e| template_error(file, text, &e))
+}
+
+/// `environment` in the deploy context: renders as its name, and has `.name`,
+/// `.hosts` and `.groups`.
+#[derive(Debug)]
+struct EnvironmentObject {
+    name: String,
+    fields: Value,
+}
+
+impl minijinja::value::Object for EnvironmentObject {
+    fn repr(self: &std::sync::Arc<Self>) -> minijinja::value::ObjectRepr {
+        minijinja::value::ObjectRepr::Plain
+    }
+
+    fn get_value(self: &std::sync::Arc<Self>, key: &Value) -> Option<Value> {
+        self.fields.get_item(key).ok().filter(|v| !v.is_undefined())
+    }
+
+    fn render(self: &std::sync::Arc<Self>, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+/// The deploy context (SPEC §6) for `config.yml`: `services`, `environment`
+/// (`{name, hosts, groups}`, rendering as its name), `release` and, unless this is a
+/// first deploy, `existing_release`.
+pub fn deploy_context(
+    environment: &serde_json::Value,
+    services: &serde_json::Value,
+    release: &serde_json::Value,
+    existing_release: Option<&serde_json::Value>,
+) -> Value {
+    let name = environment.get("name").and_then(|n| n.as_str()).unwrap_or_default().to_string();
+    let env = Value::from_object(EnvironmentObject { name, fields: Value::from(Serde(environment)) });
+    let mut map: std::collections::BTreeMap<String, Value> = std::collections::BTreeMap::new();
+    map.insert("environment".into(), env);
+    map.insert("services".into(), Value::from(Serde(services)));
+    map.insert("release".into(), Value::from(Serde(release)));
+    if let Some(x) = existing_release {
+        map.insert("existing_release".into(), Value::from(Serde(x)));
+    }
+    Value::from(map)
 }
 
 /// Build-time check: syntax errors fail; otherwise the text rendered with every
@@ -88,6 +135,15 @@ pub fn render_lenient(file: &str, text: &str) -> Result<Option<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn environment_renders_as_its_name() {
+        let env = serde_json::json!({"name": "prod", "hosts": {"a": {}}, "groups": {}});
+        let ctx = deploy_context(&env, &serde_json::json!({}), &serde_json::json!({"id": "x"}), None);
+        let out = render_value("c", "{{ environment }} {{ environment.name }} {{ environment.hosts | length }} {{ release.id }}", ctx.clone());
+        assert_eq!(out.unwrap(), "prod prod 1 x");
+        assert!(render_value("c", "{{ existing_release.id }}", ctx).is_err());
+    }
 
     #[test]
     fn strict_and_lenient() {

@@ -1,0 +1,2 @@
+//! The deploy step.
+pub mod config;
