@@ -64,6 +64,9 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS log_lines (
   run INTEGER NOT NULL, seq INTEGER NOT NULL, at TEXT NOT NULL, stage TEXT NOT NULL,
   text TEXT NOT NULL, PRIMARY KEY (run, seq));
+CREATE TABLE IF NOT EXISTS environments (
+  name TEXT PRIMARY KEY, release TEXT, existing_release TEXT, updated_at TEXT NOT NULL,
+  applied TEXT, specs TEXT);
 CREATE TABLE IF NOT EXISTS images (
   input_digest TEXT PRIMARY KEY, image_id TEXT NOT NULL, created_at TEXT NOT NULL);
 ";
@@ -71,15 +74,23 @@ CREATE TABLE IF NOT EXISTS images (
 impl Store {
     pub fn open(path: &Path) -> Result<Store> {
         let conn = Connection::open(path).map_err(db_error)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_error)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db_error)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(db_error)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db_error)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_error)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db_error)?;
         conn.execute_batch(SCHEMA).map_err(db_error)?;
-        Ok(Store { conn: Arc::new(Mutex::new(conn)) })
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
     }
 
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
-        let conn = self.conn.lock().map_err(|_| Error::failed("store", "release store lock poisoned"))?;
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| Error::failed("store", "release store lock poisoned"))?;
         f(&conn).map_err(db_error)
     }
 
@@ -143,7 +154,11 @@ impl Store {
             match found.len() {
                 1 => return Ok(found.remove(0)),
                 0 => {}
-                n => return Err(Error::invalid(format!("release prefix `{key}` is ambiguous ({n} releases match)"))),
+                n => {
+                    return Err(Error::invalid(format!(
+                        "release prefix `{key}` is ambiguous ({n} releases match)"
+                    )));
+                }
             }
         }
         Err(Error::invalid_with_help(
@@ -153,10 +168,20 @@ impl Store {
     }
 
     pub fn name_taken(&self, name: &str) -> Result<bool> {
-        self.with(|c| c.query_row("SELECT 1 FROM releases WHERE name = ?1", [name], |_| Ok(())).optional().map(|o| o.is_some()))
+        self.with(|c| {
+            c.query_row("SELECT 1 FROM releases WHERE name = ?1", [name], |_| Ok(()))
+                .optional()
+                .map(|o| o.is_some())
+        })
     }
 
-    pub fn start_run(&self, kind: &str, environment: Option<&str>, release: Option<&str>, existing: Option<&str>) -> Result<i64> {
+    pub fn start_run(
+        &self,
+        kind: &str,
+        environment: Option<&str>,
+        release: Option<&str>,
+        existing: Option<&str>,
+    ) -> Result<i64> {
         self.with(|c| {
             c.execute(
                 "INSERT INTO runs (kind, environment, release, existing_release, status, started_at, pid) VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6)",
@@ -168,19 +193,32 @@ impl Store {
 
     /// Set what a run turned out to be about (a build learns its release late).
     pub fn set_run_release(&self, run: i64, release: &str) -> Result<()> {
-        self.with(|c| c.execute("UPDATE runs SET release = ?2 WHERE id = ?1", params![run, release]).map(|_| ()))
+        self.with(|c| {
+            c.execute(
+                "UPDATE runs SET release = ?2 WHERE id = ?1",
+                params![run, release],
+            )
+            .map(|_| ())
+        })
     }
 
     pub fn finish_run(&self, run: i64, ok: bool) -> Result<()> {
         let status = if ok { "succeeded" } else { "failed" };
-        self.with(|c| c.execute("UPDATE runs SET status = ?2, ended_at = ?3 WHERE id = ?1", params![run, status, now_rfc3339()]).map(|_| ()))
+        self.with(|c| {
+            c.execute(
+                "UPDATE runs SET status = ?2, ended_at = ?3 WHERE id = ?1",
+                params![run, status, now_rfc3339()],
+            )
+            .map(|_| ())
+        })
     }
 
     /// Forget a run that changed nothing (bad input).
     pub fn delete_run(&self, run: i64) -> Result<()> {
         self.with(|c| {
             c.execute("DELETE FROM log_lines WHERE run = ?1", [run])?;
-            c.execute("DELETE FROM runs WHERE id = ?1", [run]).map(|_| ())
+            c.execute("DELETE FROM runs WHERE id = ?1", [run])
+                .map(|_| ())
         })
     }
 
@@ -234,7 +272,14 @@ impl Store {
     }
 
     pub fn image_for_input(&self, digest: &str) -> Result<Option<String>> {
-        self.with(|c| c.query_row("SELECT image_id FROM images WHERE input_digest = ?1", [digest], |r| r.get(0)).optional())
+        self.with(|c| {
+            c.query_row(
+                "SELECT image_id FROM images WHERE input_digest = ?1",
+                [digest],
+                |r| r.get(0),
+            )
+            .optional()
+        })
     }
 
     pub fn record_image(&self, digest: &str, image_id: &str) -> Result<()> {
@@ -242,6 +287,56 @@ impl Store {
             c.execute(
                 "INSERT OR REPLACE INTO images (input_digest, image_id, created_at) VALUES (?1, ?2, ?3)",
                 params![digest, image_id, now_rfc3339()],
+            )
+            .map(|_| ())
+        })
+    }
+}
+
+/// Where an environment stands: its release, the one before, and what was last applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnvironmentRecord {
+    pub name: String,
+    pub release: Option<String>,
+    pub existing_release: Option<String>,
+    pub updated_at: String,
+    /// The environment's definition (from system.yml) last applied, for `apply`'s diff.
+    pub applied: Option<serde_json::Value>,
+    /// The agent specs last sent, per host and group (for switching back).
+    pub specs: Option<serde_json::Value>,
+}
+
+impl Store {
+    pub fn environment(&self, name: &str) -> Result<Option<EnvironmentRecord>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT name, release, existing_release, updated_at, applied, specs FROM environments WHERE name = ?1",
+                [name],
+                |row| {
+                    let applied: Option<String> = row.get(4)?;
+                    let specs: Option<String> = row.get(5)?;
+                    Ok(EnvironmentRecord {
+                        name: row.get(0)?,
+                        release: row.get(1)?,
+                        existing_release: row.get(2)?,
+                        updated_at: row.get(3)?,
+                        applied: applied.and_then(|a| serde_json::from_str(&a).ok()),
+                        specs: specs.and_then(|a| serde_json::from_str(&a).ok()),
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    pub fn set_environment(&self, e: &EnvironmentRecord) -> Result<()> {
+        let applied = e.applied.as_ref().map(|a| a.to_string());
+        let specs = e.specs.as_ref().map(|a| a.to_string());
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO environments (name, release, existing_release, updated_at, applied, specs)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![e.name, e.release, e.existing_release, now_rfc3339(), applied, specs],
             )
             .map(|_| ())
         })
@@ -258,11 +353,18 @@ impl Sink for RunSink {
     fn event(&self, event: &Event) {
         // A log line that cannot be stored must not fail the pipeline.
         let _ = match event {
-            Event::StageStarted { stage } => self.store.add_line(self.run, stage, &format!("==> {stage}")),
+            Event::StageStarted { stage } => {
+                self.store
+                    .add_line(self.run, stage, &format!("==> {stage}"))
+            }
             Event::StageFinished { stage, elapsed, ok } => self.store.add_line(
                 self.run,
                 stage,
-                &format!("<== {stage} {} in {:.2}s", if *ok { "done" } else { "failed" }, elapsed.as_secs_f64()),
+                &format!(
+                    "<== {stage} {} in {:.2}s",
+                    if *ok { "done" } else { "failed" },
+                    elapsed.as_secs_f64()
+                ),
             ),
             Event::Line { stage, text } => self.store.add_line(self.run, stage, text),
         };
@@ -281,7 +383,10 @@ mod tests {
             id: "abcdef0123".into(),
             name: "brave-otter".into(),
             created_at: now_rfc3339(),
-            sources: vec![Pulled { name: "app".into(), commit: Some("c0ffee".into()) }],
+            sources: vec![Pulled {
+                name: "app".into(),
+                commit: Some("c0ffee".into()),
+            }],
             images: vec!["local/shop/web:abcdef0123".into()],
             archive_hash: "h".into(),
         };

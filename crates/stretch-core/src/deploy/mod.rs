@@ -1,2 +1,371 @@
-//! The deploy step.
+//! The deploy step (SPEC §6): pull release, pre-deploy plugins, configuration, push to
+//! agents, change release batch by batch, switch buffers, post-deploy plugins. A
+//! rollback is the same step with kind `rollback`. A host that fails stops the rollout
+//! and every host already switched is switched back.
+
+pub mod buffers;
 pub mod config;
+pub mod lock;
+mod specs;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::agent::api::{GroupKey, GroupSpec, Switch};
+use crate::agent::client::AgentClient;
+use crate::home::Home;
+use crate::log::Log;
+use crate::plugin::{self, Facts, Hook, ReleaseFacts};
+use crate::release::config::ReleaseConfig;
+use crate::store::{EnvironmentRecord, ReleaseRecord, RunSink, Store};
+use crate::system::{Environment, System};
+use crate::{Error, Result};
+
+pub use specs::HostGroup;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Deploy,
+    Rollback,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Deploy => "deploy",
+            Kind::Rollback => "rollback",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DeployRequest {
+    pub environment: String,
+    /// Id, unique id prefix or name; default: the newest release (deploy) or the one
+    /// before the current (rollback).
+    pub release: Option<String>,
+    pub kind: Kind,
+    /// Wait for the environment's lock instead of failing at once.
+    pub wait: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeployOutcome {
+    pub run: i64,
+    pub release: ReleaseRecord,
+    pub existing: Option<ReleaseRecord>,
+}
+
+/// The environment named `name` in `system.yml`.
+pub fn environment<'a>(system: &'a System, name: &str) -> Result<&'a Environment> {
+    system.spec.environments.get(name).ok_or_else(|| {
+        let known: Vec<&str> = system.spec.environments.keys().map(String::as_str).collect();
+        Error::invalid_with_help(
+            format!("unknown environment `{name}`"),
+            if known.is_empty() { "`system.yml` declares no environments".to_string() } else { format!("environments: {}", known.join(", ")) },
+        )
+    })
+}
+
+/// The token agents of `env` expect: `agent_token_file` (relative to the system file)
+/// or `STRETCH_AGENT_TOKEN`.
+pub fn agent_token(system: &System, env_name: &str, env: &Environment) -> Result<String> {
+    let token = match &env.agent_token_file {
+        Some(f) => {
+            let path = system.dir.join(f);
+            std::fs::read_to_string(&path).map_err(|e| {
+                Error::invalid(format!("environment `{env_name}`: cannot read `agent_token_file` `{}`: {e}", path.display()))
+            })?
+        }
+        None => std::env::var("STRETCH_AGENT_TOKEN").map_err(|_| {
+            Error::invalid_with_help(
+                format!("environment `{env_name}` has no agent token"),
+                "set `agent_token_file` in system.yml or the STRETCH_AGENT_TOKEN variable",
+            )
+        })?,
+    };
+    let token = token.trim().to_string();
+    if token.is_empty() {
+        return Err(Error::invalid(format!("environment `{env_name}`: the agent token is empty")));
+    }
+    Ok(token)
+}
+
+/// Load a release's configuration document.
+pub fn release_config(home: &Home, id: &str) -> Result<ReleaseConfig> {
+    let path = home.release_config(id);
+    let data = std::fs::read(&path)
+        .map_err(|e| Error::failed("pull release", format!("cannot read the configuration of release {id}: {e}")))?;
+    serde_json::from_slice(&data)
+        .map_err(|e| Error::failed("pull release", format!("the configuration of release {id} is damaged: {e}")))
+}
+
+/// Everything resolved before anything runs (bad input fails here, recording nothing).
+struct Plan {
+    env_name: String,
+    token: String,
+    release: ReleaseRecord,
+    existing: Option<ReleaseRecord>,
+    previous: Option<EnvironmentRecord>,
+}
+
+fn plan(system: &System, store: &Store, req: &DeployRequest) -> Result<Plan> {
+    let env = environment(system, &req.environment)?;
+    let token = agent_token(system, &req.environment, env)?;
+    let previous = store.environment(&req.environment)?;
+    let current = previous.as_ref().and_then(|p| p.release.clone());
+    let existing = match &current {
+        Some(id) => store.release_by_id(id)?,
+        None => None,
+    };
+    let release = match (&req.release, req.kind) {
+        (Some(key), _) => store.find_release(key)?,
+        (None, Kind::Deploy) => store
+            .releases()?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::invalid_with_help("there are no releases to deploy", "run `stretch build` first"))?,
+        (None, Kind::Rollback) => {
+            let before = previous.as_ref().and_then(|p| p.existing_release.clone()).ok_or_else(|| {
+                Error::invalid(format!("environment `{}` has no earlier release to roll back to", req.environment))
+            })?;
+            store.find_release(&before)?
+        }
+    };
+    Ok(Plan { env_name: req.environment.clone(), token, release, existing, previous })
+}
+
+/// Run the deploy step, recording it (with its log) in the store.
+pub async fn deploy(system: &System, home: &Home, store: &Store, req: &DeployRequest, log: &Log) -> Result<DeployOutcome> {
+    let plan = plan(system, store, req)?;
+    let what = format!("{} of {} ({})", req.kind.as_str(), plan.release.name, plan.release.id);
+    let _lock = lock::lock(home, &plan.env_name, &what, req.wait, log)?;
+    // Re-read under the lock: another deploy may have finished while we waited.
+    let plan = if req.wait { self::plan(system, store, req)? } else { plan };
+    let run = store.start_run(
+        req.kind.as_str(),
+        Some(&plan.env_name),
+        Some(&plan.release.id),
+        plan.existing.as_ref().map(|r| r.id.as_str()),
+    )?;
+    let log = log.with(Arc::new(RunSink { store: store.clone(), run }));
+    log.line(format!(
+        "{} {} ({}) to `{}`{}",
+        req.kind.as_str(),
+        plan.release.name,
+        plan.release.id,
+        plan.env_name,
+        plan.existing.as_ref().map(|x| format!(", replacing {} ({})", x.name, x.id)).unwrap_or_default()
+    ));
+    let result = execute(system, home, store, req.kind, &plan, &log).await;
+    let _ = store.finish_run(run, result.is_ok());
+    if let Err(e) = &result {
+        let _ = store.add_line(run, "error", &e.to_string());
+    }
+    result.map(|()| DeployOutcome { run, release: plan.release, existing: plan.existing })
+}
+
+async fn execute(system: &System, home: &Home, store: &Store, kind: Kind, plan: &Plan, log: &Log) -> Result<()> {
+    let env = environment(system, &plan.env_name)?;
+    let buffers = buffers::Buffers::new(home, &plan.env_name);
+    let new_config = release_config(home, &plan.release.id)?;
+
+    // 1. Pull release.
+    log.stage("pull release", async {
+        buffers.prepare_new(home, &plan.release, &new_config, log)?;
+        if let Some(x) = &plan.existing {
+            let cfg = release_config(home, &x.id)?;
+            buffers.ensure_existing(home, x, &cfg, log)?;
+        }
+        Ok::<_, Error>(())
+    })
+    .await?;
+
+    let facts = Facts {
+        system: system.name().to_string(),
+        environment: Some(plan.env_name.clone()),
+        kind: Some(kind.as_str().to_string()),
+        release: ReleaseFacts { id: plan.release.id.clone(), name: plan.release.name.clone(), path: buffers.new_dir() },
+        existing_release: plan.existing.as_ref().map(|x| ReleaseFacts {
+            id: x.id.clone(),
+            name: x.name.clone(),
+            path: buffers.existing_dir(),
+        }),
+    };
+    let nodes_in_env: Vec<&str> = env.groups.values().map(|g| g.node.as_str()).collect();
+    let plugins = specs::plugins_for(&new_config, &nodes_in_env);
+    let plugin_refs: Vec<_> = plugins.iter().collect();
+
+    // 2. Pre-deploy plugins: a failure here means no host was touched.
+    log.stage("pre-deploy plugins", async {
+        if plugin_refs.is_empty() {
+            log.line("no plugins");
+            return Ok(());
+        }
+        plugin::run_all(&plugin_refs, Hook::PreDeploy, &facts, &buffers.new_dir(), log).await
+    })
+    .await?;
+
+    // 3. Configuration, rendered per node; container templates checked per instance.
+    let targets = log
+        .stage("configuration", async {
+            specs::build(system, &plan.env_name, env, &plan.release, plan.existing.as_ref(), &new_config, &buffers.new_dir(), log)
+        })
+        .await?;
+
+    // 4. Push specs; agents pull images.
+    log.stage("push", push(&targets, &plan.token, log)).await?;
+
+    // 5. Change release, batch by batch.
+    let previous_specs: BTreeMap<String, GroupSpec> = plan
+        .previous
+        .as_ref()
+        .and_then(|p| p.specs.clone())
+        .and_then(|s| serde_json::from_value(s).ok())
+        .unwrap_or_default();
+    log.stage("change release", change_release(env, &targets, &previous_specs, &plan.token, log)).await?;
+
+    // 6. Switch buffers, and record where the environment stands.
+    log.stage("switch buffers", async {
+        buffers.switch()?;
+        let specs: BTreeMap<String, GroupSpec> = targets.iter().map(|t| (t.id(), t.spec.clone())).collect();
+        store.set_environment(&EnvironmentRecord {
+            name: plan.env_name.clone(),
+            release: Some(plan.release.id.clone()),
+            existing_release: plan.existing.as_ref().map(|x| x.id.clone()),
+            updated_at: String::new(),
+            applied: serde_json::to_value(specs::environment_json(&plan.env_name, env)).ok(),
+            specs: serde_json::to_value(&specs).ok(),
+        })
+    })
+    .await?;
+
+    // 7. Post-deploy plugins (after the switch the buffers have swapped places).
+    let facts = Facts {
+        release: ReleaseFacts { path: buffers.existing_dir(), ..facts.release.clone() },
+        existing_release: facts.existing_release.clone().map(|x| ReleaseFacts { path: buffers.previous_dir(), ..x }),
+        ..facts.clone()
+    };
+    log.stage("post-deploy plugins", async {
+        if plugin_refs.is_empty() {
+            log.line("no plugins");
+            return Ok(());
+        }
+        plugin::run_all(&plugin_refs, Hook::PostDeploy, &facts, &buffers.existing_dir(), log).await
+    })
+    .await
+}
+
+async fn push(targets: &[HostGroup], token: &str, log: &Log) -> Result<()> {
+    let calls = targets.iter().map(|t| async move {
+        let client = AgentClient::new(&t.agent, token);
+        let r = client.put_spec(&t.spec).await;
+        (t, r)
+    });
+    let results = futures_util::future::join_all(calls).await;
+    let mut failures = Vec::new();
+    for (t, r) in results {
+        match r {
+            Ok(p) => log.line(format!("host `{}` ({}): group `{}` ready, image {}", t.host, t.agent, t.spec.key.group, short(&p.image_id))),
+            Err(e) => failures.push(format!("host `{}` ({}): {e}", t.host, t.agent)),
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::failed("push", format!("no host was switched; {}", failures.join("; "))))
+    }
+}
+
+fn short(id: &str) -> &str {
+    let id = id.strip_prefix("sha256:").unwrap_or(id);
+    &id[..id.len().min(12)]
+}
+
+/// Switch every group, `batch` hosts at a time; on a failure switch back every host
+/// already switched (to its previous spec, or remove the group on a first deploy).
+async fn change_release(
+    env: &Environment,
+    targets: &[HostGroup],
+    previous: &BTreeMap<String, GroupSpec>,
+    token: &str,
+    log: &Log,
+) -> Result<()> {
+    let mut switched: Vec<&HostGroup> = Vec::new();
+    for (group_name, group) in &env.groups {
+        let members: Vec<&HostGroup> = targets.iter().filter(|t| &t.spec.key.group == group_name).collect();
+        let batch = group.batch.map(|b| b as usize).unwrap_or_else(|| (members.len() / 2).max(1));
+        for (n, chunk) in members.chunks(batch.max(1)).enumerate() {
+            let names: Vec<&str> = chunk.iter().map(|t| t.host.as_str()).collect();
+            log.line(format!("group `{group_name}` batch {}: {}", n + 1, names.join(", ")));
+            let calls = chunk.iter().map(|t| async move {
+                let client = AgentClient::new(&t.agent, token);
+                let req = Switch { release_id: t.spec.release.id.clone(), config_version: t.spec.config_version.clone() };
+                (*t, client.switch(&t.spec.key, &req).await)
+            });
+            let mut failures = Vec::new();
+            for (t, r) in futures_util::future::join_all(calls).await {
+                match r {
+                    Ok(s) => {
+                        log.line(format!("host `{}`: serving {} with {} instance(s)", t.host, t.spec.release.name, s.instances.len()));
+                        switched.push(t);
+                    }
+                    Err(e) => failures.push(format!("host `{}` ({}): {e}", t.host, t.agent)),
+                }
+            }
+            if !failures.is_empty() {
+                let reverted = switch_back(&switched, previous, token, log).await;
+                return Err(Error::failed(
+                    "change release",
+                    format!("{}; rollout stopped, {reverted} switched host(s) switched back", failures.join("; ")),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Put every switched host back on its previous spec. Returns how many made it.
+async fn switch_back(switched: &[&HostGroup], previous: &BTreeMap<String, GroupSpec>, token: &str, log: &Log) -> usize {
+    let calls = switched.iter().map(|t| async move {
+        let client = AgentClient::new(&t.agent, token);
+        let r = match previous.get(&t.id()) {
+            Some(old) => match client.put_spec(old).await {
+                Ok(_) => {
+                    let req = Switch { release_id: old.release.id.clone(), config_version: old.config_version.clone() };
+                    client.switch(&old.key, &req).await.map(|_| ())
+                }
+                Err(e) => Err(e),
+            },
+            None => client.remove_group(&t.spec.key).await,
+        };
+        (*t, r)
+    });
+    let mut ok = 0;
+    for (t, r) in futures_util::future::join_all(calls).await {
+        match r {
+            Ok(()) => {
+                ok += 1;
+                log.line(format!("host `{}`: switched back", t.host));
+            }
+            Err(e) => log.line(format!("host `{}`: could not switch back: {e}", t.host)),
+        }
+    }
+    ok
+}
+
+/// The folder of an environment's buffers.
+pub fn environment_dir(home: &Home, env: &str) -> PathBuf {
+    home.root.join("environments").join(env)
+}
+
+/// Keys of targets: `GROUP/HOST`.
+pub fn target_id(group: &str, host: &str) -> String {
+    format!("{group}/{host}")
+}
+
+/// Used by the agent key of a target.
+pub fn group_key(system: &System, env: &str, group: &str) -> GroupKey {
+    GroupKey { system: system.name().to_string(), environment: env.to_string(), group: group.to_string() }
+}
