@@ -51,16 +51,26 @@ pub struct ConfigError {
 impl Error {
     /// Bad input without a position (a missing file, a bad argument).
     pub fn invalid(message: impl Into<String>) -> Self {
-        Error::Invalid { message: message.into(), help: None }
+        Error::Invalid {
+            message: message.into(),
+            help: None,
+        }
     }
 
     pub fn invalid_with_help(message: impl Into<String>, help: impl Into<String>) -> Self {
-        Error::Invalid { message: message.into(), help: Some(help.into()) }
+        Error::Invalid {
+            message: message.into(),
+            help: Some(help.into()),
+        }
     }
 
     /// A stage of the pipeline failed.
     pub fn failed(stage: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Failed { stage: stage.into(), message: message.into(), help: None }
+        Error::Failed {
+            stage: stage.into(),
+            message: message.into(),
+            help: None,
+        }
     }
 
     /// An error at `line`/`column` (1-based) of `file`, whose text is `src`.
@@ -73,7 +83,8 @@ impl Error {
         help: Option<String>,
     ) -> Self {
         let file = file.into();
-        let span = offset_of(src, line, column).map(|o| SourceSpan::from((o, 1.min(src.len() - o))));
+        let span =
+            offset_of(src, line, column).map(|o| SourceSpan::from((o, 1.min(src.len() - o))));
         Error::Config(Box::new(ConfigError {
             src: NamedSource::new(file.clone(), src.to_string()),
             file,
@@ -96,8 +107,19 @@ impl Error {
     /// Prefix the message with the context it happened in (e.g. the source's name).
     pub fn context(self, what: &str) -> Self {
         match self {
-            Error::Invalid { message, help } => Error::Invalid { message: format!("{what}: {message}"), help },
-            Error::Failed { stage, message, help } => Error::Failed { stage, message: format!("{what}: {message}"), help },
+            Error::Invalid { message, help } => Error::Invalid {
+                message: format!("{what}: {message}"),
+                help,
+            },
+            Error::Failed {
+                stage,
+                message,
+                help,
+            } => Error::Failed {
+                stage,
+                message: format!("{what}: {message}"),
+                help,
+            },
             other => other,
         }
     }

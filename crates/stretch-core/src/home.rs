@@ -15,13 +15,19 @@ pub struct Home {
 impl Home {
     /// Open (creating it if needed) the home folder, tightening its mode to 0700.
     pub fn open(root: &Path) -> Result<Home> {
-        fs::create_dir_all(root).map_err(|e| Error::invalid(format!("cannot create home folder `{}`: {e}", root.display())))?;
+        fs::create_dir_all(root).map_err(|e| {
+            Error::invalid(format!(
+                "cannot create home folder `{}`: {e}",
+                root.display()
+            ))
+        })?;
         fs::set_permissions(root, fs::Permissions::from_mode(0o700))
             .map_err(|e| Error::invalid(format!("cannot set mode of `{}`: {e}", root.display())))?;
         let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
         let home = Home { root };
         for d in [home.releases(), home.git()] {
-            fs::create_dir_all(&d).map_err(|e| Error::invalid(format!("cannot create `{}`: {e}", d.display())))?;
+            fs::create_dir_all(&d)
+                .map_err(|e| Error::invalid(format!("cannot create `{}`: {e}", d.display())))?;
         }
         Ok(home)
     }
@@ -57,13 +63,17 @@ impl Home {
             .open(&path)
             .map_err(|e| Error::invalid(format!("cannot open lock `{}`: {e}", path.display())))?;
         if wait {
-            f.lock().map_err(|e| Error::invalid(format!("cannot lock `{}`: {e}", path.display())))?;
+            f.lock()
+                .map_err(|e| Error::invalid(format!("cannot lock `{}`: {e}", path.display())))?;
             return Ok(Some(f));
         }
         match f.try_lock() {
             Ok(()) => Ok(Some(f)),
             Err(fs::TryLockError::WouldBlock) => Ok(None),
-            Err(fs::TryLockError::Error(e)) => Err(Error::invalid(format!("cannot lock `{}`: {e}", path.display()))),
+            Err(fs::TryLockError::Error(e)) => Err(Error::invalid(format!(
+                "cannot lock `{}`: {e}",
+                path.display()
+            ))),
         }
     }
 }
@@ -72,7 +82,10 @@ impl Home {
 pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new().prefix(".tmp").permissions(fs::Permissions::from_mode(0o600)).tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp")
+        .permissions(fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)?;
     tmp.write_all(data)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;

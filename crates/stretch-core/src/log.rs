@@ -8,9 +8,18 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    StageStarted { stage: String },
-    StageFinished { stage: String, elapsed: Duration, ok: bool },
-    Line { stage: String, text: String },
+    StageStarted {
+        stage: String,
+    },
+    StageFinished {
+        stage: String,
+        elapsed: Duration,
+        ok: bool,
+    },
+    Line {
+        stage: String,
+        text: String,
+    },
 }
 
 /// Something that receives events.
@@ -27,7 +36,10 @@ pub struct Log {
 
 impl Log {
     pub fn new(sinks: Vec<Arc<dyn Sink>>) -> Self {
-        Log { sinks: Arc::new(sinks), stage: Arc::new(Mutex::new(String::new())) }
+        Log {
+            sinks: Arc::new(sinks),
+            stage: Arc::new(Mutex::new(String::new())),
+        }
     }
 
     /// A log that drops everything.
@@ -39,7 +51,10 @@ impl Log {
     pub fn with(&self, sink: Arc<dyn Sink>) -> Self {
         let mut sinks: Vec<_> = self.sinks.iter().cloned().collect();
         sinks.push(sink);
-        Log { sinks: Arc::new(sinks), stage: self.stage.clone() }
+        Log {
+            sinks: Arc::new(sinks),
+            stage: self.stage.clone(),
+        }
     }
 
     fn emit(&self, event: Event) {
@@ -56,7 +71,10 @@ impl Log {
     pub fn line(&self, text: impl AsRef<str>) {
         let stage = self.current();
         for l in text.as_ref().lines() {
-            self.emit(Event::Line { stage: stage.clone(), text: l.to_string() });
+            self.emit(Event::Line {
+                stage: stage.clone(),
+                text: l.to_string(),
+            });
         }
     }
 
@@ -68,10 +86,16 @@ impl Log {
         if let Ok(mut s) = self.stage.lock() {
             *s = name.to_string();
         }
-        self.emit(Event::StageStarted { stage: name.to_string() });
+        self.emit(Event::StageStarted {
+            stage: name.to_string(),
+        });
         let start = Instant::now();
         let result = f.await;
-        self.emit(Event::StageFinished { stage: name.to_string(), elapsed: start.elapsed(), ok: result.is_ok() });
+        self.emit(Event::StageFinished {
+            stage: name.to_string(),
+            elapsed: start.elapsed(),
+            ok: result.is_ok(),
+        });
         result
     }
 }

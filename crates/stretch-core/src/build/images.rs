@@ -24,12 +24,20 @@ pub struct Built {
 /// The repository names (without tag) a container's image is tagged with: one per
 /// node built from it, or `base-NAME` for a base-only container.
 fn repos(system: &System, project: &Project, index: usize) -> Vec<String> {
-    let mut out: Vec<String> =
-        project.nodes.iter().filter(|n| n.container == index).map(|n| super::image_repo(system, &n.image)).collect();
+    let mut out: Vec<String> = project
+        .nodes
+        .iter()
+        .filter(|n| n.container == index)
+        .map(|n| super::image_repo(system, &n.image))
+        .collect();
     if out.is_empty() {
         let c = &project.containers[index];
         let name = c.name.clone().unwrap_or_else(|| {
-            let dir = if c.dir.is_empty() { system.name() } else { c.dir.rsplit('/').next().unwrap_or(&c.dir) };
+            let dir = if c.dir.is_empty() {
+                system.name()
+            } else {
+                c.dir.rsplit('/').next().unwrap_or(&c.dir)
+            };
             dir.to_lowercase()
         });
         out.push(super::image_repo(system, &format!("base-{name}")));
@@ -40,7 +48,11 @@ fn repos(system: &System, project: &Project, index: usize) -> Vec<String> {
 
 /// Does a Dockerfile have a `FROM` instruction of its own?
 fn has_from(dockerfile: &str) -> bool {
-    dockerfile.lines().any(|l| l.trim_start().get(..5).is_some_and(|w| w.eq_ignore_ascii_case("from ")))
+    dockerfile.lines().any(|l| {
+        l.trim_start()
+            .get(..5)
+            .is_some_and(|w| w.eq_ignore_ascii_case("from "))
+    })
 }
 
 fn input_digest(context_hash: &str, dockerfile: &str, base: Option<&str>) -> String {
@@ -67,7 +79,10 @@ pub async fn build_all(
     let mut first_ref: Vec<String> = Vec::new();
     let mut built = Vec::new();
     for (i, c) in project.containers.iter().enumerate() {
-        let tags: Vec<String> = repos(system, project, i).into_iter().map(|r| format!("{r}:{release_id}")).collect();
+        let tags: Vec<String> = repos(system, project, i)
+            .into_iter()
+            .map(|r| format!("{r}:{release_id}"))
+            .collect();
         let dockerfile_text = std::fs::read_to_string(project.root.join(&c.dockerfile))
             .map_err(|e| Error::invalid(format!("cannot read `{}`: {e}", c.dockerfile)))?;
         let base_ref = c.from.map(|b| first_ref[b].clone());
@@ -89,7 +104,11 @@ pub async fn build_all(
                 for t in &tags {
                     docker.tag(&image_id, t).await?;
                 }
-                log.line(format!("{}: inputs unchanged, reusing image {}", label(c), short(&image_id)));
+                log.line(format!(
+                    "{}: inputs unchanged, reusing image {}",
+                    label(c),
+                    short(&image_id)
+                ));
             }
             None => {
                 let dockerfile = match (&base_ref, has_from(&dockerfile_text)) {
@@ -129,7 +148,11 @@ pub async fn build_all(
 }
 
 fn label(c: &Container) -> String {
-    if c.file.is_empty() { "container (root)".into() } else { format!("container `{}`", c.file) }
+    if c.file.is_empty() {
+        "container (root)".into()
+    } else {
+        format!("container `{}`", c.file)
+    }
 }
 
 fn short(id: &str) -> &str {
@@ -159,6 +182,9 @@ mod tests {
         assert!(has_from("# c\nFROM x\n"));
         assert!(has_from("ARG A\nfrom $A\n"));
         assert!(!has_from("RUN echo from\n"));
-        assert_ne!(input_digest("a", "b", None), input_digest("a", "b", Some("c")));
+        assert_ne!(
+            input_digest("a", "b", None),
+            input_digest("a", "b", Some("c"))
+        );
     }
 }

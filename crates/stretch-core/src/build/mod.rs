@@ -43,7 +43,13 @@ struct Decrypted {
 }
 
 /// Run the whole build step.
-pub async fn build(system: &System, home: &Home, store: &Store, opts: &BuildOptions, log: &Log) -> Result<BuildOutcome> {
+pub async fn build(
+    system: &System,
+    home: &Home,
+    store: &Store,
+    opts: &BuildOptions,
+    log: &Log,
+) -> Result<BuildOutcome> {
     // One build at a time per home: they share the buffer folder.
     let _lock = home.lock("build", true)?;
     let (pulled, merged) = log
@@ -52,26 +58,57 @@ pub async fn build(system: &System, home: &Home, store: &Store, opts: &BuildOpti
             blocking(move || source::pull_all(&s, &h, &l)).await
         })
         .await?;
-    let decrypted = log.stage("decrypt", decrypt(system, &merged, opts, log)).await?;
+    let decrypted = log
+        .stage("decrypt", decrypt(system, &merged, opts, log))
+        .await?;
     let release_config = release_config(system, &decrypted);
-    let (record, reused) = log.stage("archive", archive_stage(home, store, &merged, &release_config, pulled, log)).await?;
+    let (record, reused) = log
+        .stage(
+            "archive",
+            archive_stage(home, store, &merged, &release_config, pulled, log),
+        )
+        .await?;
     if reused {
-        log.line(format!("release {} ({}) already exists: nothing to build", record.id, record.name));
-        return Ok(BuildOutcome { release: record, reused: true });
+        log.line(format!(
+            "release {} ({}) already exists: nothing to build",
+            record.id, record.name
+        ));
+        return Ok(BuildOutcome {
+            release: record,
+            reused: true,
+        });
     }
     let rest = async {
         let images = log
-            .stage("images", images::build_all(system, &decrypted.project, &release_config, &record.id, store, log))
+            .stage(
+                "images",
+                images::build_all(
+                    system,
+                    &decrypted.project,
+                    &release_config,
+                    &record.id,
+                    store,
+                    log,
+                ),
+            )
             .await?;
-        log.stage("push", images::push_all(system, &images, log)).await?;
-        log.stage("plugins", run_plugins(system, &merged, &decrypted, &record, log)).await?;
+        log.stage("push", images::push_all(system, &images, log))
+            .await?;
+        log.stage(
+            "plugins",
+            run_plugins(system, &merged, &decrypted, &record, log),
+        )
+        .await?;
         let mut record = record.clone();
         record.images = images.iter().map(|i| i.reference.clone()).collect();
         store.insert_release(&record)?;
         Ok::<_, Error>(record)
     };
     match rest.await {
-        Ok(record) => Ok(BuildOutcome { release: record, reused: false }),
+        Ok(record) => Ok(BuildOutcome {
+            release: record,
+            reused: false,
+        }),
         Err(e) => {
             // A failed build leaves no half-made release behind.
             let _ = std::fs::remove_file(home.archive(&record.id));
@@ -82,14 +119,20 @@ pub async fn build(system: &System, home: &Home, store: &Store, opts: &BuildOpti
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Error::failed("build", format!("worker thread: {e}")))?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::failed("build", format!("worker thread: {e}")))?
 }
 
 /// Every `*.age` file of the tree, as paths relative to it.
 fn age_files(root: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    for entry in walkdir::WalkDir::new(root).follow_links(false).sort_by_file_name() {
-        let entry = entry.map_err(|e| Error::failed("decrypt", format!("cannot walk the sources: {e}")))?;
+    for entry in walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .sort_by_file_name()
+    {
+        let entry =
+            entry.map_err(|e| Error::failed("decrypt", format!("cannot walk the sources: {e}")))?;
         if entry.file_type().is_file() && entry.file_name().to_string_lossy().ends_with(".age") {
             let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
             out.push(rel.to_string_lossy().into_owned());
@@ -99,7 +142,12 @@ fn age_files(root: &Path) -> Result<Vec<String>> {
 }
 
 /// Stage 2: parse the build files, then decrypt `secrets.yml` leaves and `*.age` files.
-async fn decrypt(system: &System, merged: &Path, opts: &BuildOptions, log: &Log) -> Result<Decrypted> {
+async fn decrypt(
+    system: &System,
+    merged: &Path,
+    opts: &BuildOptions,
+    log: &Log,
+) -> Result<Decrypted> {
     let project = Project::load(merged, system.name())?;
     for p in project.all_plugins() {
         plugin::validate(p, merged)?;
@@ -107,17 +155,31 @@ async fn decrypt(system: &System, merged: &Path, opts: &BuildOptions, log: &Log)
     log.line(format!(
         "{} node(s): {}; {} container(s)",
         project.nodes.len(),
-        project.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "),
+        project
+            .nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
         project.containers.len()
     ));
     let age = age_files(merged)?;
     let mut secrets = BTreeMap::new();
     let mut files = BTreeMap::new();
     if project.secrets_files.is_empty() && age.is_empty() {
-        return Ok(Decrypted { project, secrets, files });
+        return Ok(Decrypted {
+            project,
+            secrets,
+            files,
+        });
     }
     let Some(identity) = &opts.identity else {
-        let first = project.secrets_files.first().or(age.first()).cloned().unwrap_or_default();
+        let first = project
+            .secrets_files
+            .first()
+            .or(age.first())
+            .cloned()
+            .unwrap_or_default();
         return Err(Error::invalid_with_help(
             format!("the sources hold secrets (`{first}`) but no identity was given"),
             "pass `--identity FILE` (or set STRETCH_IDENTITY) with the age key that can decrypt them",
@@ -131,12 +193,21 @@ async fn decrypt(system: &System, merged: &Path, opts: &BuildOptions, log: &Log)
         secrets.insert(file.clone(), tree.to_json());
     }
     for file in &age {
-        let data = std::fs::read(merged.join(file)).map_err(|e| Error::invalid(format!("cannot read `{file}`: {e}")))?;
+        let data = std::fs::read(merged.join(file))
+            .map_err(|e| Error::invalid(format!("cannot read `{file}`: {e}")))?;
         let clear = secrets::decrypt_file(&ids, file, &data)?;
         files.insert(file.trim_end_matches(".age").to_string(), clear);
     }
-    log.line(format!("decrypted {} secrets file(s) and {} .age file(s)", secrets.len(), files.len()));
-    Ok(Decrypted { project, secrets, files })
+    log.line(format!(
+        "decrypted {} secrets file(s) and {} .age file(s)",
+        secrets.len(),
+        files.len()
+    ));
+    Ok(Decrypted {
+        project,
+        secrets,
+        files,
+    })
 }
 
 /// Image repository (without tag) of a node or base image.
@@ -162,8 +233,14 @@ fn release_config(system: &System, d: &Decrypted) -> ReleaseConfig {
                 port: c.port,
                 health: c.health.clone(),
                 reload: c.reload.clone(),
-                stop_timeout_ms: c.stop_timeout.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-                templates: if c.dir.is_empty() { "templates".into() } else { format!("{}/templates", c.dir) },
+                stop_timeout_ms: c
+                    .stop_timeout
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                templates: if c.dir.is_empty() {
+                    "templates".into()
+                } else {
+                    format!("{}/templates", c.dir)
+                },
                 plugins: n.plugins.iter().map(Plugin::from).collect(),
                 root_config: n.root_config.clone(),
                 config: n.config.clone(),
@@ -179,10 +256,27 @@ fn release_config(system: &System, d: &Decrypted) -> ReleaseConfig {
         config_files: p
             .config_files
             .iter()
-            .map(|(k, v)| (k.clone(), ConfigTemplate { template: v.template.clone(), secrets: v.secrets.clone() }))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    ConfigTemplate {
+                        template: v.template.clone(),
+                        secrets: v.secrets.clone(),
+                    },
+                )
+            })
             .collect(),
         secrets: d.secrets.clone(),
-        files: d.files.iter().map(|(k, v)| (k.clone(), base64::engine::general_purpose::STANDARD.encode(v))).collect(),
+        files: d
+            .files
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    base64::engine::general_purpose::STANDARD.encode(v),
+                )
+            })
+            .collect(),
     }
 }
 
@@ -205,29 +299,44 @@ async fn archive_stage(
     sources: Vec<Pulled>,
     log: &Log,
 ) -> Result<(ReleaseRecord, bool)> {
-    let config_json = serde_json::to_vec_pretty(config).map_err(|e| Error::failed("archive", e.to_string()))?;
-    let tmp = home.releases().join(format!(".building-{}.tar.zst", std::process::id()));
+    let config_json =
+        serde_json::to_vec_pretty(config).map_err(|e| Error::failed("archive", e.to_string()))?;
+    let tmp = home
+        .releases()
+        .join(format!(".building-{}.tar.zst", std::process::id()));
     let (m, t) = (merged.to_path_buf(), tmp.clone());
     let digest = blocking(move || archive::write_archive(&m, &t, &|_| false)).await?;
     let id = release_id(&digest.hash, &config_json);
-    log.line(format!("archived {} files, {} bytes: release id {id}", digest.files, digest.bytes));
+    log.line(format!(
+        "archived {} files, {} bytes: release id {id}",
+        digest.files, digest.bytes
+    ));
     if let Some(existing) = store.release_by_id(&id)? {
         let _ = std::fs::remove_file(&tmp);
         if home.archive(&id).exists() {
             return Ok((existing, true));
         }
         // The record survived but its archive did not: restore it.
-        std::fs::rename(&tmp, home.archive(&id)).map_err(|e| Error::failed("archive", format!("cannot store the archive: {e}")))?;
-        write_private(&home.release_config(&id), &config_json)
-            .map_err(|e| Error::failed("archive", format!("cannot write the release configuration: {e}")))?;
+        std::fs::rename(&tmp, home.archive(&id))
+            .map_err(|e| Error::failed("archive", format!("cannot store the archive: {e}")))?;
+        write_private(&home.release_config(&id), &config_json).map_err(|e| {
+            Error::failed(
+                "archive",
+                format!("cannot write the release configuration: {e}"),
+            )
+        })?;
         return Ok((existing, true));
     }
     std::fs::rename(&tmp, home.archive(&id)).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::failed("archive", format!("cannot store the archive: {e}"))
     })?;
-    write_private(&home.release_config(&id), &config_json)
-        .map_err(|e| Error::failed("archive", format!("cannot write the release configuration: {e}")))?;
+    write_private(&home.release_config(&id), &config_json).map_err(|e| {
+        Error::failed(
+            "archive",
+            format!("cannot write the release configuration: {e}"),
+        )
+    })?;
     let name = name::memorable(&id, &|n| store.name_taken(n).unwrap_or(false));
     let record = ReleaseRecord {
         id,
@@ -241,10 +350,17 @@ async fn archive_stage(
 }
 
 /// Stage 6: decrypted `*.age` files join the merged tree (0600), then build hooks run.
-async fn run_plugins(system: &System, merged: &Path, d: &Decrypted, record: &ReleaseRecord, log: &Log) -> Result<()> {
+async fn run_plugins(
+    system: &System,
+    merged: &Path,
+    d: &Decrypted,
+    record: &ReleaseRecord,
+    log: &Log,
+) -> Result<()> {
     for (path, data) in &d.files {
-        write_private(&merged.join(path), data)
-            .map_err(|e| Error::failed("plugins", format!("cannot write decrypted `{path}`: {e}")))?;
+        write_private(&merged.join(path), data).map_err(|e| {
+            Error::failed("plugins", format!("cannot write decrypted `{path}`: {e}"))
+        })?;
     }
     let plugins: Vec<_> = d.project.all_plugins().collect();
     if plugins.is_empty() {
@@ -255,7 +371,11 @@ async fn run_plugins(system: &System, merged: &Path, d: &Decrypted, record: &Rel
         system: system.name().to_string(),
         environment: None,
         kind: None,
-        release: ReleaseFacts { id: record.id.clone(), name: record.name.clone(), path: merged.to_path_buf() },
+        release: ReleaseFacts {
+            id: record.id.clone(),
+            name: record.name.clone(),
+            path: merged.to_path_buf(),
+        },
         existing_release: None,
     };
     plugin::run_all(&plugins, Hook::Build, &facts, merged, log).await

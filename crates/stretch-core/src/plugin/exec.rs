@@ -2,9 +2,9 @@
 //! runs shell commands in the plugin's folder.
 
 use super::{Call, known_options, opt_str};
+use crate::Result;
 use crate::log::Log;
 use crate::system::project::PluginDecl;
-use crate::Result;
 
 pub fn validate(decl: &PluginDecl) -> Result<()> {
     known_options(decl, &["build", "pre_deploy", "post_deploy", "path"])?;

@@ -19,13 +19,19 @@ pub fn find(decl: &PluginDecl, tree: &Path) -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&path) {
             let p = dir.join(&exe);
-            if p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false) {
+            if p.metadata()
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+            {
                 return Ok(p);
             }
         }
     }
     Err(Error::invalid_with_help(
-        format!("unknown plugin `{}`: no `plugins/{}` in the sources and no `{exe}` on PATH", decl.name, decl.name),
+        format!(
+            "unknown plugin `{}`: no `plugins/{}` in the sources and no `{exe}` on PATH",
+            decl.name, decl.name
+        ),
         "built-in plugins are `exec` and `migrations`",
     ))
 }
@@ -45,7 +51,8 @@ pub async fn run(call: &Call<'_>, log: &Log) -> Result<()> {
         "release": f.release,
         "existing_release": f.existing_release,
     });
-    let data = serde_json::to_vec(&input).map_err(|e| Error::failed(call.hook.as_str(), e.to_string()))?;
+    let data =
+        serde_json::to_vec(&input).map_err(|e| Error::failed(call.hook.as_str(), e.to_string()))?;
     let mut c = tokio::process::Command::new(&exe);
     c.current_dir(call.tree.join(&call.decl.dir));
     call.command(c, Some(data), log).await

@@ -41,14 +41,20 @@ pub async fn run(call: &Call<'_>, log: &Log) -> Result<()> {
     let kind = call.facts.kind.as_deref();
     let (cmd, dir, target) = match (call.hook, kind) {
         (Hook::PreDeploy, Some("deploy")) => {
-            let Some(up) = opt_str(call.decl, "up")? else { return Ok(()) };
+            let Some(up) = opt_str(call.decl, "up")? else {
+                return Ok(());
+            };
             let dir = call.folder(&call.facts.release.path, path)?;
             let target = newest(&dir).unwrap_or_default();
             (up, dir, target)
         }
         (Hook::PostDeploy, Some("rollback")) => {
-            let Some(down) = opt_str(call.decl, "down")? else { return Ok(()) };
-            let Some(existing) = &call.facts.existing_release else { return Ok(()) };
+            let Some(down) = opt_str(call.decl, "down")? else {
+                return Ok(());
+            };
+            let Some(existing) = &call.facts.existing_release else {
+                return Ok(());
+            };
             let dir = call.folder(&existing.path, path)?;
             let target = newest(&call.folder(&call.facts.release.path, path)?).unwrap_or_default();
             (down, dir, target)
@@ -56,11 +62,22 @@ pub async fn run(call: &Call<'_>, log: &Log) -> Result<()> {
         _ => return Ok(()),
     };
     if !dir.is_dir() {
-        return Err(Error::failed(call.hook.as_str(), format!("migrations: folder `{}` does not exist", dir.display())));
+        return Err(Error::failed(
+            call.hook.as_str(),
+            format!("migrations: folder `{}` does not exist", dir.display()),
+        ));
     }
-    log.line(format!("migrations ({}): {cmd} (target {})", call.label(), if target.is_empty() { "none" } else { &target }));
+    log.line(format!(
+        "migrations ({}): {cmd} (target {})",
+        call.label(),
+        if target.is_empty() { "none" } else { &target }
+    ));
     let mut c = tokio::process::Command::new("sh");
-    c.arg("-c").arg(cmd).current_dir(&dir).env("STRETCH_MIGRATIONS_DIR", &dir).env("STRETCH_MIGRATIONS_TARGET", target);
+    c.arg("-c")
+        .arg(cmd)
+        .current_dir(&dir)
+        .env("STRETCH_MIGRATIONS_DIR", &dir)
+        .env("STRETCH_MIGRATIONS_TARGET", target);
     call.command(c, None, log).await
 }
 

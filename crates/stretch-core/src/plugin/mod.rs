@@ -67,15 +67,24 @@ impl Call<'_> {
     /// The plugin's folder in `tree`, plus an optional relative `path` option.
     fn folder(&self, tree: &Path, sub: Option<&str>) -> Result<PathBuf> {
         let dir = match sub {
-            Some(p) => crate::system::project::resolve(tree, &self.decl.dir, p)
-                .map_err(|m| Error::invalid(format!("plugin `{}` ({}): {m}", self.decl.name, self.label())))?,
+            Some(p) => crate::system::project::resolve(tree, &self.decl.dir, p).map_err(|m| {
+                Error::invalid(format!(
+                    "plugin `{}` ({}): {m}",
+                    self.decl.name,
+                    self.label()
+                ))
+            })?,
             None => self.decl.dir.clone(),
         };
         Ok(tree.join(dir))
     }
 
     fn label(&self) -> String {
-        let file = if self.decl.dir.is_empty() { "stretch.yml".to_string() } else { format!("{}/stretch.yml", self.decl.dir) };
+        let file = if self.decl.dir.is_empty() {
+            "stretch.yml".to_string()
+        } else {
+            format!("{}/stretch.yml", self.decl.dir)
+        };
         match &self.decl.node {
             Some(n) => format!("node `{n}`, {file}"),
             None => file,
@@ -85,7 +94,10 @@ impl Call<'_> {
     /// The `STRETCH_*` variables for this call.
     fn env(&self) -> Vec<(&'static str, String)> {
         let f = self.facts;
-        let mut env = vec![("STRETCH_HOOK", self.hook.as_str().to_string()), ("STRETCH_SYSTEM", f.system.clone())];
+        let mut env = vec![
+            ("STRETCH_HOOK", self.hook.as_str().to_string()),
+            ("STRETCH_SYSTEM", f.system.clone()),
+        ];
         if let Some(e) = &f.environment {
             env.push(("STRETCH_ENVIRONMENT", e.clone()));
         }
@@ -100,23 +112,39 @@ impl Call<'_> {
         env.push(("STRETCH_RELEASE_PATH", f.release.path.display().to_string()));
         if let Some(x) = &f.existing_release {
             env.push(("STRETCH_EXISTING_RELEASE_ID", x.id.clone()));
-            env.push(("STRETCH_EXISTING_RELEASE_PATH", x.path.display().to_string()));
+            env.push((
+                "STRETCH_EXISTING_RELEASE_PATH",
+                x.path.display().to_string(),
+            ));
         }
         env
     }
 
     /// Run a program, streaming its output to the log; a non-zero exit fails the hook.
-    async fn command(&self, mut cmd: tokio::process::Command, stdin: Option<Vec<u8>>, log: &Log) -> Result<()> {
+    async fn command(
+        &self,
+        mut cmd: tokio::process::Command,
+        stdin: Option<Vec<u8>>,
+        log: &Log,
+    ) -> Result<()> {
         let stage = format!("{} plugins", self.hook.as_str());
         let stage = stage.as_str();
         for name in STRETCH_VARS {
             cmd.env_remove(name);
         }
-        cmd.envs(self.env()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.envs(self.env())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         cmd.kill_on_drop(true);
         let what = format!("plugin `{}` ({})", self.decl.name, self.label());
-        let mut child = cmd.spawn().map_err(|e| Error::failed(stage, format!("{what}: cannot start: {e}")))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::failed(stage, format!("{what}: cannot start: {e}")))?;
         if let (Some(data), Some(mut input)) = (stdin, child.stdin.take()) {
             use tokio::io::AsyncWriteExt;
             // A plugin may exit without reading its input: a broken pipe is not an error.
@@ -124,7 +152,10 @@ impl Call<'_> {
         }
         let out = child.stdout.take().map(|o| stream(o, log.clone()));
         let err = child.stderr.take().map(|o| stream(o, log.clone()));
-        let status = child.wait().await.map_err(|e| Error::failed(stage, format!("{what}: {e}")))?;
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| Error::failed(stage, format!("{what}: {e}")))?;
         if let Some(t) = out {
             let _ = t.await;
         }
@@ -132,8 +163,14 @@ impl Call<'_> {
             let _ = t.await;
         }
         if !status.success() {
-            let code = status.code().map(|c| format!("status {c}")).unwrap_or_else(|| "a signal".into());
-            return Err(Error::failed(stage, format!("{what}: `{}` hook exited with {code}", self.hook.as_str())));
+            let code = status
+                .code()
+                .map(|c| format!("status {c}"))
+                .unwrap_or_else(|| "a signal".into());
+            return Err(Error::failed(
+                stage,
+                format!("{what}: `{}` hook exited with {code}", self.hook.as_str()),
+            ));
         }
         Ok(())
     }
@@ -152,7 +189,10 @@ const STRETCH_VARS: [&str; 10] = [
     "STRETCH_EXISTING_RELEASE_PATH",
 ];
 
-fn stream<R: tokio::io::AsyncRead + Unpin + Send + 'static>(r: R, log: Log) -> tokio::task::JoinHandle<()> {
+fn stream<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
+    r: R,
+    log: Log,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut lines = BufReader::new(r).lines();
         while let Ok(Some(line)) = lines.next_line().await {
@@ -181,9 +221,24 @@ pub async fn run(call: &Call<'_>, log: &Log) -> Result<()> {
 }
 
 /// Run `hook` of every plugin in order, stopping at the first failure.
-pub async fn run_all(plugins: &[&PluginDecl], hook: Hook, facts: &Facts, tree: &Path, log: &Log) -> Result<()> {
+pub async fn run_all(
+    plugins: &[&PluginDecl],
+    hook: Hook,
+    facts: &Facts,
+    tree: &Path,
+    log: &Log,
+) -> Result<()> {
     for decl in plugins {
-        run(&Call { decl, hook, facts, tree }, log).await?;
+        run(
+            &Call {
+                decl,
+                hook,
+                facts,
+                tree,
+            },
+            log,
+        )
+        .await?;
     }
     Ok(())
 }
@@ -193,7 +248,10 @@ fn opt_str<'a>(decl: &'a PluginDecl, key: &str) -> Result<Option<&'a str>> {
     match decl.options.get(key) {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(Error::invalid(format!("plugin `{}`: option `{key}` must be a string", decl.name))),
+        Some(_) => Err(Error::invalid(format!(
+            "plugin `{}`: option `{key}` must be a string",
+            decl.name
+        ))),
     }
 }
 
@@ -207,13 +265,25 @@ fn known_options(decl: &PluginDecl, known: &[&str]) -> Result<()> {
                     let hint = known
                         .iter()
                         .min_by_key(|c| crate::system::yaml::levenshtein(k, c))
-                        .map(|c| format!("did you mean `{c}`? ({} knows: {})", decl.name, known.join(", ")))
+                        .map(|c| {
+                            format!(
+                                "did you mean `{c}`? ({} knows: {})",
+                                decl.name,
+                                known.join(", ")
+                            )
+                        })
                         .unwrap_or_default();
-                    return Err(Error::invalid_with_help(format!("plugin `{}`: unknown option `{k}`", decl.name), hint));
+                    return Err(Error::invalid_with_help(
+                        format!("plugin `{}`: unknown option `{k}`", decl.name),
+                        hint,
+                    ));
                 }
             }
             Ok(())
         }
-        _ => Err(Error::invalid(format!("plugin `{}`: options must be a map", decl.name))),
+        _ => Err(Error::invalid(format!(
+            "plugin `{}`: options must be a map",
+            decl.name
+        ))),
     }
 }

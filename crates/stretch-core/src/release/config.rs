@@ -61,12 +61,22 @@ pub struct NodeConfig {
 
 impl From<&crate::system::project::PluginDecl> for Plugin {
     fn from(p: &crate::system::project::PluginDecl) -> Self {
-        Plugin { name: p.name.clone(), options: p.options.clone(), dir: p.dir.clone(), node: p.node.clone() }
+        Plugin {
+            name: p.name.clone(),
+            options: p.options.clone(),
+            dir: p.dir.clone(),
+            node: p.node.clone(),
+        }
     }
 }
 
 impl From<&Plugin> for crate::system::project::PluginDecl {
     fn from(p: &Plugin) -> Self {
-        crate::system::project::PluginDecl { name: p.name.clone(), options: p.options.clone(), dir: p.dir.clone(), node: p.node.clone() }
+        crate::system::project::PluginDecl {
+            name: p.name.clone(),
+            options: p.options.clone(),
+            dir: p.dir.clone(),
+            node: p.node.clone(),
+        }
     }
 }

@@ -77,7 +77,10 @@ pub struct Source {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceKind {
     /// A git repository: a URL, or a local path made absolute.
-    Git { url: String, git_ref: Option<String> },
+    Git {
+        url: String,
+        git_ref: Option<String>,
+    },
     /// A plain directory, absolute.
     Path { path: PathBuf },
 }
@@ -103,17 +106,39 @@ impl System {
         let label = file.display().to_string();
         let spec: SystemFile = yaml::parse(&label, &text)?;
         let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
         let dir = dir.canonicalize().unwrap_or(dir);
-        let mut system = System { file: file.to_path_buf(), dir, spec, sources: Vec::new(), text };
+        let mut system = System {
+            file: file.to_path_buf(),
+            dir,
+            spec,
+            sources: Vec::new(),
+            text,
+        };
         system.validate()?;
         Ok(system)
     }
 
     /// An error pointing at the first place `needle` appears in system.yml.
-    pub fn error_at(&self, needle: &str, message: impl Into<String>, help: Option<String>) -> Error {
+    pub fn error_at(
+        &self,
+        needle: &str,
+        message: impl Into<String>,
+        help: Option<String>,
+    ) -> Error {
         let (line, column) = yaml::line_of(&self.text, needle);
-        Error::config(self.file.display().to_string(), &self.text, line, column, message, help)
+        Error::config(
+            self.file.display().to_string(),
+            &self.text,
+            line,
+            column,
+            message,
+            help,
+        )
     }
 
     fn validate(&mut self) -> Result<()> {
@@ -126,19 +151,36 @@ impl System {
             ));
         }
         if self.spec.sources.is_empty() {
-            return Err(self.error_at("sources", "`sources` is empty", Some("list at least one `git:` or `path:` source".into())));
+            return Err(self.error_at(
+                "sources",
+                "`sources` is empty",
+                Some("list at least one `git:` or `path:` source".into()),
+            ));
         }
         let mut sources = Vec::new();
         for (i, s) in self.spec.sources.iter().enumerate() {
             let name = s.name.clone().unwrap_or_else(|| (i + 1).to_string());
             if sources.iter().any(|x: &Source| x.name == name) {
-                return Err(self.error_at(&format!("name: {name}"), format!("two sources are named `{name}`"), None));
+                return Err(self.error_at(
+                    &format!("name: {name}"),
+                    format!("two sources are named `{name}`"),
+                    None,
+                ));
             }
             let kind = match (&s.git, &s.path) {
-                (Some(url), None) => SourceKind::Git { url: self.git_url(url), git_ref: s.git_ref.clone() },
-                (None, Some(p)) if s.git_ref.is_none() => SourceKind::Path { path: self.dir.join(p) },
+                (Some(url), None) => SourceKind::Git {
+                    url: self.git_url(url),
+                    git_ref: s.git_ref.clone(),
+                },
+                (None, Some(p)) if s.git_ref.is_none() => SourceKind::Path {
+                    path: self.dir.join(p),
+                },
                 (None, Some(p)) => {
-                    return Err(self.error_at(p, format!("source `{name}`: `ref` only applies to `git` sources"), None));
+                    return Err(self.error_at(
+                        p,
+                        format!("source `{name}`: `ref` only applies to `git` sources"),
+                        None,
+                    ));
                 }
                 _ => {
                     return Err(self.error_at(
@@ -153,7 +195,11 @@ impl System {
         self.sources = sources;
         for (env_name, env) in &self.spec.environments {
             if !valid_name(env_name) {
-                return Err(self.error_at(env_name, format!("invalid environment name `{env_name}`"), None));
+                return Err(self.error_at(
+                    env_name,
+                    format!("invalid environment name `{env_name}`"),
+                    None,
+                ));
             }
             for (group_name, group) in &env.groups {
                 for h in &group.hosts {
@@ -181,7 +227,11 @@ impl System {
     /// Local repository paths are made absolute, relative to the system file.
     fn git_url(&self, url: &str) -> String {
         let is_remote = url.contains("://") || (url.contains('@') && url.contains(':'));
-        if is_remote { url.to_string() } else { self.dir.join(url).display().to_string() }
+        if is_remote {
+            url.to_string()
+        } else {
+            self.dir.join(url).display().to_string()
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -191,15 +241,24 @@ impl System {
     /// Override a git source's ref (`--source NAME=REF`).
     pub fn override_ref(&mut self, name: &str, git_ref: &str) -> Result<()> {
         let known: Vec<String> = self.sources.iter().map(|s| s.name.clone()).collect();
-        let source = self.sources.iter_mut().find(|s| s.name == name).ok_or_else(|| {
-            Error::invalid_with_help(format!("`--source {name}=…`: no source is named `{name}`"), format!("sources: {}", known.join(", ")))
-        })?;
+        let source = self
+            .sources
+            .iter_mut()
+            .find(|s| s.name == name)
+            .ok_or_else(|| {
+                Error::invalid_with_help(
+                    format!("`--source {name}=…`: no source is named `{name}`"),
+                    format!("sources: {}", known.join(", ")),
+                )
+            })?;
         match &mut source.kind {
             SourceKind::Git { git_ref: r, .. } => {
                 *r = Some(git_ref.to_string());
                 Ok(())
             }
-            SourceKind::Path { .. } => Err(Error::invalid(format!("`--source {name}=…`: source `{name}` is a path, not a git source"))),
+            SourceKind::Path { .. } => Err(Error::invalid(format!(
+                "`--source {name}=…`: source `{name}` is a path, not a git source"
+            ))),
         }
     }
 }
@@ -235,21 +294,39 @@ mod tests {
         let s = load("system: shop\nsources:\n  - path: ./app\n  - name: o\n    git: ../repo\n    ref: main\n").unwrap();
         assert_eq!(s.spec.registry, "local");
         assert_eq!(s.sources[0].name, "1");
-        assert!(matches!(&s.sources[1].kind, SourceKind::Git { git_ref: Some(r), .. } if r == "main"));
+        assert!(
+            matches!(&s.sources[1].kind, SourceKind::Git { git_ref: Some(r), .. } if r == "main")
+        );
     }
 
     #[test]
     fn errors() {
-        assert_eq!(message("system: Shop\nsources: [{path: .}]\n"), "1:1 invalid system name `Shop`");
-        assert_eq!(message("system: shop\nsources: []\n"), "2:1 `sources` is empty");
-        assert_eq!(message("system: shop\nsources: [{path: ., git: x}]\n"), "2:1 source `1` needs exactly one of `git` or `path`");
-        assert_eq!(message("system: shop\nsource: []\n"), "2:1 unknown field `source`, expected one of `system`, `registry`, `sources`, `environments`");
         assert_eq!(
-            message("system: shop\nsources: [{path: .}]\nenvironments:\n  p:\n    hosts: {a: {agent: x}}\n    groups:\n      web: {node: web, hosts: [b]}\n"),
+            message("system: Shop\nsources: [{path: .}]\n"),
+            "1:1 invalid system name `Shop`"
+        );
+        assert_eq!(
+            message("system: shop\nsources: []\n"),
+            "2:1 `sources` is empty"
+        );
+        assert_eq!(
+            message("system: shop\nsources: [{path: ., git: x}]\n"),
+            "2:1 source `1` needs exactly one of `git` or `path`"
+        );
+        assert_eq!(
+            message("system: shop\nsource: []\n"),
+            "2:1 unknown field `source`, expected one of `system`, `registry`, `sources`, `environments`"
+        );
+        assert_eq!(
+            message(
+                "system: shop\nsources: [{path: .}]\nenvironments:\n  p:\n    hosts: {a: {agent: x}}\n    groups:\n      web: {node: web, hosts: [b]}\n"
+            ),
             "7:7 group `web` of environment `p` names unknown host `b`"
         );
         assert_eq!(
-            message("system: shop\nsources: [{path: .}]\nenvironments:\n  p:\n    hosts: {a: {agnet: x}}\n"),
+            message(
+                "system: shop\nsources: [{path: .}]\nenvironments:\n  p:\n    hosts: {a: {agnet: x}}\n"
+            ),
             "5:17 environments.p.hosts.a: unknown field `agnet`, expected `agent`"
         );
     }

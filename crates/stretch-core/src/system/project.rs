@@ -80,7 +80,11 @@ mod millis {
 
 impl Default for Health {
     fn default() -> Self {
-        Health { path: "/".into(), interval: Duration::from_secs(1), timeout: Duration::from_secs(30) }
+        Health {
+            path: "/".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -171,9 +175,15 @@ pub struct LocalConfig {
 /// Join `rel` (as written in a build file in folder `dir`) and check it stays inside
 /// the tree, lexically and after following symlinks.
 pub fn resolve(root: &Path, dir: &str, rel: &str) -> std::result::Result<String, String> {
-    let mut parts: Vec<String> = dir.split('/').filter(|s| !s.is_empty()).map(String::from).collect();
+    let mut parts: Vec<String> = dir
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
     if Path::new(rel).is_absolute() {
-        return Err(format!("`{rel}` is an absolute path; paths must be relative and stay inside the sources"));
+        return Err(format!(
+            "`{rel}` is an absolute path; paths must be relative and stay inside the sources"
+        ));
     }
     for c in Path::new(rel).components() {
         match c {
@@ -198,11 +208,17 @@ pub fn resolve(root: &Path, dir: &str, rel: &str) -> std::result::Result<String,
 }
 
 fn join(dir: &str, name: &str) -> String {
-    if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") }
+    if dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
+    }
 }
 
 fn parent(path: &str) -> String {
-    path.rsplit_once('/').map(|(d, _)| d.to_string()).unwrap_or_default()
+    path.rsplit_once('/')
+        .map(|(d, _)| d.to_string())
+        .unwrap_or_default()
 }
 
 /// Parse a duration written `500ms`, `1s`, `2m`, `1h`.
@@ -258,13 +274,30 @@ impl Loader<'_> {
         }
     }
 
-    fn plugins(&self, file: &str, value: Option<&Yaml>, node: Option<&str>) -> Result<Vec<PluginDecl>> {
+    fn plugins(
+        &self,
+        file: &str,
+        value: Option<&Yaml>,
+        node: Option<&str>,
+    ) -> Result<Vec<PluginDecl>> {
         let dir = parent(file);
         let make = |name: &Yaml, options: &Yaml| -> Result<PluginDecl> {
-            let name = name.as_str().ok_or_else(|| self.path_error(file, "plugins", "a plugin name must be a string".into()))?;
-            let options = serde_json::to_value(options)
-                .map_err(|e| self.path_error(file, name, format!("plugin `{name}`: options must be plain YAML: {e}")))?;
-            Ok(PluginDecl { name: name.to_string(), options, dir: dir.clone(), node: node.map(String::from) })
+            let name = name.as_str().ok_or_else(|| {
+                self.path_error(file, "plugins", "a plugin name must be a string".into())
+            })?;
+            let options = serde_json::to_value(options).map_err(|e| {
+                self.path_error(
+                    file,
+                    name,
+                    format!("plugin `{name}`: options must be plain YAML: {e}"),
+                )
+            })?;
+            Ok(PluginDecl {
+                name: name.to_string(),
+                options,
+                dir: dir.clone(),
+                node: node.map(String::from),
+            })
         };
         match value {
             None | Some(Yaml::Null) => Ok(Vec::new()),
@@ -272,13 +305,16 @@ impl Loader<'_> {
             Some(Yaml::Sequence(items)) => items
                 .iter()
                 .map(|item| match item {
-                    Yaml::Mapping(m) if m.len() == 1 => m.iter().map(|(k, v)| make(k, v)).next().unwrap_or_else(|| {
-                        Err(self.path_error(file, "plugins", "empty plugin entry".into()))
-                    }),
+                    Yaml::Mapping(m) if m.len() == 1 => {
+                        m.iter().map(|(k, v)| make(k, v)).next().unwrap_or_else(|| {
+                            Err(self.path_error(file, "plugins", "empty plugin entry".into()))
+                        })
+                    }
                     _ => Err(self.path_error(
                         file,
                         "plugins",
-                        "each item of a `plugins` list must be a one-key map `NAME: options`".into(),
+                        "each item of a `plugins` list must be a one-key map `NAME: options`"
+                            .into(),
                     )),
                 })
                 .collect(),
@@ -308,7 +344,9 @@ impl Loader<'_> {
         let (dir, spec, text) = if is_dir {
             (file.to_string(), ContainerFile::default(), String::new())
         } else {
-            let text = self.read(file)?.ok_or_else(|| Error::invalid(format!("container file `{file}` does not exist")))?;
+            let text = self
+                .read(file)?
+                .ok_or_else(|| Error::invalid(format!("container file `{file}` does not exist")))?;
             let spec: ContainerFile = yaml::parse(file, &text)?;
             (parent(file), spec, text)
         };
@@ -316,8 +354,12 @@ impl Loader<'_> {
             let (line, col) = yaml::line_of(&text, needle);
             Error::config(file, &text, line, col, message, None)
         };
-        let dockerfile_rel = spec.dockerfile.clone().unwrap_or_else(|| "Dockerfile".into());
-        let dockerfile = resolve(self.root, &dir, &dockerfile_rel).map_err(|m| at("dockerfile", m))?;
+        let dockerfile_rel = spec
+            .dockerfile
+            .clone()
+            .unwrap_or_else(|| "Dockerfile".into());
+        let dockerfile =
+            resolve(self.root, &dir, &dockerfile_rel).map_err(|m| at("dockerfile", m))?;
         if !self.root.join(&dockerfile).is_file() {
             return Err(Error::invalid_with_help(
                 format!("missing Dockerfile: `{dockerfile}` does not exist (container `{file}`)"),
@@ -327,13 +369,18 @@ impl Loader<'_> {
         let from = match &spec.from {
             Some(f) => {
                 let target = resolve(self.root, &dir, f).map_err(|m| at("from", m))?;
-                let target = if self.root.join(&target).is_dir() && self.exists(&join(&target, "container.yml")) {
+                let target = if self.root.join(&target).is_dir()
+                    && self.exists(&join(&target, "container.yml"))
+                {
                     join(&target, "container.yml")
                 } else {
                     target
                 };
                 if !self.exists(&target) {
-                    return Err(at("from", format!("`from: {f}`: `{target}` does not exist")));
+                    return Err(at(
+                        "from",
+                        format!("`from: {f}`: `{target}` does not exist"),
+                    ));
                 }
                 stack.push(file.to_string());
                 let base = self.container(&target, stack)?;
@@ -345,9 +392,14 @@ impl Loader<'_> {
         let duration = |field: &str, v: &Option<String>| -> Result<Option<Duration>> {
             match v {
                 None => Ok(None),
-                Some(s) => parse_duration(s)
-                    .map(Some)
-                    .ok_or_else(|| at(field, format!("`{field}: {s}` is not a duration (expected e.g. `500ms`, `1s`, `2m`)"))),
+                Some(s) => parse_duration(s).map(Some).ok_or_else(|| {
+                    at(
+                        field,
+                        format!(
+                            "`{field}: {s}` is not a duration (expected e.g. `500ms`, `1s`, `2m`)"
+                        ),
+                    )
+                }),
             }
         };
         let mut health = Health::default();
@@ -363,7 +415,10 @@ impl Loader<'_> {
             }
         }
         if matches!(&spec.reload, Some(r) if r.is_empty()) {
-            return Err(at("reload", "`reload` must be a non-empty list of arguments".into()));
+            return Err(at(
+                "reload",
+                "`reload` must be a non-empty list of arguments".into(),
+            ));
         }
         let container = Container {
             file: file.to_string(),
@@ -381,14 +436,25 @@ impl Loader<'_> {
     }
 
     /// The container of a node in folder `dir`, per its `stretch.yml` `container:`.
-    fn node_container(&mut self, stretch_file: &str, dir: &str, container: Option<&str>) -> Result<usize> {
+    fn node_container(
+        &mut self,
+        stretch_file: &str,
+        dir: &str,
+        container: Option<&str>,
+    ) -> Result<usize> {
         let file = match container {
             Some(c) => {
-                let target = resolve(self.root, dir, c).map_err(|m| self.path_error(stretch_file, c, m))?;
+                let target =
+                    resolve(self.root, dir, c).map_err(|m| self.path_error(stretch_file, c, m))?;
                 if !self.exists(&target) {
-                    return Err(self.path_error(stretch_file, c, format!("container `{c}` does not exist")));
+                    return Err(self.path_error(
+                        stretch_file,
+                        c,
+                        format!("container `{c}` does not exist"),
+                    ));
                 }
-                if self.root.join(&target).is_dir() && self.exists(&join(&target, "container.yml")) {
+                if self.root.join(&target).is_dir() && self.exists(&join(&target, "container.yml"))
+                {
                     join(&target, "container.yml")
                 } else {
                     target
@@ -407,7 +473,14 @@ impl Loader<'_> {
         };
         let secrets = join(dir, "secrets.yml");
         let secrets = self.exists(&secrets).then_some(secrets);
-        self.config_files.insert(path.clone(), ConfigFile { path: path.clone(), template, secrets });
+        self.config_files.insert(
+            path.clone(),
+            ConfigFile {
+                path: path.clone(),
+                template,
+                secrets,
+            },
+        );
         Ok(Some(path))
     }
 }
@@ -415,7 +488,11 @@ impl Loader<'_> {
 impl Project {
     /// Read the build files of the merged tree at `root`.
     pub fn load(root: &Path, system: &str) -> Result<Project> {
-        let mut loader = Loader { root, containers: Vec::new(), config_files: IndexMap::new() };
+        let mut loader = Loader {
+            root,
+            containers: Vec::new(),
+            config_files: IndexMap::new(),
+        };
         let top = loader.stretch_file("stretch.yml")?.ok_or_else(|| {
             Error::invalid_with_help(
                 "missing `stretch.yml` at the root of the sources",
@@ -429,7 +506,8 @@ impl Project {
                 return Err(loader.path_error(
                     "stretch.yml",
                     "nodes",
-                    "a root `stretch.yml` with `nodes` cannot also have `name` or `container`".into(),
+                    "a root `stretch.yml` with `nodes` cannot also have `name` or `container`"
+                        .into(),
                 ));
             }
             plugins = loader.plugins("stretch.yml", top.plugins.as_ref(), None)?;
@@ -447,9 +525,14 @@ impl Project {
             let root_config = loader.config_file("")?;
             for (name, folder) in node_dirs {
                 if !super::valid_name(name) {
-                    return Err(loader.path_error("stretch.yml", name, format!("invalid node name `{name}`")));
+                    return Err(loader.path_error(
+                        "stretch.yml",
+                        name,
+                        format!("invalid node name `{name}`"),
+                    ));
                 }
-                let dir = resolve(root, "", folder).map_err(|m| loader.path_error("stretch.yml", folder, m))?;
+                let dir = resolve(root, "", folder)
+                    .map_err(|m| loader.path_error("stretch.yml", folder, m))?;
                 if !root.join(&dir).is_dir() {
                     return Err(loader.path_error(
                         "stretch.yml",
@@ -467,13 +550,24 @@ impl Project {
                     ));
                 }
                 let mut node_plugins = Vec::new();
-                for local in top.local_stretch.values().filter(|l| l.includes.contains(name)) {
-                    node_plugins.extend(loader.plugins("stretch.yml", local.plugins.as_ref(), Some(name))?);
+                for local in top
+                    .local_stretch
+                    .values()
+                    .filter(|l| l.includes.contains(name))
+                {
+                    node_plugins.extend(loader.plugins(
+                        "stretch.yml",
+                        local.plugins.as_ref(),
+                        Some(name),
+                    )?);
                 }
                 node_plugins.extend(loader.plugins(&own_file, own.plugins.as_ref(), Some(name))?);
                 let container = loader.node_container(&own_file, &dir, own.container.as_deref())?;
                 let config = loader.config_file(&dir)?;
-                let image = loader.containers[container].name.clone().unwrap_or_else(|| name.clone());
+                let image = loader.containers[container]
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| name.clone());
                 nodes.push(Node {
                     name: name.clone(),
                     dir,
@@ -494,15 +588,34 @@ impl Project {
             }
             let name = top.name.clone().unwrap_or_else(|| system.to_string());
             if !super::valid_name(&name) {
-                return Err(loader.path_error("stretch.yml", "name", format!("invalid node name `{name}`")));
+                return Err(loader.path_error(
+                    "stretch.yml",
+                    "name",
+                    format!("invalid node name `{name}`"),
+                ));
             }
             let node_plugins = loader.plugins("stretch.yml", top.plugins.as_ref(), Some(&name))?;
             let container = loader.node_container("stretch.yml", "", top.container.as_deref())?;
             let config = loader.config_file("")?;
-            let image = loader.containers[container].name.clone().unwrap_or_else(|| name.clone());
-            nodes.push(Node { name, dir: String::new(), container, image, plugins: node_plugins, root_config: None, config });
+            let image = loader.containers[container]
+                .name
+                .clone()
+                .unwrap_or_else(|| name.clone());
+            nodes.push(Node {
+                name,
+                dir: String::new(),
+                container,
+                image,
+                plugins: node_plugins,
+                root_config: None,
+                config,
+            });
         }
-        let mut secrets_files: Vec<String> = loader.config_files.values().filter_map(|c| c.secrets.clone()).collect();
+        let mut secrets_files: Vec<String> = loader
+            .config_files
+            .values()
+            .filter_map(|c| c.secrets.clone())
+            .collect();
         secrets_files.dedup();
         let project = Project {
             root: root.to_path_buf(),
@@ -527,9 +640,13 @@ impl Project {
             let value: Yaml = if yaml::is_blank(&rendered) {
                 Yaml::Null
             } else {
-                serde_yaml_ng::from_str(&rendered).map_err(|e| yaml::error(&cf.path, &rendered, &e))?
+                serde_yaml_ng::from_str(&rendered)
+                    .map_err(|e| yaml::error(&cf.path, &rendered, &e))?
             };
-            let is_root = self.nodes.iter().any(|n| n.root_config.as_deref() == Some(cf.path.as_str()));
+            let is_root = self
+                .nodes
+                .iter()
+                .any(|n| n.root_config.as_deref() == Some(cf.path.as_str()));
             if is_root {
                 let root: RootConfig = yaml::parse(&cf.path, &rendered)?;
                 let blocks = match root.local_config {
@@ -553,7 +670,14 @@ impl Project {
                     }
                 }
             } else if !matches!(value, Yaml::Mapping(_) | Yaml::Null) {
-                return Err(Error::config(&cf.path, &rendered, 1, 1, "a node's `config.yml` must yield a map", None));
+                return Err(Error::config(
+                    &cf.path,
+                    &rendered,
+                    1,
+                    1,
+                    "a node's `config.yml` must yield a map",
+                    None,
+                ));
             }
             let mut refs = Vec::new();
             secret_refs(&value, &mut refs);
@@ -589,14 +713,19 @@ impl Project {
                 };
                 if lookup(&secrets, path).is_none() {
                     let (line, col) = yaml::line_of(&rendered, path);
-                    let file = cf.secrets.clone().unwrap_or_else(|| join(&parent(&cf.path), "secrets.yml"));
+                    let file = cf
+                        .secrets
+                        .clone()
+                        .unwrap_or_else(|| join(&parent(&cf.path), "secrets.yml"));
                     return Err(Error::config(
                         &cf.path,
                         &rendered,
                         line,
                         col,
                         format!("`!secret {path}`: `{file}` has no value at `{path}`"),
-                        Some(format!("add `{path}` to `{file}` and encrypt it with `stretch secrets encrypt`")),
+                        Some(format!(
+                            "add `{path}` to `{file}` and encrypt it with `stretch secrets encrypt`"
+                        )),
                     ));
                 }
             }
@@ -610,7 +739,9 @@ impl Project {
 
     /// Every plugin in execution order: system-level, then each node's.
     pub fn all_plugins(&self) -> impl Iterator<Item = &PluginDecl> {
-        self.plugins.iter().chain(self.nodes.iter().flat_map(|n| n.plugins.iter()))
+        self.plugins
+            .iter()
+            .chain(self.nodes.iter().flat_map(|n| n.plugins.iter()))
     }
 }
 
@@ -678,10 +809,21 @@ mod tests {
 
     #[test]
     fn one_node() {
-        let p = load(&[("stretch.yml", "name: web\nplugins: {exec: {build: 'true'}}\n"), DF, ("config.yml", "a: 1\n")]).unwrap();
+        let p = load(&[
+            (
+                "stretch.yml",
+                "name: web\nplugins: {exec: {build: 'true'}}\n",
+            ),
+            DF,
+            ("config.yml", "a: 1\n"),
+        ])
+        .unwrap();
         assert_eq!(p.nodes.len(), 1);
         let n = &p.nodes[0];
-        assert_eq!((n.name.as_str(), n.image.as_str(), n.config.as_deref()), ("web", "web", Some("config.yml")));
+        assert_eq!(
+            (n.name.as_str(), n.image.as_str(), n.config.as_deref()),
+            ("web", "web", Some("config.yml"))
+        );
         assert_eq!(p.containers[0].file, "");
         assert_eq!(n.plugins[0].name, "exec");
         assert_eq!(n.plugins[0].node.as_deref(), Some("web"));
@@ -706,7 +848,15 @@ mod tests {
         ])
         .unwrap();
         let files: Vec<&str> = p.containers.iter().map(|c| c.file.as_str()).collect();
-        assert_eq!(files, ["containers/base/container.yml", "containers/mid/container.yml", "node_1/container.yml", "node_2"]);
+        assert_eq!(
+            files,
+            [
+                "containers/base/container.yml",
+                "containers/mid/container.yml",
+                "node_1/container.yml",
+                "node_2"
+            ]
+        );
         assert_eq!(p.containers[2].from, Some(1));
         assert_eq!(p.containers[2].health.interval, Duration::from_millis(500));
         assert_eq!(p.plugins.len(), 2);
@@ -714,27 +864,66 @@ mod tests {
         let names: Vec<&str> = w.plugins.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["p1", "p2"]);
         assert_eq!(w.plugins[1].dir, "node_2");
-        assert_eq!(p.node("web").unwrap().root_config.as_deref(), Some("config.yml"));
+        assert_eq!(
+            p.node("web").unwrap().root_config.as_deref(),
+            Some("config.yml")
+        );
         assert_eq!(p.all_plugins().count(), 4);
     }
 
     #[test]
     fn bad_inputs() {
-        assert_eq!(err(&[DF]), "missing `stretch.yml` at the root of the sources");
-        assert_eq!(err(&[("stretch.yml", "name: web\n")]), "missing Dockerfile: `Dockerfile` does not exist (container ``)");
-        assert_eq!(err(&[("stretch.yml", "nmae: web\n"), DF]), "stretch.yml:1:1 unknown field `nmae`, expected one of `name`, `container`, `nodes`, `plugins`, `local_stretch`");
-        assert_eq!(err(&[("stretch.yml", "nodes: {web: nope}\n")]), "stretch.yml:1:14 node `web`: folder `nope` does not exist");
-        assert_eq!(err(&[("stretch.yml", "nodes: {web: ../x}\n")]), "stretch.yml:1:14 `../x` escapes the sources (`..` above the root)");
         assert_eq!(
-            err(&[("stretch.yml", "name: web\n"), ("container.yml", "from: a/container.yml\n"), DF, ("a/container.yml", "from: ../container.yml\n"), ("a/Dockerfile", "")]),
+            err(&[DF]),
+            "missing `stretch.yml` at the root of the sources"
+        );
+        assert_eq!(
+            err(&[("stretch.yml", "name: web\n")]),
+            "missing Dockerfile: `Dockerfile` does not exist (container ``)"
+        );
+        assert_eq!(
+            err(&[("stretch.yml", "nmae: web\n"), DF]),
+            "stretch.yml:1:1 unknown field `nmae`, expected one of `name`, `container`, `nodes`, `plugins`, `local_stretch`"
+        );
+        assert_eq!(
+            err(&[("stretch.yml", "nodes: {web: nope}\n")]),
+            "stretch.yml:1:14 node `web`: folder `nope` does not exist"
+        );
+        assert_eq!(
+            err(&[("stretch.yml", "nodes: {web: ../x}\n")]),
+            "stretch.yml:1:14 `../x` escapes the sources (`..` above the root)"
+        );
+        assert_eq!(
+            err(&[
+                ("stretch.yml", "name: web\n"),
+                ("container.yml", "from: a/container.yml\n"),
+                DF,
+                ("a/container.yml", "from: ../container.yml\n"),
+                ("a/Dockerfile", "")
+            ]),
             "container `from` loop: container.yml -> a/container.yml -> container.yml"
         );
         assert_eq!(
-            err(&[("stretch.yml", "name: web\n"), DF, ("config.yml", "p: !secret db.pass\n"), ("secrets.yml", "db: {user: x}\n")]),
+            err(&[
+                ("stretch.yml", "name: web\n"),
+                DF,
+                ("config.yml", "p: !secret db.pass\n"),
+                ("secrets.yml", "db: {user: x}\n")
+            ]),
             "config.yml:1:12 `!secret db.pass`: `secrets.yml` has no value at `db.pass`"
         );
-        assert_eq!(err(&[("stretch.yml", "name: web\n"), DF, ("config.yml", "a: [\n")]), "config.yml:2:1 did not find expected node content");
-        assert_eq!(err(&[("stretch.yml", "name: web\n"), ("container.yml", "health: {interval: soon}\n"), DF]), "container.yml:1:10 `interval: soon` is not a duration (expected e.g. `500ms`, `1s`, `2m`)");
+        assert_eq!(
+            err(&[("stretch.yml", "name: web\n"), DF, ("config.yml", "a: [\n")]),
+            "config.yml:2:1 did not find expected node content"
+        );
+        assert_eq!(
+            err(&[
+                ("stretch.yml", "name: web\n"),
+                ("container.yml", "health: {interval: soon}\n"),
+                DF
+            ]),
+            "container.yml:1:10 `interval: soon` is not a duration (expected e.g. `500ms`, `1s`, `2m`)"
+        );
     }
 
     #[cfg(unix)]
@@ -743,7 +932,11 @@ mod tests {
         let t = tree(&[("stretch.yml", "nodes: {web: link}\n")]);
         std::os::unix::fs::symlink("/tmp", t.path().join("link")).unwrap();
         match Project::load(t.path(), "shop") {
-            Err(Error::Config(c)) => assert!(c.message.contains("escapes the sources through a symlink"), "{}", c.message),
+            Err(Error::Config(c)) => assert!(
+                c.message.contains("escapes the sources through a symlink"),
+                "{}",
+                c.message
+            ),
             other => panic!("{other:?}"),
         }
     }
@@ -762,7 +955,8 @@ mod tests {
         let v: Yaml = serde_yaml_ng::from_str("a: {b: [x, {c: 1}]}").unwrap();
         assert!(lookup(&v, "a.b.1.c").is_some());
         assert!(lookup(&v, "a.b.2").is_none());
-        let r: Yaml = serde_yaml_ng::from_str("local_config: [{includes: [web], config: {a: 1}}]").unwrap();
+        let r: Yaml =
+            serde_yaml_ng::from_str("local_config: [{includes: [web], config: {a: 1}}]").unwrap();
         assert_eq!(local_configs(&r)[0].includes, ["web"]);
     }
 }

@@ -21,7 +21,10 @@ pub fn is_blank(text: &str) -> bool {
 
 /// Turn a serde_yaml error into a positioned error with a hint.
 pub fn error(file: &str, text: &str, e: &serde_yaml_ng::Error) -> Error {
-    let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((1, 1));
     let mut message = e.to_string();
     // serde_yaml appends the position; we show it ourselves.
     if let Some(i) = message.rfind(" at line ") {
@@ -96,14 +99,23 @@ mod tests {
 
     fn err(text: &str) -> String {
         match parse::<T>("f.yml", text) {
-            Err(Error::Config(c)) => format!("{}:{}: {} | {}", c.line, c.column, c.message, c.help.unwrap_or_default()),
+            Err(Error::Config(c)) => format!(
+                "{}:{}: {} | {}",
+                c.line,
+                c.column,
+                c.message,
+                c.help.unwrap_or_default()
+            ),
             other => format!("{other:?}"),
         }
     }
 
     #[test]
     fn unknown_key_hint() {
-        assert_eq!(err("name: a\nprot: 1\n"), "2:1: unknown field `prot`, expected `name` or `port` | did you mean `port`?");
+        assert_eq!(
+            err("name: a\nprot: 1\n"),
+            "2:1: unknown field `prot`, expected `name` or `port` | did you mean `port`?"
+        );
         assert_eq!(
             err("name: a\nzzzzzzzz: 1\n"),
             "2:1: unknown field `zzzzzzzz`, expected `name` or `port` | expected one of: name, port"
@@ -114,7 +126,11 @@ mod tests {
     fn malformed() {
         let e = err("name: [a\n");
         assert!(e.starts_with("2:1:") || e.starts_with("1:"), "{e}");
-        assert!(err("name: a\nport: x\n").starts_with("2:7: port: invalid type"), "{}", err("name: a\nport: x\n"));
+        assert!(
+            err("name: a\nport: x\n").starts_with("2:7: port: invalid type"),
+            "{}",
+            err("name: a\nport: x\n")
+        );
     }
 
     #[test]
