@@ -55,6 +55,19 @@ pub enum Command {
         #[arg(long)]
         follow: bool,
     },
+    /// Deploy a release (default: the newest) to an environment.
+    Deploy(DeployArgs),
+    /// Go back to an earlier release (default: the one before the current).
+    Rollback(DeployArgs),
+    /// Where an environment stands: its release, and per host and group what runs.
+    Status {
+        environment: String,
+    },
+    /// Write a working example system (`stretch build` then `stretch deploy local`).
+    Init {
+        /// Where to write it (default: the current folder).
+        dir: Option<PathBuf>,
+    },
     /// Age keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -71,6 +84,16 @@ pub struct BuildArgs {
     /// Build a git source at another ref: `NAME=REF` (repeatable).
     #[arg(long = "source", value_name = "NAME=REF")]
     pub sources: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    pub environment: String,
+    /// Release id, unique id prefix (6 or more characters) or name.
+    pub release: Option<String>,
+    /// Wait for a deploy already running on the environment instead of failing.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Subcommand)]

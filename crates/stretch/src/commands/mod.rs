@@ -2,6 +2,8 @@
 //! beyond its own argument struct.
 
 mod build;
+mod deploy;
+mod init;
 mod keys;
 mod runs;
 mod secrets;
@@ -25,6 +27,10 @@ pub async fn run(command: Command, settings: &Settings, printer: &Printer) -> Re
             runs::history(environment.as_deref(), settings, printer)
         }
         Command::Logs { id, follow } => runs::logs(id, follow, settings, printer).await,
+        Command::Deploy(a) => deploy::deploy(a, stretch_core::deploy::Kind::Deploy, settings, printer).await,
+        Command::Rollback(a) => deploy::deploy(a, stretch_core::deploy::Kind::Rollback, settings, printer).await,
+        Command::Status { environment } => deploy::status(&environment, settings, printer).await,
+        Command::Init { dir } => init::run(dir, printer),
         Command::Keys(k) => keys::run(k, printer),
         Command::Secrets(s) => secrets::run(s, printer),
     }
