@@ -68,6 +68,8 @@ pub enum Command {
         /// Where to write it (default: the current folder).
         dir: Option<PathBuf>,
     },
+    /// Run the agent daemon that manages this host's instances (SPEC §8).
+    Agent(AgentArgs),
     /// Age keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -121,4 +123,20 @@ pub enum SecretsCommand {
         #[arg(short, long, env = "STRETCH_IDENTITY", value_name = "FILE")]
         identity: PathBuf,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Address the agent's API listens on, `HOST:PORT`.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: String,
+    /// Where the agent keeps its state and instance files (created, mode 0700).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// File holding the token every request must carry (else env STRETCH_AGENT_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Address the group proxies listen on.
+    #[arg(long, value_name = "IP", default_value = "0.0.0.0")]
+    pub proxy_bind: std::net::IpAddr,
 }

@@ -1,1 +1,307 @@
-//! Client of the agent protocol (used by the deploy step).
+//! Client of the agent protocol (used by the deploy step): one [`AgentClient`] per
+//! host, JSON over HTTP/1.1 with the bearer token, pooled connections.
+//!
+//! Errors say which agent and what kind of failure ([`AgentError`]): unreachable
+//! (refused, timed out, hung up), the token rejected, the agent's own error message, or
+//! an answer that is not the protocol.
+//!
+//! Timeouts: connecting 3 s; `state` 30 s; `PUT` 15 min (the agent pulls the image);
+//! `switch` and `config` the group's health timeout + its drain and stop bounds + 60 s
+//! (known from the spec this client last sent for the group; 10 min otherwise).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode, header};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::api::{AgentState, ErrorBody, GroupKey, GroupSpec, GroupStatus, Prepared, Switch};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const STATE_TIMEOUT: Duration = Duration::from_secs(30);
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+const DEFAULT_SWITCH_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+const DELETE_TIMEOUT: Duration = Duration::from_secs(3 * 60);
+/// Slack on top of what a switch may legitimately take.
+const SLACK: Duration = Duration::from_secs(60);
+
+/// What went wrong talking to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentError {
+    /// Connection refused, timed out, or closed before an answer.
+    #[error("agent at {addr} is unreachable: {cause}")]
+    Unreachable { addr: String, cause: String },
+    /// The agent answered 401.
+    #[error("agent at {addr} rejected the token")]
+    Unauthorized { addr: String },
+    /// The agent answered with an error: its status and message.
+    #[error("agent at {addr}: {message}")]
+    Failed {
+        addr: String,
+        status: u16,
+        message: String,
+    },
+    /// The answer is not what the protocol says.
+    #[error("agent at {addr} answered unexpectedly: {message}")]
+    Protocol { addr: String, message: String },
+}
+
+impl From<AgentError> for crate::Error {
+    fn from(e: AgentError) -> Self {
+        let help = match &e {
+            AgentError::Unreachable { .. } => {
+                Some("is `stretch agent` running there, and is the address right?".to_string())
+            }
+            AgentError::Unauthorized { .. } => Some(
+                "the environment's token (`agent_token_file` or STRETCH_AGENT_TOKEN) must be the agent's"
+                    .to_string(),
+            ),
+            _ => None,
+        };
+        crate::Error::Failed {
+            stage: "agent".to_string(),
+            message: e.to_string(),
+            help,
+        }
+    }
+}
+
+/// A client of one agent. Cheap to clone (clones share connections).
+#[derive(Clone)]
+pub struct AgentClient {
+    addr: String,
+    authorization: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+    /// Per group, how long a switch may take (from the last spec sent).
+    switch_timeouts: Arc<Mutex<HashMap<GroupKey, Duration>>>,
+}
+
+impl std::fmt::Debug for AgentClient {
+    // Not derived: the token stays out of debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentClient {
+    /// A client of the agent at `addr` (`host:port`) using `token`.
+    pub fn new(addr: &str, token: &str) -> AgentClient {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(20))
+            .build(connector);
+        AgentClient {
+            addr: addr.to_string(),
+            authorization: format!("Bearer {token}"),
+            client,
+            switch_timeouts: Arc::default(),
+        }
+    }
+
+    /// The agent's address, as given.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// `GET /v1/state`.
+    pub async fn state(&self) -> Result<AgentState, AgentError> {
+        self.call(Method::GET, "/v1/state", None::<&()>, STATE_TIMEOUT)
+            .await
+    }
+
+    /// `PUT` a group's spec: stored as pending, its image pulled.
+    pub async fn put_spec(&self, spec: &GroupSpec) -> Result<Prepared, AgentError> {
+        self.remember(spec);
+        self.call(Method::PUT, &spec.key.path(), Some(spec), PREPARE_TIMEOUT)
+            .await
+    }
+
+    /// Switch a group to its pending spec.
+    pub async fn switch(&self, key: &GroupKey, switch: &Switch) -> Result<GroupStatus, AgentError> {
+        let path = format!("{}/switch", key.path());
+        self.call(Method::POST, &path, Some(switch), self.switch_timeout(key))
+            .await
+    }
+
+    /// Give a group's running release a new configuration (config-only deploy).
+    pub async fn update_config(&self, spec: &GroupSpec) -> Result<GroupStatus, AgentError> {
+        self.remember(spec);
+        let path = format!("{}/config", spec.key.path());
+        let timeout = self.switch_timeout(&spec.key);
+        self.call(Method::POST, &path, Some(spec), timeout).await
+    }
+
+    /// Stop and remove a group's instances and close its proxy.
+    pub async fn remove_group(&self, key: &GroupKey) -> Result<(), AgentError> {
+        let (status, body) = self
+            .send(Method::DELETE, &key.path(), None, DELETE_TIMEOUT)
+            .await?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(self.error(status, &body))
+        }
+    }
+
+    fn remember(&self, spec: &GroupSpec) {
+        let drain = spec.stop_timeout_ms.unwrap_or(30_000);
+        let stop = spec.stop_timeout_ms.unwrap_or(10_000);
+        let pull = if spec.pull { 5 * 60_000 } else { 0 };
+        let timeout = Duration::from_millis(spec.health.timeout_ms + drain + stop + pull) + SLACK;
+        if let Ok(mut t) = self.switch_timeouts.lock() {
+            t.insert(spec.key.clone(), timeout);
+        }
+    }
+
+    fn switch_timeout(&self, key: &GroupKey) -> Duration {
+        self.switch_timeouts
+            .lock()
+            .ok()
+            .and_then(|t| t.get(key).copied())
+            .unwrap_or(DEFAULT_SWITCH_TIMEOUT)
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<T, AgentError> {
+        let body = match body {
+            Some(b) => Some(serde_json::to_vec(b).map_err(|e| AgentError::Protocol {
+                addr: self.addr.clone(),
+                message: format!("cannot encode the request: {e}"),
+            })?),
+            None => None,
+        };
+        let (status, bytes) = self.send(method, path, body, timeout).await?;
+        if !status.is_success() {
+            return Err(self.error(status, &bytes));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| AgentError::Protocol {
+            addr: self.addr.clone(),
+            message: format!("{path}: {e}"),
+        })
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), AgentError> {
+        let unreachable = |cause: String| AgentError::Unreachable {
+            addr: self.addr.clone(),
+            cause,
+        };
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr))
+            .header(header::AUTHORIZATION, &self.authorization)
+            .header(header::ACCEPT, "application/json");
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| AgentError::Protocol {
+                addr: self.addr.clone(),
+                message: format!("bad request to {path}: {e}"),
+            })?;
+        let exchange = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| unreachable(chain(&e)))?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| unreachable(format!("reading the answer: {}", chain(&e))))?
+                .to_bytes();
+            Ok((status, bytes))
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(unreachable(format!(
+                "no answer within {}s",
+                timeout.as_secs()
+            ))),
+        }
+    }
+
+    fn error(&self, status: StatusCode, body: &[u8]) -> AgentError {
+        let addr = self.addr.clone();
+        if status == StatusCode::UNAUTHORIZED {
+            return AgentError::Unauthorized { addr };
+        }
+        match serde_json::from_slice::<ErrorBody>(body) {
+            Ok(e) => AgentError::Failed {
+                addr,
+                status: status.as_u16(),
+                message: e.error,
+            },
+            Err(_) => AgentError::Protocol {
+                addr,
+                message: format!(
+                    "{status} with a body that is not an error: {}",
+                    String::from_utf8_lossy(&body[..body.len().min(200)])
+                ),
+            },
+        }
+    }
+}
+
+/// An error with its causes (`client error (Connect): tcp connect error: Connection
+/// refused`): the last ones alone say what happened.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let msg = s.to_string();
+        if !text.contains(&msg) {
+            text.push_str(": ");
+            text.push_str(&msg);
+        }
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unreachable_agent_is_named() {
+        let port = stretch_test::free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let client = AgentClient::new(&addr, "t");
+        let err = client.state().await.unwrap_err();
+        assert!(matches!(err, AgentError::Unreachable { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!("agent at {addr} is unreachable: ")),
+            "{text}"
+        );
+        assert!(text.to_lowercase().contains("refused"), "{text}");
+        let core: crate::Error = err.into();
+        assert_eq!(core.exit_code(), 1);
+    }
+}

@@ -17,6 +17,7 @@
 //! explicit host; [`registry_of`] names a reference's registry for error messages.
 
 mod build;
+pub mod containers;
 mod context;
 mod push;
 
@@ -26,6 +27,7 @@ use bollard::errors::Error as EngineError;
 use bollard::query_parameters::{RemoveImageOptions, TagImageOptions};
 
 pub use build::BuildRequest;
+pub use containers::{ContainerInfo, ContainerSpec, ExecOutput};
 
 use crate::{Error, Result};
 

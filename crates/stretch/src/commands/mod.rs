@@ -1,6 +1,7 @@
 //! One module per subcommand; each takes settings and typed arguments, never clap types
 //! beyond its own argument struct.
 
+mod agent;
 mod build;
 mod deploy;
 mod init;
@@ -31,6 +32,7 @@ pub async fn run(command: Command, settings: &Settings, printer: &Printer) -> Re
         Command::Rollback(a) => deploy::deploy(a, stretch_core::deploy::Kind::Rollback, settings, printer).await,
         Command::Status { environment } => deploy::status(&environment, settings, printer).await,
         Command::Init { dir } => init::run(dir, printer),
+        Command::Agent(a) => agent::run(a).await,
         Command::Keys(k) => keys::run(k, printer),
         Command::Secrets(s) => secrets::run(s, printer),
     }

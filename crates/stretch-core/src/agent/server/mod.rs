@@ -1,1 +1,319 @@
-//! The agent daemon.
+//! The agent daemon (`stretch agent`): the HTTP API of [`crate::agent::api`] over the
+//! host's Docker engine, one reverse proxy per group, and the desired state in its data
+//! dir.
+//!
+//! * `mod.rs` — [`run`], the router, bearer-token auth, errors as [`ErrorBody`].
+//! * `groups.rs` — what each endpoint does to a group; `instances.rs` — starting,
+//!   checking and stopping containers; `files.rs` — an instance's `/stretch` folder.
+//! * `proxy.rs` — the proxies; `health.rs` — health checks.
+//! * `state.rs` — the data dir and `state.json`; `adopt.rs` — re-adoption on start.
+//!
+//! Every request must carry `Authorization: Bearer TOKEN`; the comparison takes the
+//! same time whatever the token (hashes compared in constant time). The token is never
+//! logged.
+
+mod adopt;
+mod files;
+mod groups;
+mod health;
+mod instances;
+mod proxy;
+mod state;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+
+use self::groups::Agent;
+use self::state::DataDir;
+use crate::agent::api::{ErrorBody, GroupKey};
+use crate::docker::Docker;
+use crate::log::Log;
+use crate::{Error, Result};
+
+/// Largest request body (a spec with its templates and configuration).
+const BODY_LIMIT: usize = 32 * 1024 * 1024;
+
+/// How the daemon runs. No `Debug`: it holds the token.
+pub struct AgentConfig {
+    /// `HOST:PORT` the API listens on.
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub token: String,
+    /// The address the group proxies listen on (`0.0.0.0` by default).
+    pub proxy_bind: IpAddr,
+    /// Where the agent reports what it does (the CLI prints it on stderr).
+    pub log: Log,
+}
+
+/// Run the agent until SIGTERM or SIGINT. Instances keep running after it stops; the
+/// next start re-adopts them. Logs `agent listening on ADDR` once it serves.
+pub async fn run(config: AgentConfig) -> Result<()> {
+    let log = config.log.clone();
+    serve(config, shutdown_signal(), move |addr| {
+        log.line(format!("agent listening on {addr}"))
+    })
+    .await
+}
+
+/// Like [`run`], until `shutdown` completes; `ready` is called with the API's address
+/// once requests are served.
+pub async fn serve(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<()> {
+    if config.token.trim().is_empty() {
+        return Err(Error::invalid("the agent token is empty"));
+    }
+    let data = DataDir::open(&config.data_dir)?;
+    let listener = TcpListener::bind(&config.listen).await.map_err(|e| {
+        Error::invalid(format!(
+            "the agent cannot listen on `{}`: {e}",
+            config.listen
+        ))
+    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::failed("agent", format!("address of `{}`: {e}", config.listen)))?;
+    let docker = Docker::connect().await?;
+    let records = data.load()?;
+    let agent = Arc::new(Agent {
+        docker,
+        data,
+        proxy_bind: config.proxy_bind,
+        log: config.log.clone(),
+        health: health::client(),
+        upstream: proxy::upstream_client(),
+        records: Mutex::new(records),
+        groups: Mutex::new(HashMap::new()),
+    });
+    agent.adopt().await?;
+
+    let auth = Arc::new(Auth {
+        hash: blake3::hash(config.token.as_bytes()),
+    });
+    let group = "/v1/groups/{system}/{environment}/{group}";
+    let app = Router::new()
+        .route("/v1/state", get(state))
+        .route(group, put(put_spec).delete(delete_group))
+        .route(&format!("{group}/switch"), post(switch))
+        .route(&format!("{group}/config"), post(config_update))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(auth, require_token))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(agent);
+    ready(addr);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Error::failed("agent", format!("serving on {addr}: {e}")))
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        // Without signal handlers, stop on Ctrl-C as tokio sees it.
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// auth
+
+struct Auth {
+    hash: blake3::Hash,
+}
+
+impl Auth {
+    /// Constant time: both sides are hashed, and `blake3::Hash` compares in constant
+    /// time, so neither the token's bytes nor its length leak through timing.
+    fn accepts(&self, given: &str) -> bool {
+        blake3::hash(given.as_bytes()) == self.hash
+    }
+}
+
+async fn require_token(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !given.is_empty() && auth.accepts(given) {
+        next.run(req).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong token (`Authorization: Bearer TOKEN`)",
+        )
+        .into_response()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// errors
+
+/// An error answer: a status and an [`ErrorBody`].
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+pub type ApiResult<T> = std::result::Result<T, ApiError>;
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::CONFLICT, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let status = match e {
+            Error::Config(_) | Error::Invalid { .. } => StatusCode::BAD_REQUEST,
+            Error::Failed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            axum::Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// handlers
+
+type Shared = State<Arc<Agent>>;
+type GroupPath = Path<(String, String, String)>;
+
+fn key((system, environment, group): (String, String, String)) -> GroupKey {
+    GroupKey {
+        system,
+        environment,
+        group,
+    }
+}
+
+/// A JSON body; a malformed one is a 400 with an [`ErrorBody`] saying why.
+fn parse<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid: {e}")))
+}
+
+/// Run an operation in its own task: if the client hangs up, the operation still
+/// finishes (a switch is never left half done).
+async fn detached<T: Send + 'static>(
+    op: impl Future<Output = ApiResult<T>> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::spawn(op).await.unwrap_or_else(|e| {
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the operation failed: {e}"),
+        ))
+    })
+}
+
+async fn state(State(agent): Shared) -> Response {
+    let state = crate::agent::api::AgentState {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        groups: agent.statuses().await,
+    };
+    axum::Json(state).into_response()
+}
+
+async fn put_spec(State(agent): Shared, Path(p): GroupPath, body: Bytes) -> Response {
+    let result = async {
+        let spec = parse(&body)?;
+        detached(async move { agent.prepare(key(p), spec).await }).await
+    };
+    respond(result.await)
+}
+
+async fn switch(State(agent): Shared, Path(p): GroupPath, body: Bytes) -> Response {
+    let result = async {
+        let switch = parse(&body)?;
+        detached(async move { agent.switch(key(p), switch).await }).await
+    };
+    respond(result.await)
+}
+
+async fn config_update(State(agent): Shared, Path(p): GroupPath, body: Bytes) -> Response {
+    let result = async {
+        let spec = parse(&body)?;
+        detached(async move { agent.update_config(key(p), spec).await }).await
+    };
+    respond(result.await)
+}
+
+async fn delete_group(State(agent): Shared, Path(p): GroupPath) -> Response {
+    match detached(async move { agent.remove_group(key(p)).await }).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn not_found(req: Request) -> Response {
+    ApiError::not_found(format!(
+        "no such endpoint: {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+    .into_response()
+}
+
+fn respond<T: serde::Serialize>(result: ApiResult<T>) -> Response {
+    match result {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}

@@ -1,0 +1,221 @@
+//! An instance's folder, mounted read-only at `/stretch`: `config.json` (the node's
+//! configuration tree) and `templates/` (the container templates rendered with the
+//! instance's application context, `.jinja` dropped).
+//!
+//! The folder itself is the mount, so a config-only update replaces files inside it
+//! one by one, each atomically (temp file + rename): an app never reads a half-written
+//! file. Files are 0644 in 0755 folders so that apps running as another user can read
+//! them; the data dir (0700) keeps other users of the host out.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use crate::agent::api::GroupSpec;
+use crate::template::{app_context, render_templates};
+use crate::{Error, Result};
+
+/// Where the folder is mounted inside the container.
+pub const MOUNT_TARGET: &str = "/stretch";
+
+/// The files of instance `index` of `spec`: (`config.json` | `templates/PATH`, text).
+pub fn render(spec: &GroupSpec, index: u32) -> Result<Vec<(String, String)>> {
+    for path in spec.templates.keys() {
+        check_template_path(path)?;
+    }
+    let config = serde_json::to_string_pretty(&spec.config)
+        .map_err(|e| Error::invalid(format!("the configuration cannot be encoded: {e}")))?;
+    let mut files = vec![("config.json".to_string(), config + "\n")];
+    let rendered = render_templates(&spec.templates, &app_context(spec, index))?;
+    files.extend(
+        rendered
+            .into_iter()
+            .map(|(path, text)| (format!("templates/{path}"), text)),
+    );
+    Ok(files)
+}
+
+/// A template path must stay inside `templates/`: relative, no `..`.
+pub fn check_template_path(path: &str) -> Result<()> {
+    let p = Path::new(path);
+    let ok = !path.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "template path `{path}` must be relative and stay inside `templates/`"
+        )))
+    }
+}
+
+/// Make `dir` hold exactly the files of instance `index` of `spec` (templates that are
+/// gone are removed).
+pub fn write_instance(dir: &Path, spec: &GroupSpec, index: u32) -> Result<()> {
+    let files = render(spec, index)?;
+    write_files(dir, &files)
+}
+
+fn write_files(dir: &Path, files: &[(String, String)]) -> Result<()> {
+    let failed = |what: &str, path: &Path, e: std::io::Error| {
+        Error::failed("agent", format!("{what} `{}`: {e}", path.display()))
+    };
+    mkdir(dir).map_err(|e| failed("creating", dir, e))?;
+    let templates = dir.join("templates");
+    mkdir(&templates).map_err(|e| failed("creating", &templates, e))?;
+    let mut wanted = BTreeSet::new();
+    for (rel, text) in files {
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            mkdir_all(dir, parent).map_err(|e| failed("creating", parent, e))?;
+        }
+        write_atomic(&path, text.as_bytes()).map_err(|e| failed("writing", &path, e))?;
+        wanted.insert(path);
+    }
+    // Templates of the previous configuration that this one no longer has.
+    let stale: Vec<PathBuf> = walkdir::WalkDir::new(&templates)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| !e.file_type().is_dir() && !wanted.contains(e.path()))
+        .map(|e| e.into_path())
+        .collect();
+    for path in stale {
+        fs::remove_file(&path).map_err(|e| failed("removing", &path, e))?;
+    }
+    Ok(())
+}
+
+fn mkdir(path: &Path) -> std::io::Result<()> {
+    match fs::create_dir(path) {
+        Ok(()) => fs::set_permissions(path, fs::Permissions::from_mode(0o755)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Create `path` and its parents below `root`, each 0755.
+fn mkdir_all(root: &Path, path: &Path) -> std::io::Result<()> {
+    if path == root || path.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent() {
+        mkdir_all(root, parent)?;
+    }
+    mkdir(path)
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp")
+        .permissions(fs::Permissions::from_mode(0o644))
+        .tempfile_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Remove an instance's folder; absent is fine.
+pub fn remove_instance(dir: &Path) -> Result<()> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::failed(
+            "agent",
+            format!("removing `{}`: {e}", dir.display()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::agent::api::{GroupKey, HealthSpec, ReleaseRef};
+
+    pub(crate) fn spec(templates: &[(&str, &str)]) -> GroupSpec {
+        GroupSpec {
+            key: GroupKey {
+                system: "shop".into(),
+                environment: "prod".into(),
+                group: "web".into(),
+            },
+            host: "web-1".into(),
+            node: "web".into(),
+            release: ReleaseRef {
+                id: "r1".into(),
+                name: "brave-otter".into(),
+                created_at: "2024-01-01T00:00:00Z".into(),
+            },
+            existing_release: None,
+            image: "x:1".into(),
+            pull: false,
+            instances: 1,
+            listen: None,
+            port: None,
+            health: HealthSpec {
+                path: "/".into(),
+                interval_ms: 100,
+                timeout_ms: 1000,
+            },
+            reload: None,
+            stop_timeout_ms: None,
+            config: serde_json::json!({"greeting": "hi"}),
+            config_version: "v".into(),
+            templates: templates
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+            environment_name: "prod".into(),
+        }
+    }
+
+    #[test]
+    fn writes_renders_and_prunes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("i");
+        let one = spec(&[
+            (
+                "app.conf.jinja",
+                "{{ config.greeting }} {{ instance.index }} {{ host.name }}\n",
+            ),
+            ("sub/old.txt", "old"),
+        ]);
+        write_instance(&dir, &one, 3).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.join("templates/app.conf")).unwrap(),
+            "hi 3 web-1\n"
+        );
+        assert!(dir.join("templates/sub/old.txt").exists());
+        let config: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config, serde_json::json!({"greeting": "hi"}));
+        let mode = fs::metadata(dir.join("config.json"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o644);
+
+        let two = spec(&[("app.conf.jinja", "{{ environment }}\n")]);
+        write_instance(&dir, &two, 0).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.join("templates/app.conf")).unwrap(),
+            "prod\n"
+        );
+        assert!(!dir.join("templates/sub/old.txt").exists());
+    }
+
+    #[test]
+    fn bad_templates_are_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = write_instance(tmp.path(), &spec(&[("../x", "a")]), 0).unwrap_err();
+        assert!(err.to_string().contains("`../x`"), "{err}");
+        let err = render(&spec(&[("/etc/x", "a")]), 0).unwrap_err();
+        assert!(err.to_string().contains("`/etc/x`"), "{err}");
+        let err = render(&spec(&[("a.jinja", "{{ nope }}")]), 0).unwrap_err();
+        assert!(err.to_string().contains("templates/a.jinja"), "{err}");
+    }
+}

@@ -1,0 +1,693 @@
+//! The agent's groups and what the API does to them: store a pending spec (`PUT`),
+//! switch to it, give running instances a new configuration, remove a group, report
+//! the state.
+//!
+//! Operations on one group are serialized by its mutex and run in their own task (see
+//! `mod.rs`), so a client that hangs up never leaves a switch half done. `GET
+//! /v1/state` reads the saved records and the proxies' health flags, never waiting for
+//! a running operation.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::files;
+use super::health::{HealthClient, Monitor};
+use super::instances::{Instances, display, stop_timeout};
+use super::proxy::{Pool, Proxy, Upstream, UpstreamClient, drain};
+use super::state::{DataDir, GroupRecord, InstanceRecord};
+use super::{ApiError, ApiResult};
+use crate::agent::api::{GroupKey, GroupSpec, GroupStatus, InstanceStatus, Prepared, Switch};
+use crate::docker::Docker;
+use crate::log::Log;
+use crate::{Error, Result};
+
+/// How long old instances may take to finish their requests when the node declares no
+/// `stop_timeout`.
+const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
+
+/// Stopped instances of this many releases are kept per group for fast rollbacks.
+const KEPT_RELEASES: usize = 2;
+
+/// A group's live parts: its proxy's upstream set (read without the lock) and, behind
+/// the operation lock, its listener and health monitor.
+pub struct Group {
+    pub pool: Arc<Pool>,
+    pub ops: tokio::sync::Mutex<Runtime>,
+}
+
+#[derive(Default)]
+pub struct Runtime {
+    pub proxy: Option<Proxy>,
+    pub monitor: Option<Monitor>,
+}
+
+pub struct Agent {
+    pub docker: Docker,
+    pub data: DataDir,
+    pub proxy_bind: IpAddr,
+    pub log: Log,
+    pub health: HealthClient,
+    pub upstream: UpstreamClient,
+    /// The desired state, as saved in `state.json`.
+    pub records: Mutex<BTreeMap<GroupKey, GroupRecord>>,
+    pub groups: Mutex<HashMap<GroupKey, Arc<Group>>>,
+}
+
+impl Agent {
+    pub fn instances(&self) -> Instances<'_> {
+        Instances {
+            docker: &self.docker,
+            data: &self.data,
+            health: &self.health,
+        }
+    }
+
+    pub fn group(&self, key: &GroupKey) -> Arc<Group> {
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        groups
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Group {
+                    pool: Arc::new(Pool::default()),
+                    ops: tokio::sync::Mutex::new(Runtime::default()),
+                })
+            })
+            .clone()
+    }
+
+    pub fn record(&self, key: &GroupKey) -> Option<GroupRecord> {
+        let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        records.get(key).cloned()
+    }
+
+    /// Store a group's record and write the state file.
+    pub fn commit(&self, record: GroupRecord) -> Result<()> {
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        records.insert(record.key.clone(), record);
+        self.data.save(&records)
+    }
+
+    fn forget(&self, key: &GroupKey) -> Result<()> {
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        records.remove(key);
+        self.data.save(&records)
+    }
+
+    fn say(&self, key: &GroupKey, text: impl AsRef<str>) {
+        self.log
+            .line(format!("{}: {}", display(key), text.as_ref()));
+    }
+
+    /// The health monitor of a group whose instances have a port.
+    pub fn monitor(&self, group: &Group, spec: &GroupSpec) -> Option<Monitor> {
+        spec.port.map(|_| {
+            Monitor::start(
+                group.pool.clone(),
+                self.health.clone(),
+                spec.health.clone(),
+                display(&spec.key),
+                self.log.clone(),
+            )
+        })
+    }
+
+    // -----------------------------------------------------------------------------------
+    // PUT
+
+    pub async fn prepare(&self, key: GroupKey, spec: GroupSpec) -> ApiResult<Prepared> {
+        self.validate(&key, &spec)?;
+        // The pull runs outside the group's lock: it changes nothing of the group.
+        let image_id = if spec.pull {
+            self.say(&key, format!("pulling {}", spec.image));
+            self.docker.pull(&spec.image, &self.log).await?
+        } else {
+            self.docker.image_id(&spec.image).await?.ok_or_else(|| {
+                Error::failed(
+                    "prepare",
+                    format!(
+                        "image {} is not in this host's Docker engine (the spec says not to pull it)",
+                        spec.image
+                    ),
+                )
+            })?
+        };
+        let group = self.group(&key);
+        let _ops = group.ops.lock().await;
+        let mut record = self
+            .record(&key)
+            .unwrap_or_else(|| GroupRecord::new(key.clone()));
+        self.say(
+            &key,
+            format!(
+                "release {} ({}), config {} is pending",
+                spec.release.name, spec.release.id, spec.config_version
+            ),
+        );
+        record.pending = Some(spec);
+        self.commit(record)?;
+        Ok(Prepared { image_id })
+    }
+
+    /// Bad specs are refused before anything changes.
+    fn validate(&self, key: &GroupKey, spec: &GroupSpec) -> ApiResult<()> {
+        let bad = |m: String| Err(ApiError::bad_request(m));
+        if &spec.key != key {
+            return bad(format!(
+                "the spec is for group {}, not {}",
+                display(&spec.key),
+                display(key)
+            ));
+        }
+        if spec.image.trim().is_empty() {
+            return bad("the spec has no image".into());
+        }
+        if spec.instances == 0 {
+            return bad("`instances` must be at least 1".into());
+        }
+        if spec.listen.is_some() && spec.port.is_none() {
+            return bad("`listen` needs a node with a `port`".into());
+        }
+        if spec.listen == Some(0) || spec.port == Some(0) {
+            return bad("ports must not be 0".into());
+        }
+        if !spec.health.path.starts_with('/') {
+            return bad(format!(
+                "health path `{}` must start with `/`",
+                spec.health.path
+            ));
+        }
+        if spec.health.interval_ms == 0 || spec.health.timeout_ms == 0 {
+            return bad("health interval and timeout must be above 0".into());
+        }
+        if spec.reload.as_ref().is_some_and(|r| r.is_empty()) {
+            return bad("`reload` must not be an empty command".into());
+        }
+        // Templates render now, so that a bad one fails the PUT, not the switch.
+        for index in 0..spec.instances {
+            files::render(spec, index)?;
+        }
+        if let Some(listen) = spec.listen {
+            let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+            let taken = records.values().find(|r| {
+                &r.key != key && r.current.as_ref().and_then(|c| c.listen) == Some(listen)
+            });
+            if let Some(other) = taken {
+                return Err(ApiError::conflict(format!(
+                    "port {listen} is already the proxy of group {} on this agent",
+                    display(&other.key)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------
+    // switch
+
+    pub async fn switch(&self, key: GroupKey, switch: Switch) -> ApiResult<GroupStatus> {
+        let group = self.group(&key);
+        let mut rt = group.ops.lock().await;
+        let Some(record) = self.record(&key) else {
+            return Err(ApiError::not_found(format!(
+                "group {} has no spec on this agent: PUT one first",
+                display(&key)
+            )));
+        };
+        let matches = |s: &GroupSpec| {
+            s.release.id == switch.release_id && s.config_version == switch.config_version
+        };
+        let spec = match (&record.pending, &record.current) {
+            (Some(p), _) if matches(p) => p.clone(),
+            // Already switched (e.g. a retry after a lost answer): nothing to do.
+            (_, Some(c)) if matches(c) && !record.instances.is_empty() => {
+                return Ok(self.status(&key).await);
+            }
+            (pending, _) => {
+                let what = pending.as_ref().map_or("no pending spec".to_string(), |p| {
+                    format!(
+                        "the pending spec is release {} config {}",
+                        p.release.id, p.config_version
+                    )
+                });
+                return Err(ApiError::conflict(format!(
+                    "cannot switch group {} to release {} config {}: {what}",
+                    display(&key),
+                    switch.release_id,
+                    switch.config_version
+                )));
+            }
+        };
+        self.replace(&group, &mut rt, spec).await?;
+        Ok(self.status(&key).await)
+    }
+
+    /// Make `spec` current: start its instances (reusing kept ones), wait until they
+    /// are healthy, point the proxy at them, drain and stop the old ones, prune the
+    /// kept ones. On failure the new instances go and the old ones keep serving.
+    async fn replace(&self, group: &Group, rt: &mut Runtime, spec: GroupSpec) -> ApiResult<()> {
+        let key = spec.key.clone();
+        let old = self
+            .record(&key)
+            .unwrap_or_else(|| GroupRecord::new(key.clone()));
+        let inst = self.instances();
+        self.say(
+            &key,
+            format!(
+                "switching to release {} ({}), config {}",
+                spec.release.name, spec.release.id, spec.config_version
+            ),
+        );
+
+        // 1. Start the new instances.
+        let mut started: Vec<InstanceRecord> = Vec::new();
+        let mut reused: Vec<String> = Vec::new();
+        for index in 0..spec.instances {
+            let kept = old.kept.iter().find(|k| {
+                k.index == index
+                    && k.release_id == spec.release.id
+                    && k.config_version == spec.config_version
+            });
+            let result = match kept {
+                Some(k) => match inst.start(k.clone(), spec.port.is_some()).await {
+                    Ok(r) => {
+                        reused.push(r.container.clone());
+                        Ok(r)
+                    }
+                    Err(e) => {
+                        self.say(&key, format!("kept instance {} cannot start: {e}", k.name));
+                        inst.start_fresh(&spec, index).await
+                    }
+                },
+                None => inst.start_fresh(&spec, index).await,
+            };
+            match result {
+                Ok(r) => {
+                    self.say(
+                        &key,
+                        format!(
+                            "started instance {index} ({}){}",
+                            r.name,
+                            r.port
+                                .map(|p| format!(" on 127.0.0.1:{p}"))
+                                .unwrap_or_default()
+                        ),
+                    );
+                    started.push(r);
+                }
+                Err(e) => {
+                    self.undo(&started, &reused, &spec).await;
+                    return Err(e.into());
+                }
+            }
+        }
+
+        // 2. Wait until they are healthy.
+        if let Err(e) = inst.wait_healthy(&spec, &started).await {
+            self.say(&key, format!("switch failed: {e}"));
+            self.undo(&started, &reused, &spec).await;
+            return Err(e.into());
+        }
+
+        // 3. Point the proxy at them: a new listener first if the port changed.
+        let want = spec.listen.map(|l| SocketAddr::new(self.proxy_bind, l));
+        let mut old_proxy = None;
+        if rt.proxy.as_ref().map(|p| p.addr) != want {
+            let new_proxy = match want {
+                Some(addr) => {
+                    match Proxy::bind(addr, group.pool.clone(), self.upstream.clone()).await {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            self.undo(&started, &reused, &spec).await;
+                            return Err(e.into());
+                        }
+                    }
+                }
+                None => None,
+            };
+            old_proxy = std::mem::replace(&mut rt.proxy, new_proxy);
+        }
+        let upstreams = started
+            .iter()
+            .filter_map(|i| i.port.map(|p| Upstream::new(&i.container, p)))
+            .collect();
+        let old_set = group.pool.replace(upstreams);
+        rt.monitor = self.monitor(group, &spec);
+        if let Some(addr) = want {
+            self.say(
+                &key,
+                format!("proxy on {addr} now serves release {}", spec.release.name),
+            );
+        }
+
+        // 4. Commit: from here on the new instances are the group's.
+        let mut record = old.clone();
+        let previous = std::mem::take(&mut record.instances);
+        record.kept.retain(|k| !reused.contains(&k.container));
+        record.kept = previous.iter().cloned().chain(record.kept).collect();
+        record.instances = started;
+        if record.pending.as_ref().is_some_and(|p| {
+            p.release.id == spec.release.id && p.config_version == spec.config_version
+        }) {
+            record.pending = None;
+        }
+        let stop = old
+            .current
+            .as_ref()
+            .map_or(stop_timeout(&spec), stop_timeout);
+        record.current = Some(spec);
+        self.commit(record.clone())?;
+
+        // 5. Drain and stop the old instances, then forget the oldest kept ones.
+        let bound = old
+            .current
+            .as_ref()
+            .and_then(|c| c.stop_timeout_ms)
+            .map_or(DEFAULT_DRAIN, Duration::from_millis);
+        if !drain(&old_set, bound).await {
+            self.say(
+                &key,
+                format!("old instances still had requests in flight after {bound:?}"),
+            );
+        }
+        drop(old_proxy);
+        for e in inst.stop_all(&previous, stop).await {
+            self.say(&key, format!("stopping an old instance: {e}"));
+        }
+        let (keep, gone) = prune(record.kept);
+        inst.remove_all(&gone).await;
+        record.kept = keep;
+        self.commit(record)?;
+        self.say(&key, "switch done");
+        Ok(())
+    }
+
+    /// Undo step 1 of a failed switch: fresh instances go, kept ones stop again.
+    async fn undo(&self, started: &[InstanceRecord], reused: &[String], spec: &GroupSpec) {
+        let inst = self.instances();
+        let (kept, fresh): (Vec<_>, Vec<_>) = started
+            .iter()
+            .cloned()
+            .partition(|i| reused.contains(&i.container));
+        inst.remove_all(&fresh).await;
+        inst.stop_all(&kept, stop_timeout(spec)).await;
+    }
+
+    // -----------------------------------------------------------------------------------
+    // config
+
+    pub async fn update_config(&self, key: GroupKey, spec: GroupSpec) -> ApiResult<GroupStatus> {
+        self.validate(&key, &spec)?;
+        let group = self.group(&key);
+        let mut rt = group.ops.lock().await;
+        let record = self.record(&key);
+        let current = record.as_ref().and_then(|r| r.current.clone());
+        let Some(current) = current else {
+            // A host new to the group: a full start of the given release.
+            self.ensure_image(&spec).await?;
+            self.replace(&group, &mut rt, spec).await?;
+            return Ok(self.status(&key).await);
+        };
+        if current.release.id != spec.release.id || current.image != spec.image {
+            return Err(ApiError::conflict(format!(
+                "group {} runs release {}, not {}: a config-only update keeps the release",
+                display(&key),
+                current.release.id,
+                spec.release.id
+            )));
+        }
+        let record = record.unwrap_or_else(|| GroupRecord::new(key.clone()));
+        if current == spec && record.instances.len() == spec.instances as usize {
+            return Ok(self.status(&key).await);
+        }
+        let reloadable = spec.reload.is_some()
+            && current.instances == spec.instances
+            && current.port == spec.port
+            && current.listen == spec.listen
+            && record.instances.len() == spec.instances as usize;
+        if reloadable {
+            self.reload(record, &current, spec).await?;
+        } else {
+            self.replace(&group, &mut rt, spec).await?;
+        }
+        Ok(self.status(&key).await)
+    }
+
+    async fn ensure_image(&self, spec: &GroupSpec) -> Result<()> {
+        if self.docker.image_id(&spec.image).await?.is_some() {
+            return Ok(());
+        }
+        if !spec.pull {
+            return Err(Error::failed(
+                "config",
+                format!("image {} is not in this host's Docker engine", spec.image),
+            ));
+        }
+        self.docker.pull(&spec.image, &self.log).await.map(|_| ())
+    }
+
+    /// Rewrite every instance's files and run `reload` in it. If one fails, every
+    /// instance gets its old files back (and those already reloaded reload again).
+    async fn reload(
+        &self,
+        mut record: GroupRecord,
+        old: &GroupSpec,
+        spec: GroupSpec,
+    ) -> ApiResult<()> {
+        let key = spec.key.clone();
+        let command = spec.reload.clone().unwrap_or_default();
+        let mut touched: Vec<&InstanceRecord> = Vec::new();
+        let mut reloaded: Vec<&InstanceRecord> = Vec::new();
+        let mut failure = None;
+        for inst in &record.instances {
+            touched.push(inst);
+            let dir = self.data.instance_dir(&inst.name);
+            if let Err(e) = files::write_instance(&dir, &spec, inst.index) {
+                failure = Some(e);
+                break;
+            }
+            match self.docker.exec(&inst.container, &command).await {
+                Ok(out) if out.exit_code == 0 => reloaded.push(inst),
+                Ok(out) => {
+                    let output = if out.output.is_empty() {
+                        String::new()
+                    } else {
+                        format!(":\n  {}", out.output.replace('\n', "\n  "))
+                    };
+                    failure = Some(Error::failed(
+                        "reload",
+                        format!(
+                            "`{}` in instance {} ({}) exited with {}{output}",
+                            command.join(" "),
+                            inst.index,
+                            inst.name,
+                            out.exit_code
+                        ),
+                    ));
+                    break;
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failure {
+            self.say(&key, format!("reload failed, restoring the old files: {e}"));
+            for inst in &touched {
+                let dir = self.data.instance_dir(&inst.name);
+                if let Err(e) = files::write_instance(&dir, old, inst.index) {
+                    self.say(&key, format!("restoring {}: {e}", inst.name));
+                }
+            }
+            if let Some(cmd) = &old.reload {
+                for inst in &reloaded {
+                    let _ = self.docker.exec(&inst.container, cmd).await;
+                }
+            }
+            return Err(e.into());
+        }
+        for inst in &mut record.instances {
+            inst.config_version = spec.config_version.clone();
+        }
+        if record
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.config_version == spec.config_version)
+        {
+            record.pending = None;
+        }
+        self.say(
+            &key,
+            format!("config {} reloaded in every instance", spec.config_version),
+        );
+        record.current = Some(spec);
+        self.commit(record)?;
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------
+    // DELETE
+
+    pub async fn remove_group(&self, key: GroupKey) -> ApiResult<()> {
+        let group = self.group(&key);
+        let mut rt = group.ops.lock().await;
+        rt.monitor = None;
+        let old_set = group.pool.replace(Vec::new());
+        let record = self.record(&key);
+        let bound = record
+            .as_ref()
+            .and_then(|r| r.current.as_ref())
+            .and_then(|c| c.stop_timeout_ms)
+            .map_or(Duration::from_secs(10), Duration::from_millis);
+        drain(&old_set, bound).await;
+        rt.proxy = None;
+        let mut all: Vec<InstanceRecord> = record
+            .iter()
+            .flat_map(|r| r.instances.iter().chain(&r.kept).cloned())
+            .collect();
+        // Containers of the group that the state lost track of go too.
+        let strays = self
+            .docker
+            .list_containers(&[
+                ("stretch.agent", &self.data.agent_id),
+                ("stretch.system", &key.system),
+                ("stretch.environment", &key.environment),
+                ("stretch.group", &key.group),
+            ])
+            .await?;
+        for c in strays {
+            if !all.iter().any(|i| i.container == c.id) {
+                all.push(InstanceRecord {
+                    container: c.id,
+                    name: c.name,
+                    index: 0,
+                    release_id: String::new(),
+                    config_version: String::new(),
+                    port: None,
+                });
+            }
+        }
+        self.instances().remove_all(&all).await;
+        if record.is_some() {
+            self.forget(&key)?;
+            self.say(&key, format!("removed ({} containers)", all.len()));
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------
+    // state
+
+    pub async fn status(&self, key: &GroupKey) -> GroupStatus {
+        let record = self
+            .record(key)
+            .unwrap_or_else(|| GroupRecord::new(key.clone()));
+        let pool = self.group(key).pool.current();
+        let spec = record.current.as_ref().or(record.pending.as_ref());
+        let mut instances = Vec::new();
+        for inst in &record.instances {
+            let state = match self.docker.inspect_container(&inst.container).await {
+                Ok(Some(c)) => c.state,
+                Ok(None) => "missing".to_string(),
+                Err(_) => "unknown".to_string(),
+            };
+            let running = state == "running";
+            let healthy = running
+                && match inst.port {
+                    Some(_) => pool
+                        .iter()
+                        .any(|u| u.container == inst.container && u.healthy()),
+                    None => true,
+                };
+            instances.push(InstanceStatus {
+                container: inst.container.clone(),
+                index: inst.index,
+                release_id: inst.release_id.clone(),
+                config_version: inst.config_version.clone(),
+                state,
+                healthy,
+            });
+        }
+        let current = record.current.as_ref();
+        GroupStatus {
+            key: key.clone(),
+            node: spec.map(|s| s.node.clone()).unwrap_or_default(),
+            host: spec.map(|s| s.host.clone()).unwrap_or_default(),
+            release: current.map(|c| c.release.clone()),
+            config_version: current.map(|c| c.config_version.clone()),
+            listen: current.and_then(|c| c.listen),
+            healthy: current.is_some()
+                && !instances.is_empty()
+                && instances.iter().all(|i| i.healthy),
+            instances,
+        }
+    }
+
+    pub async fn statuses(&self) -> Vec<GroupStatus> {
+        let keys: Vec<GroupKey> = {
+            let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+            records.keys().cloned().collect()
+        };
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(self.status(&key).await);
+        }
+        out
+    }
+}
+
+/// Split kept instances (newest first) into those to keep — the instances of the
+/// newest [`KEPT_RELEASES`] releases, one per release, config and index — and the rest.
+fn prune(kept: Vec<InstanceRecord>) -> (Vec<InstanceRecord>, Vec<InstanceRecord>) {
+    let mut releases: Vec<String> = Vec::new();
+    let mut seen = HashSet::new();
+    let (mut keep, mut gone) = (Vec::new(), Vec::new());
+    for k in kept {
+        if !releases.contains(&k.release_id) {
+            releases.push(k.release_id.clone());
+        }
+        let recent = releases
+            .iter()
+            .position(|r| r == &k.release_id)
+            .is_some_and(|p| p < KEPT_RELEASES);
+        let first = seen.insert((k.release_id.clone(), k.config_version.clone(), k.index));
+        if recent && first {
+            keep.push(k);
+        } else {
+            gone.push(k);
+        }
+    }
+    (keep, gone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, release: &str, config: &str, index: u32) -> InstanceRecord {
+        InstanceRecord {
+            container: id.into(),
+            name: id.into(),
+            index,
+            release_id: release.into(),
+            config_version: config.into(),
+            port: None,
+        }
+    }
+
+    #[test]
+    fn prune_keeps_two_releases() {
+        let (keep, gone) = prune(vec![
+            rec("a", "r3", "c", 0),
+            rec("b", "r3", "c", 1),
+            rec("c", "r2", "c", 0),
+            rec("d", "r3", "c", 0),
+            rec("e", "r1", "c", 0),
+        ]);
+        let ids = |v: &[InstanceRecord]| v.iter().map(|r| r.container.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&keep), ["a", "b", "c"]);
+        assert_eq!(ids(&gone), ["d", "e"]);
+    }
+}

@@ -1,0 +1,462 @@
+//! A group's HTTP reverse proxy: one listener on `PROXY_BIND:listen`, round-robin over
+//! the group's healthy instances, which are only ever reached at `127.0.0.1:HOST_PORT`
+//! (the published port), never at a container's own address.
+//!
+//! Zero downtime rests on three things:
+//! * the upstream set is swapped atomically ([`Pool::replace`]): a request picks its
+//!   instance and counts itself in flight under one read lock, so once the swap
+//!   returns no request can pick an old instance, and every one that did is counted;
+//! * [`drain`] waits until the old instances have no request in flight (a request
+//!   ends when its response body has been read to the end) before they are stopped;
+//! * a request that could not reach an instance (nothing was sent, or an idempotent
+//!   request whose connection failed) is retried on another instance.
+//!
+//! Upstream connections are pooled and kept alive; TCP_NODELAY on both sides.
+//! WebSocket upgrades are not proxied.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::{Error, Result};
+
+/// Request bodies up to this size are buffered so that the request can be retried on
+/// another instance; larger or unsized ones are streamed (and not retried).
+const BUFFER_LIMIT: u64 = 1024 * 1024;
+
+/// Health checks that fail in a row before an instance leaves the rotation.
+const UNHEALTHY_AFTER: u32 = 2;
+
+pub type ReqBody = Either<Full<Bytes>, Incoming>;
+pub type RespBody = Either<Tracked, Full<Bytes>>;
+pub type UpstreamClient = Client<HttpConnector, ReqBody>;
+
+/// The client the proxies share: pooled keep-alive connections to instances.
+pub fn upstream_client() -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(32)
+        .build(connector)
+}
+
+/// One instance as the proxy sees it.
+#[derive(Debug)]
+pub struct Upstream {
+    pub container: String,
+    pub port: u16,
+    healthy: AtomicBool,
+    failures: AtomicU32,
+    in_flight: AtomicUsize,
+}
+
+impl Upstream {
+    /// A new upstream, healthy (it was checked before it joins a set).
+    pub fn new(container: &str, port: u16) -> Arc<Upstream> {
+        Arc::new(Upstream {
+            container: container.to_string(),
+            port,
+            healthy: AtomicBool::new(true),
+            failures: AtomicU32::new(0),
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Record a health check; returns the new health when it changed.
+    pub fn report(&self, ok: bool) -> Option<bool> {
+        let was = self.healthy();
+        if ok {
+            self.failures.store(0, Ordering::Relaxed);
+            self.healthy.store(true, Ordering::Relaxed);
+        } else if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= UNHEALTHY_AFTER {
+            self.healthy.store(false, Ordering::Relaxed);
+        }
+        let now = self.healthy();
+        (now != was).then_some(now)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+}
+
+/// Counts a request in flight on an upstream until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<Upstream>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A group's current upstream set.
+#[derive(Debug, Default)]
+pub struct Pool {
+    set: RwLock<Arc<Vec<Arc<Upstream>>>>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    pub fn current(&self) -> Arc<Vec<Arc<Upstream>>> {
+        self.set.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Swap in a new set; returns the old one. After this returns, no request picks an
+    /// old upstream, and every request that did is counted in its `in_flight`.
+    pub fn replace(&self, set: Vec<Arc<Upstream>>) -> Arc<Vec<Arc<Upstream>>> {
+        let mut guard = self.set.write().unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *guard, Arc::new(set))
+    }
+
+    /// The next healthy upstream (round-robin), preferring ones not in `tried`.
+    fn pick(&self, tried: &[u16]) -> Option<(u16, InFlight)> {
+        let set = self.set.read().unwrap_or_else(|e| e.into_inner());
+        let n = set.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let healthy = |u: &&Arc<Upstream>| u.healthy();
+        let ring = || (0..n).map(|i| &set[(start + i) % n]);
+        let chosen = ring()
+            .filter(healthy)
+            .find(|u| !tried.contains(&u.port))
+            .or_else(|| ring().find(healthy))?;
+        // Counted while the read lock is held: see `replace`.
+        chosen.in_flight.fetch_add(1, Ordering::AcqRel);
+        Some((chosen.port, InFlight(chosen.clone())))
+    }
+}
+
+/// Wait until no request is in flight on `old`, at most `bound`. Returns whether they
+/// drained.
+pub async fn drain(old: &[Arc<Upstream>], bound: Duration) -> bool {
+    let deadline = Instant::now() + bound;
+    loop {
+        if old.iter().all(|u| u.in_flight() == 0) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A listening proxy; closed (gracefully: requests in flight finish) when dropped.
+#[derive(Debug)]
+pub struct Proxy {
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Proxy {
+    /// Listen on `addr` and serve from `pool`.
+    pub async fn bind(addr: SocketAddr, pool: Arc<Pool>, client: UpstreamClient) -> Result<Proxy> {
+        let listener = TcpListener::bind(addr).await.map_err(|e| {
+            Error::failed("agent", format!("the proxy cannot listen on {addr}: {e}"))
+        })?;
+        let (shutdown, rx) = watch::channel(false);
+        tokio::spawn(accept_loop(listener, pool, client, rx));
+        Ok(Proxy { addr, shutdown })
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    pool: Arc<Pool>,
+    client: UpstreamClient,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.changed() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            // E.g. out of file descriptors: wait a little instead of spinning.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let pool = pool.clone();
+        let client = client.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let pool = pool.clone();
+                let client = client.clone();
+                async move { Ok::<_, Infallible>(forward(req, &pool, &client, peer).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
+
+/// Headers that belong to one connection, not to the request or response.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    // hyper frames bodies itself (chunked or sized).
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<RespBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from_static(
+        text.as_bytes(),
+    ))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+async fn forward(
+    req: Request<Incoming>,
+    pool: &Pool,
+    client: &UpstreamClient,
+    peer: SocketAddr,
+) -> Response<RespBody> {
+    let (mut parts, body) = req.into_parts();
+    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    strip_hop_by_hop(&mut parts.headers);
+    let forwarded = match parts
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prior) => format!("{prior}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        parts.headers.insert("x-forwarded-for", v);
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
+
+    // A body we hold in memory can be sent again; a streamed one cannot.
+    let size = body.size_hint().exact();
+    let mut streamed = None;
+    let buffered = if body.is_end_stream() {
+        Some(Bytes::new())
+    } else if !chunked && size.is_some_and(|s| s <= BUFFER_LIMIT) {
+        match body.collect().await {
+            Ok(b) => Some(b.to_bytes()),
+            Err(_) => return plain(StatusCode::BAD_REQUEST, "request body could not be read\n"),
+        }
+    } else {
+        streamed = Some(body);
+        None
+    };
+    let retry_any_error = idempotent(&parts.method);
+
+    let mut tried: Vec<u16> = Vec::new();
+    loop {
+        let Some((port, guard)) = pool.pick(&tried) else {
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "no healthy instance\n");
+        };
+        let Ok(uri) = Uri::try_from(format!("http://127.0.0.1:{port}{path}")) else {
+            return plain(StatusCode::BAD_REQUEST, "bad request target\n");
+        };
+        let body = match (&buffered, streamed.take()) {
+            (Some(b), _) => Either::Left(Full::new(b.clone())),
+            (None, Some(s)) => Either::Right(s),
+            (None, None) => return plain(StatusCode::BAD_GATEWAY, "upstream failed\n"),
+        };
+        let mut upstream = Request::new(body);
+        *upstream.method_mut() = parts.method.clone();
+        *upstream.uri_mut() = uri;
+        *upstream.headers_mut() = parts.headers.clone();
+        match client.request(upstream).await {
+            Ok(resp) => {
+                let (mut rparts, rbody) = resp.into_parts();
+                strip_hop_by_hop(&mut rparts.headers);
+                return Response::from_parts(
+                    rparts,
+                    Either::Left(Tracked {
+                        inner: rbody,
+                        _guard: guard,
+                    }),
+                );
+            }
+            Err(e) => {
+                drop(guard);
+                tried.push(port);
+                let again = buffered.is_some()
+                    && (e.is_connect() || retry_any_error)
+                    && tried.len() < 3.max(pool.current().len() + 1);
+                if !again {
+                    return plain(StatusCode::BAD_GATEWAY, "upstream failed\n");
+                }
+            }
+        }
+    }
+}
+
+/// An upstream response body that keeps its request counted in flight until it has
+/// been read to the end (or dropped).
+pub struct Tracked {
+    inner: Incoming,
+    _guard: InFlight,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pick_round_robins_over_healthy_and_counts() {
+        let pool = Pool::default();
+        assert!(pool.pick(&[]).is_none());
+        let a = Upstream::new("a", 1);
+        let b = Upstream::new("b", 2);
+        pool.replace(vec![a.clone(), b.clone()]);
+        let (p1, g1) = pool.pick(&[]).unwrap();
+        let (p2, g2) = pool.pick(&[]).unwrap();
+        assert_ne!(p1, p2);
+        assert_eq!((a.in_flight(), b.in_flight()), (1, 1));
+        drop((g1, g2));
+        assert_eq!((a.in_flight(), b.in_flight()), (0, 0));
+
+        // One failed check keeps it; two in a row take it out; one success brings it back.
+        assert_eq!(b.report(false), None);
+        assert_eq!(b.report(false), Some(false));
+        for _ in 0..4 {
+            assert_eq!(pool.pick(&[]).unwrap().0, 1);
+        }
+        assert_eq!(
+            pool.pick(&[1]).unwrap().0,
+            1,
+            "tried ones are used when nothing else is"
+        );
+        assert_eq!(b.report(true), Some(true));
+
+        let old = pool.replace(vec![Upstream::new("c", 3)]);
+        assert_eq!(old.len(), 2);
+        assert_eq!(pool.pick(&[]).unwrap().0, 3);
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_requests_in_flight() {
+        let pool = Pool::default();
+        let a = Upstream::new("a", 1);
+        pool.replace(vec![a.clone()]);
+        let (_, guard) = pool.pick(&[]).unwrap();
+        let old = pool.replace(vec![]);
+        assert!(!drain(&old, Duration::from_millis(30)).await);
+        let waiter = tokio::spawn(async move { drain(&old, Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(guard);
+        assert!(waiter.await.unwrap());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+}

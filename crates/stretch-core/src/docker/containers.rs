@@ -1,0 +1,448 @@
+//! Containers, for the agent: pull an image, create and start an instance (labels, one
+//! port published on 127.0.0.1 at a random host port, a read-only bind mount), stop,
+//! remove, list by label, inspect, read the last lines of logs, and `exec` a command.
+//!
+//! Published ports are only ever read back from the engine (`inspect`): callers talk
+//! to `127.0.0.1:HOST_PORT`, never to a container's own address on a docker network.
+//! Errors are [`Error::Failed`] with stage `docker` (stage `pull` for pulls) and name
+//! the container or image.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+use bollard::models::{
+    ContainerCreateBody, CreateImageInfo, HostConfig, Mount, MountType, PortBinding, RestartPolicy,
+    RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, ListContainersOptions,
+    LogsOptions, RemoveContainerOptions, StopContainerOptions,
+};
+use futures_util::StreamExt;
+
+use super::{Docker, describe, is_not_found, registry_of, split_reference};
+use crate::log::Log;
+use crate::{Error, Result};
+
+/// How much output of an `exec` is kept (the rest is dropped, the end is kept).
+const EXEC_OUTPUT_LIMIT: usize = 16 * 1024;
+
+/// What to create; see [`Docker::create_container`].
+#[derive(Debug, Clone)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    pub labels: BTreeMap<String, String>,
+    pub env: Vec<String>,
+    /// The port the app listens on inside; published on `127.0.0.1:RANDOM`.
+    pub port: Option<u16>,
+    /// A host folder mounted read-only at `mount_target`.
+    pub mount_source: PathBuf,
+    pub mount_target: String,
+    pub stop_timeout: Option<Duration>,
+}
+
+/// A container as the list or inspect calls see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Docker's state: `created`, `running`, `exited`, …
+    pub state: String,
+    /// Only filled by [`Docker::inspect_container`]: the host port (on 127.0.0.1) of the
+    /// container's first published port, and when it last started.
+    pub host_port: Option<u16>,
+    pub started_at: Option<String>,
+}
+
+impl ContainerInfo {
+    pub fn running(&self) -> bool {
+        self.state == "running"
+    }
+}
+
+/// The result of [`Docker::exec`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub exit_code: i64,
+    /// stdout and stderr interleaved, at most the last 16 KiB.
+    pub output: String,
+}
+
+fn docker_error(what: String, e: &bollard::errors::Error) -> Error {
+    Error::failed("docker", format!("{what}: {}", describe(e)))
+}
+
+impl Docker {
+    /// Pull `reference` from its registry, logging one line per finished layer.
+    /// Returns the image id.
+    pub async fn pull(&self, reference: &str, log: &Log) -> Result<String> {
+        let (repo, tag) = split_reference(reference);
+        let options = CreateImageOptions {
+            from_image: Some(repo.to_string()),
+            tag: Some(tag.to_string()),
+            ..Default::default()
+        };
+        let mut stream = self.inner.create_image(Some(options), None, None);
+        let mut progress = PullProgress::default();
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| {
+                Error::failed(
+                    "pull",
+                    format!(
+                        "pulling {reference} from {}: {}",
+                        registry_of(reference),
+                        describe(&e)
+                    ),
+                )
+            })?;
+            if let Some(line) = progress.update(&info) {
+                log.line(line);
+            }
+        }
+        self.image_id(reference).await?.ok_or_else(|| {
+            Error::failed(
+                "pull",
+                format!("the pulled image {reference} is not in the engine"),
+            )
+        })
+    }
+
+    /// Create (not start) a container; returns its id.
+    pub async fn create_container(&self, spec: &ContainerSpec) -> Result<String> {
+        let exposed = spec.port.map(|p| format!("{p}/tcp"));
+        let port_bindings = exposed.as_ref().map(|key| {
+            HashMap::from([(
+                key.clone(),
+                Some(vec![PortBinding {
+                    host_ip: Some("127.0.0.1".to_string()),
+                    // Empty: the engine picks a free port; read it back with inspect.
+                    host_port: Some(String::new()),
+                }]),
+            )])
+        });
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            labels: Some(spec.labels.clone().into_iter().collect()),
+            env: Some(spec.env.clone()),
+            exposed_ports: exposed.map(|k| vec![k]),
+            stop_timeout: spec.stop_timeout.map(|t| t.as_secs() as i64),
+            host_config: Some(HostConfig {
+                port_bindings,
+                mounts: Some(vec![Mount {
+                    target: Some(spec.mount_target.clone()),
+                    source: Some(spec.mount_source.display().to_string()),
+                    typ: Some(MountType::BIND),
+                    read_only: Some(true),
+                    ..Default::default()
+                }]),
+                // Instances come back after a reboot of the machine; the agent
+                // re-adopts them. A container we stop stays stopped.
+                restart_policy: Some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+                    maximum_retry_count: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions {
+            name: Some(spec.name.clone()),
+            ..Default::default()
+        };
+        let created = self
+            .inner
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| {
+                docker_error(
+                    format!("creating container {} from {}", spec.name, spec.image),
+                    &e,
+                )
+            })?;
+        Ok(created.id)
+    }
+
+    /// Start a created or stopped container. Starting a running one is fine.
+    pub async fn start_container(&self, id: &str) -> Result<()> {
+        match self.inner.start_container(id, None).await {
+            Ok(()) => Ok(()),
+            // 304: already started.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(docker_error(format!("starting container {id}"), &e)),
+        }
+    }
+
+    /// Stop a container: SIGTERM, then SIGKILL after `timeout`. Absent or already
+    /// stopped is fine.
+    pub async fn stop_container(&self, id: &str, timeout: Duration) -> Result<()> {
+        let options = StopContainerOptions {
+            signal: None,
+            t: Some(timeout.as_secs().min(i32::MAX as u64) as i32),
+        };
+        match self.inner.stop_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(docker_error(format!("stopping container {id}"), &e)),
+        }
+    }
+
+    /// Remove a container, stopping it first if it runs (`force`). Absent is fine.
+    pub async fn remove_container(&self, id: &str) -> Result<()> {
+        let options = RemoveContainerOptions {
+            force: true,
+            v: true,
+            link: false,
+        };
+        match self.inner.remove_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            // 409: removal already in progress.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409,
+                message,
+            }) if message.contains("already in progress") => Ok(()),
+            Err(e) => Err(docker_error(format!("removing container {id}"), &e)),
+        }
+    }
+
+    /// Every container (running or not) that has all `labels` (`key=value`).
+    pub async fn list_containers(&self, labels: &[(&str, &str)]) -> Result<Vec<ContainerInfo>> {
+        let filter = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([("label".to_string(), filter)])),
+            ..Default::default()
+        };
+        let list = self
+            .inner
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| docker_error("listing containers".to_string(), &e))?;
+        Ok(list
+            .into_iter()
+            .map(|c| ContainerInfo {
+                id: c.id.unwrap_or_default(),
+                name: c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .map(|n| n.trim_start_matches('/').to_string())
+                    .unwrap_or_default(),
+                labels: c.labels.unwrap_or_default().into_iter().collect(),
+                state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+                host_port: None,
+                started_at: None,
+            })
+            .collect())
+    }
+
+    /// A container's state and published port, or `None` if there is no such container.
+    pub async fn inspect_container(&self, id: &str) -> Result<Option<ContainerInfo>> {
+        let c = match self
+            .inner
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(docker_error(format!("inspecting container {id}"), &e)),
+        };
+        let host_port = c
+            .network_settings
+            .as_ref()
+            .and_then(|n| n.ports.as_ref())
+            .and_then(|ports| {
+                ports
+                    .values()
+                    .flatten()
+                    .flatten()
+                    .filter(|b| {
+                        b.host_ip
+                            .as_deref()
+                            .is_none_or(|ip| ip == "127.0.0.1" || ip.is_empty())
+                    })
+                    .find_map(|b| b.host_port.as_deref().and_then(|p| p.parse().ok()))
+            });
+        let state = c.state.as_ref();
+        Ok(Some(ContainerInfo {
+            id: c.id.clone().unwrap_or_default(),
+            name: c
+                .name
+                .as_deref()
+                .unwrap_or_default()
+                .trim_start_matches('/')
+                .to_string(),
+            labels: c
+                .config
+                .as_ref()
+                .and_then(|cfg| cfg.labels.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+            state: state
+                .and_then(|s| s.status)
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            host_port,
+            started_at: state.and_then(|s| s.started_at.clone()),
+        }))
+    }
+
+    /// The last `lines` lines of a container's output (stdout and stderr), for error
+    /// messages; empty if they cannot be read.
+    pub async fn logs_tail(&self, id: &str, lines: usize) -> String {
+        let options = LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: lines.to_string(),
+            ..Default::default()
+        };
+        let mut out = String::new();
+        let mut stream = self.inner.logs(id, Some(options));
+        while let Some(Ok(chunk)) = stream.next().await {
+            out.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+        }
+        out.trim_end().to_string()
+    }
+
+    /// Run `cmd` in the running container `id`; waits for it to end and returns its
+    /// exit code and output. A command that cannot start is an error.
+    pub async fn exec(&self, id: &str, cmd: &[String]) -> Result<ExecOutput> {
+        let what = || format!("running `{}` in container {id}", cmd.join(" "));
+        let config = CreateExecOptions {
+            cmd: Some(cmd.to_vec()),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            ..Default::default()
+        };
+        let exec = self
+            .inner
+            .create_exec(id, config)
+            .await
+            .map_err(|e| docker_error(what(), &e))?;
+        let started = self
+            .inner
+            .start_exec(&exec.id, None::<StartExecOptions>)
+            .await
+            .map_err(|e| docker_error(what(), &e))?;
+        let mut output = String::new();
+        if let StartExecResults::Attached {
+            output: mut stream, ..
+        } = started
+        {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| docker_error(what(), &e))?;
+                output.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+                if output.len() > 2 * EXEC_OUTPUT_LIMIT {
+                    let cut = output.len() - EXEC_OUTPUT_LIMIT;
+                    let cut = (cut..output.len())
+                        .find(|i| output.is_char_boundary(*i))
+                        .unwrap_or(cut);
+                    output.drain(..cut);
+                }
+            }
+        }
+        // The output stream ends when the process does; its exit code may still lag.
+        for _ in 0..50 {
+            let inspect = self
+                .inner
+                .inspect_exec(&exec.id)
+                .await
+                .map_err(|e| docker_error(what(), &e))?;
+            if inspect.running != Some(true) {
+                return Ok(ExecOutput {
+                    exit_code: inspect.exit_code.unwrap_or(-1),
+                    output: output.trim_end().to_string(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(Error::failed(
+            "docker",
+            format!("{}: the command did not end", what()),
+        ))
+    }
+}
+
+/// Folds the engine's pull messages into the few lines worth logging.
+#[derive(Default)]
+struct PullProgress {
+    done: usize,
+    last: Option<String>,
+}
+
+impl PullProgress {
+    fn update(&mut self, info: &CreateImageInfo) -> Option<String> {
+        let status = info.status.as_deref()?.trim();
+        let layer = info.id.as_deref().unwrap_or("");
+        let line = match status {
+            // Ticks and intermediate steps of a layer: the compact log skips them.
+            "Waiting" | "Downloading" | "Extracting" | "Verifying Checksum"
+            | "Download complete" | "Pulling fs layer" | "" => return None,
+            "Pull complete" | "Already exists" => {
+                self.done += 1;
+                format!("layer {} ({layer}): {status}", self.done)
+            }
+            s => s.to_string(),
+        };
+        if self.last.as_deref() == Some(line.as_str()) {
+            return None;
+        }
+        self.last = Some(line.clone());
+        Some(line)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(messages: &[(&str, &str)]) -> Vec<String> {
+        let mut p = PullProgress::default();
+        messages
+            .iter()
+            .filter_map(|(id, s)| {
+                p.update(&CreateImageInfo {
+                    id: Some(id.to_string()).filter(|i| !i.is_empty()),
+                    status: Some(s.to_string()),
+                    ..Default::default()
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pull_progress_is_one_line_per_layer() {
+        let lines = feed(&[
+            ("1", "Pulling from shop/web"),
+            ("a1", "Pulling fs layer"),
+            ("b2", "Already exists"),
+            ("a1", "Downloading"),
+            ("a1", "Downloading"),
+            ("a1", "Verifying Checksum"),
+            ("a1", "Download complete"),
+            ("a1", "Extracting"),
+            ("a1", "Pull complete"),
+            ("", "Digest: sha256:abc"),
+            ("", "Status: Downloaded newer image for r/shop/web:1"),
+        ]);
+        assert_eq!(
+            lines,
+            vec![
+                "Pulling from shop/web",
+                "layer 1 (b2): Already exists",
+                "layer 2 (a1): Pull complete",
+                "Digest: sha256:abc",
+                "Status: Downloaded newer image for r/shop/web:1",
+            ]
+        );
+    }
+}
