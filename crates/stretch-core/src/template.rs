@@ -20,18 +20,22 @@ fn environment(undefined: UndefinedBehavior) -> Environment<'static> {
 
 fn template_error(file: &str, text: &str, e: &minijinja::Error) -> Error {
     let line = e.line().unwrap_or(1);
-    let expr = e.range().and_then(|r| text.get(r)).map(str::trim);
-    let (message, column) = match (e.kind(), expr) {
-        (ErrorKind::UndefinedError, Some(expr)) => {
-            let col = e.range().map(|r| text[..r.start].rfind('\n').map_or(r.start, |nl| r.start - nl - 1) + 1);
-            (format!("undefined variable `{expr}`"), col.unwrap_or(1))
-        }
-        _ => {
-            let detail = e.detail().map(|d| format!(": {d}")).unwrap_or_default();
-            (format!("template error ({}){detail}", e.kind()), 1)
-        }
-    };
-    Error::config(file, text, line, column, message, Some("the variables a template can use are listed in SPEC §6".into()))
+    let help = Some("the variables a template can use are listed in SPEC §6".to_string());
+    // The error's range covers the failing lookup (`.missing`); widen it to the whole
+    // dotted name so the message says which variable.
+    let widened = e.range().filter(|r| text.get(r.clone()).is_some()).map(|r| {
+        let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.';
+        let start = text[..r.start].rfind(|c: char| !is_name(c)).map_or(0, |i| i + 1);
+        let end = text[r.end..].find(|c: char| !is_name(c)).map_or(text.len(), |i| r.end + i);
+        start..end
+    });
+    if let (ErrorKind::UndefinedError, Some(r)) = (e.kind(), widened) {
+        let column = text[..r.start].rfind('\n').map_or(r.start, |nl| r.start - nl - 1) + 1;
+        let message = format!("undefined variable `{}`", text[r].trim());
+        return Error::config(file, text, line, column, message, help);
+    }
+    let detail = e.detail().map(|d| format!(": {d}")).unwrap_or_default();
+    Error::config(file, text, line, 1, format!("template error ({}){detail}", e.kind()), help)
 }
 
 /// The application context of one instance (SPEC §6), for container templates.

@@ -23,7 +23,14 @@ pub struct Holder {
 
 /// A held environment lock; released on drop.
 pub struct EnvLock {
-    _file: File,
+    file: File,
+}
+
+impl Drop for EnvLock {
+    fn drop(&mut self) {
+        // A clean exit leaves no holder behind; only a crash leaves a stale line.
+        let _ = self.file.set_len(0);
+    }
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -81,7 +88,7 @@ pub fn lock(home: &Home, env: &str, what: &str, wait: bool, log: &Log) -> Result
     let text = serde_json::to_string(&holder).unwrap_or_default();
     let written = file.set_len(0).and_then(|()| file.rewind()).and_then(|()| file.write_all(text.as_bytes()));
     written.map_err(|e| Error::failed("lock", format!("cannot write `{}`: {e}", path.display())))?;
-    Ok(EnvLock { _file: file })
+    Ok(EnvLock { file })
 }
 
 #[cfg(test)]

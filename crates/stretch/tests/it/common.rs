@@ -133,3 +133,110 @@ impl Ctx {
 pub fn image_cleanup(system: &str) -> stretch_test::PrefixGuard {
     stretch_test::PrefixGuard(format!("{system}/"))
 }
+
+/// A `stretch agent` process on loopback, killed on drop; its containers (found by the
+/// test's unique system label) are removed too.
+pub struct AgentProc {
+    pub addr: String,
+    pub proxy_ip: String,
+    pub data_dir: PathBuf,
+    token_file: PathBuf,
+    child: Option<std::process::Child>,
+    system: String,
+}
+
+static NEXT_IP: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A loopback address of its own for a host's proxies (127.0.0.2 … 127.0.0.254),
+/// spread by process id so parallel test binaries rarely share one.
+pub fn loopback_ip() -> String {
+    let n = NEXT_IP.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let x = (std::process::id() * 7 + n) % 250 + 2;
+    format!("127.0.0.{x}")
+}
+
+impl AgentProc {
+    /// Start an agent with `token` and data in `dir`, labelled for cleanup by `system`.
+    pub fn start(dir: &Path, token: &str, system: &str) -> AgentProc {
+        std::fs::create_dir_all(dir).unwrap();
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, token).unwrap();
+        let mut a = AgentProc {
+            addr: format!("127.0.0.1:{}", stretch_test::free_port()),
+            proxy_ip: loopback_ip(),
+            data_dir: dir.join("data"),
+            token_file,
+            child: None,
+            system: system.to_string(),
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_stretch"))
+            .args(["agent", "--listen", &self.addr, "--proxy-bind", &self.proxy_ip])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start agent");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(&self.addr).is_err() {
+            assert!(std::time::Instant::now() < deadline, "agent at {} did not come up", self.addr);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Kill the agent hard (its instances keep running).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start it again on the same address and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Ids of the running containers of this test's system.
+    pub fn containers(system: &str) -> Vec<String> {
+        let out = stretch_test::docker(&["ps", "-q", "--no-trunc", "--filter", &format!("label=stretch.system={system}")]);
+        out.lines().map(String::from).collect()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+        let out = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &format!("label=stretch.system={}", self.system)])
+            .output();
+        if let Ok(out) = out {
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
+            if !ids.is_empty() {
+                let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+            }
+        }
+    }
+}
+
+/// GET `http://addr/path` with a short timeout: `(status, body)`, or an error text.
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).map_err(|e| e.to_string())?;
+    let status = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| format!("bad response: {buf:?}"))?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}

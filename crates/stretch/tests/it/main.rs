@@ -6,4 +6,5 @@
 mod bad_input;
 mod build;
 mod common;
+mod deploy;
 mod secrets;

@@ -1,0 +1,324 @@
+//! `stretch deploy`, `rollback` and `status` against real agents on loopback, the real
+//! Docker engine and a real registry: zero downtime, switch-back, and every fault the
+//! deploy issue names.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use stretch_test::Registry;
+
+use super::common::*;
+
+const TOKEN: &str = "test-token-0123456789";
+
+/// A system with one web node served by busybox httpd, and `hosts` agents.
+struct World {
+    ctx: Ctx,
+    system: String,
+    agents: Vec<AgentProc>,
+    listen: u16,
+    _registry: Option<Registry>,
+    _images: stretch_test::PrefixGuard,
+}
+
+impl World {
+    fn new(prefix: &str, hosts: usize, use_registry: bool) -> World {
+        let system = unique(prefix);
+        let images = image_cleanup(&system);
+        let registry = use_registry.then(Registry::start);
+        let ctx = Ctx::new();
+        let agents: Vec<AgentProc> =
+            (0..hosts).map(|i| AgentProc::start(&ctx.path().join(format!("agent{i}")), TOKEN, &system)).collect();
+        let listen = stretch_test::free_port();
+        let w = World { ctx, system, agents, listen, _registry: None, _images: images };
+        let reg = registry.as_ref().map(|r| r.addr.clone()).unwrap_or_else(|| "local".into());
+        w.write_system(&reg, "batch: 1", "");
+        w.ctx.write("token", TOKEN);
+        w.ctx.write("app/stretch.yml", "name: web\n");
+        w.ctx.write("app/config.yml", "greeting: \"{{ services.greeting }}\"\n");
+        w.ctx.write("app/container.yml", "port: 8080\nhealth: {path: /health.txt, interval: 100ms, timeout: 8s}\nstop_timeout: 2s\n");
+        w.ctx.write(
+            "app/Dockerfile",
+            format!(
+                "FROM {}\nCOPY www/ /www/\nCMD [\"sh\", \"-c\", \"if grep -q broken /stretch/templates/mode; then exec sleep 3600; fi; sleep $(cat /www/delay); cp /stretch/templates/index.html /www/; exec httpd -f -p 8080 -h /www\"]\n",
+                base_image()
+            ),
+        );
+        w.ctx.write("app/www/health.txt", "ok\n");
+        w.ctx.write("app/www/delay", "0\n");
+        w.ctx.write("app/www/version.txt", "1\n");
+        w.ctx.write("app/templates/index.html.jinja", "release {{ release.id }} {{ config.greeting }} on {{ host.name }}\n");
+        w.ctx.write("app/templates/mode.jinja", "ok\n");
+        World { _registry: registry, ..w }
+    }
+
+    fn write_system(&self, registry: &str, group_extra: &str, env_extra: &str) {
+        let hosts: String = self.agents.iter().enumerate().map(|(i, a)| format!("      h{i}: {{agent: {}}}\n", a.addr)).collect();
+        let names: Vec<String> = (0..self.agents.len()).map(|i| format!("h{i}")).collect();
+        self.ctx.write(
+            "system.yml",
+            format!(
+                "system: {}\nregistry: {registry}\nsources:\n  - path: ./app\nenvironments:\n  production:\n    agent_token_file: ./token\n    services: {{greeting: hello}}\n{env_extra}    hosts:\n{hosts}    groups:\n      web: {{node: web, hosts: [{}], listen: {}, {group_extra}}}\n",
+                self.system,
+                names.join(", "),
+                self.listen
+            ),
+        );
+    }
+
+    fn build(&self) -> String {
+        self.ctx.run(&["build", "--json"]).ok().json()["id"].as_str().unwrap().to_string()
+    }
+
+    /// The next release: bump a file and build.
+    fn next_release(&self, v: u32) -> String {
+        self.ctx.write("app/www/version.txt", format!("{v}\n"));
+        self.build()
+    }
+
+    fn proxy(&self, i: usize) -> String {
+        format!("{}:{}", self.agents[i].proxy_ip, self.listen)
+    }
+
+    fn body(&self, release: &str, i: usize) -> String {
+        format!("release {release} hello on h{i}\n")
+    }
+
+    /// Every host serves `release`.
+    #[track_caller]
+    fn assert_serving(&self, release: &str) {
+        for i in 0..self.agents.len() {
+            let got = http_get(&self.proxy(i), "/index.html");
+            assert_eq!(got, Ok((200, self.body(release, i))), "host h{i}");
+        }
+    }
+}
+
+/// Hammers every host's proxy until stopped: (requests, failures, bodies seen).
+struct Hammer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(u64, Vec<String>, std::collections::BTreeSet<String>)>>,
+}
+
+impl Hammer {
+    fn start(addrs: Vec<String>) -> Hammer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = addrs
+            .into_iter()
+            .map(|addr| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let (mut n, mut failures, mut bodies) = (0u64, Vec::new(), std::collections::BTreeSet::new());
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        match http_get(&addr, "/index.html") {
+                            Ok((200, body)) => {
+                                bodies.insert(body);
+                            }
+                            other => failures.push(format!("{addr}: {other:?}")),
+                        }
+                    }
+                    (n, failures, bodies)
+                })
+            })
+            .collect();
+        Hammer { stop, threads }
+    }
+
+    fn finish(self) -> (u64, Vec<String>, std::collections::BTreeSet<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = (0, Vec::new(), std::collections::BTreeSet::new());
+        for t in self.threads {
+            let (n, f, b) = t.join().unwrap();
+            total.0 += n;
+            total.1.extend(f);
+            total.2.extend(b);
+        }
+        total
+    }
+}
+
+#[test]
+fn deploy_and_rollback_three_hosts_without_downtime() {
+    let w = World::new("zdt", 3, true);
+    let r1 = w.build();
+    let out = w.ctx.run(&["deploy", "production"]).ok();
+    assert!(out.stdout.contains(&r1), "{out}");
+    w.assert_serving(&r1);
+    let r2 = w.next_release(2);
+
+    let hammer = Hammer::start((0..3).map(|i| w.proxy(i)).collect());
+    std::thread::sleep(Duration::from_millis(300));
+    w.ctx.run(&["deploy", "production", &r2]).ok();
+    w.assert_serving(&r2);
+    let back = w.ctx.run(&["rollback", "production", "--json"]).ok().json();
+    assert_eq!(back["release"]["id"], r1.as_str());
+    std::thread::sleep(Duration::from_millis(300));
+    let (requests, failures, bodies) = hammer.finish();
+    w.assert_serving(&r1);
+
+    eprintln!("zero downtime: {requests} requests, {} failed, {} distinct bodies", failures.len(), bodies.len());
+    assert!(failures.is_empty(), "{} failed requests, e.g. {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    let allowed: std::collections::BTreeSet<String> =
+        (0..3).flat_map(|i| [w.body(&r1, i), w.body(&r2, i)]).collect();
+    assert!(bodies.is_subset(&allowed), "unexpected bodies: {:?}", bodies.difference(&allowed).collect::<Vec<_>>());
+    assert!(requests > 100, "only {requests} requests");
+
+    // Status and history.
+    let status = w.ctx.run(&["status", "production", "--json"]).ok().json();
+    assert_eq!(status["release"], r1.as_str());
+    for h in status["hosts"].as_array().unwrap() {
+        assert_eq!(h["reachable"], true);
+        assert_eq!(h["groups"][0]["release"], r1.as_str());
+        assert_eq!(h["groups"][0]["healthy"], true);
+    }
+    let history = w.ctx.run(&["history", "production", "--json"]).ok().json();
+    let kinds: Vec<(&str, &str)> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h["kind"].as_str().unwrap(), h["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(kinds, [("rollback", "succeeded"), ("deploy", "succeeded"), ("deploy", "succeeded")]);
+    assert_eq!(history[0]["existing_release"], r2.as_str());
+    // The deploy log is kept, stage by stage.
+    let id = history[1]["id"].to_string();
+    let log = w.ctx.run(&["logs", &id]).ok();
+    for stage in ["pull release", "pre-deploy plugins", "configuration", "push", "change release", "switch buffers", "post-deploy plugins"] {
+        assert!(log.stdout.contains(&format!("[{stage}] ==> {stage}")), "{stage} missing:\n{log}");
+    }
+}
+
+#[test]
+fn unknown_environment_or_release() {
+    let w = World::new("unknown", 1, false);
+    w.build();
+    w.ctx.run(&["deploy", "staging"]).fails(2, &["unknown environment `staging`", "production"]);
+    w.ctx.run(&["deploy", "production", "no-such-release"]).fails(2, &["unknown release `no-such-release`"]);
+    w.ctx.run(&["rollback", "production"]).fails(2, &["no earlier release to roll back to"]);
+    let history = w.ctx.run(&["history", "production", "--json"]).ok().json();
+    assert_eq!(history, serde_json::json!([]));
+}
+
+#[test]
+fn unreachable_agent_fails_before_switching() {
+    let w = World::new("unreach", 2, false);
+    let r1 = w.build();
+    w.ctx.run(&["deploy", "production"]).ok();
+    let r2 = w.next_release(2);
+    // Host h1's agent is gone: nothing is switched anywhere.
+    let dead = format!("127.0.0.1:{}", stretch_test::free_port());
+    let text = std::fs::read_to_string(w.ctx.path().join("system.yml")).unwrap().replace(&w.agents[1].addr, &dead);
+    w.ctx.write("system.yml", text);
+    w.ctx.run(&["deploy", "production", &r2]).fails(1, &["push failed", "no host was switched", "host `h1`", &dead]);
+    assert_eq!(http_get(&w.proxy(0), "/index.html"), Ok((200, w.body(&r1, 0))));
+    let status = w.ctx.run(&["status", "production", "--json"]).ok().json();
+    assert_eq!(status["release"], r1.as_str());
+    assert_eq!(status["hosts"][1]["reachable"], false);
+}
+
+#[test]
+fn wrong_token_changes_nothing() {
+    let w = World::new("token", 1, false);
+    w.build();
+    w.ctx.write("token", "not-the-token");
+    w.ctx.run(&["deploy", "production"]).fails(1, &["host `h0`", "rejected the token"]);
+    w.ctx.write("token", TOKEN);
+    let status = w.ctx.run(&["status", "production", "--json"]).ok().json();
+    assert_eq!(status["hosts"][0]["groups"][0]["release"], serde_json::Value::Null);
+    assert!(AgentProc::containers(&w.system).is_empty());
+}
+
+#[test]
+fn unhealthy_release_switches_back_and_keeps_serving() {
+    let w = World::new("unhealthy", 2, false);
+    let r1 = w.build();
+    w.ctx.run(&["deploy", "production"]).ok();
+    // r2 never becomes healthy on h1 only: h0 switches, h1 fails, h0 goes back.
+    w.ctx.write("app/templates/mode.jinja", "{% if host.name == 'h1' %}broken{% else %}ok{% endif %}\n");
+    w.ctx.write("app/container.yml", "port: 8080\nhealth: {path: /health.txt, interval: 100ms, timeout: 2s}\nstop_timeout: 1s\n");
+    let r2 = w.build();
+    let hammer = Hammer::start(vec![w.proxy(0), w.proxy(1)]);
+    w.ctx.run(&["deploy", "production", &r2]).fails(1, &["change release failed", "host `h1`", "switched back"]);
+    let (requests, failures, _) = hammer.finish();
+    assert!(failures.is_empty(), "{} of {requests} failed: {:?}", failures.len(), &failures[..failures.len().min(3)]);
+    w.assert_serving(&r1);
+    let status = w.ctx.run(&["status", "production", "--json"]).ok().json();
+    assert_eq!(status["release"], r1.as_str());
+    let history = w.ctx.run(&["history", "production", "--json"]).ok().json();
+    assert_eq!(history[0]["status"], "failed");
+}
+
+#[test]
+fn failing_pre_deploy_plugin_touches_no_host() {
+    let w = World::new("predeploy", 1, false);
+    let r1 = w.build();
+    w.ctx.run(&["deploy", "production"]).ok();
+    w.ctx.write("app/stretch.yml", "name: web\nplugins:\n  exec: {pre_deploy: 'echo checking $STRETCH_ENVIRONMENT $STRETCH_KIND; exit 5'}\n");
+    let r2 = w.build();
+    let before = AgentProc::containers(&w.system);
+    w.ctx.run(&["deploy", "production", &r2]).fails(1, &["pre_deploy plugins failed", "exited with status 5", "checking production deploy"]);
+    assert_eq!(AgentProc::containers(&w.system), before);
+    w.assert_serving(&r1);
+}
+
+#[test]
+fn undefined_template_variable_names_file_and_variable() {
+    let w = World::new("undef", 1, false);
+    w.ctx.write("app/config.yml", "greeting: \"{{ services.nope }}\"\n");
+    w.build();
+    w.ctx.run(&["deploy", "production"]).fails(2, &["config.yml", "undefined variable `services.nope`"]);
+    w.ctx.write("app/config.yml", "greeting: hi\n");
+    w.ctx.write("app/templates/index.html.jinja", "{{ config.missing.deeper }}\n");
+    w.build();
+    w.ctx.run(&["deploy", "production"]).fails(2, &["templates/index.html.jinja", "undefined variable `config.missing.deeper`"]);
+    assert!(AgentProc::containers(&w.system).is_empty());
+}
+
+#[test]
+fn two_deploys_at_once_and_agent_killed_mid_deploy() {
+    let mut w = World::new("lock", 1, false);
+    let r1 = w.build();
+    w.ctx.run(&["deploy", "production"]).ok();
+    // r2 takes a while to become healthy.
+    w.ctx.write("app/www/delay", "3\n");
+    let r2 = w.build();
+    let slow = std::process::Command::new(env!("CARGO_BIN_EXE_stretch"))
+        .args(["deploy", "production", &r2])
+        .current_dir(w.ctx.path())
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // A second deploy fails at once, naming the holder.
+    w.ctx.run(&["deploy", "production", &r1]).fails(1, &["environment `production` is locked by deploy of", "since"]);
+    // Kill the agent mid-switch; the deploy fails; after a restart the host serves r1.
+    w.agents[0].kill();
+    let out = slow.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    w.agents[0].restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http_get(&w.proxy(0), "/index.html") != Ok((200, w.body(&r1, 0))) {
+        assert!(std::time::Instant::now() < deadline, "h0 does not serve r1 after restart");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = w.ctx.run(&["status", "production", "--json"]).ok().json();
+    assert_eq!(status["release"], r1.as_str());
+    // Deploying again converges; `--wait` queues behind a running deploy.
+    w.ctx.write("app/www/delay", "1\n");
+    let r3 = w.build();
+    let first = std::process::Command::new(env!("CARGO_BIN_EXE_stretch"))
+        .args(["deploy", "production", &r3])
+        .current_dir(w.ctx.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    w.ctx.run(&["deploy", "production", &r3, "--wait"]).ok();
+    assert!(first.wait_with_output().unwrap().status.success());
+    w.assert_serving(&r3);
+}
