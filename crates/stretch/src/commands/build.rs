@@ -1,6 +1,10 @@
 //! `stretch build`: run the build step and print the release.
 
 use stretch_core::build::{self, BuildOptions};
+use stretch_core::deploy::{self, DeployRequest, Kind};
+use stretch_core::home::Home;
+use stretch_core::store::Store;
+use stretch_core::system::System;
 use stretch_core::log::Log;
 use stretch_core::store::RunSink;
 use stretch_core::{Error, Result};
@@ -59,7 +63,7 @@ pub async fn run(args: BuildArgs, settings: &Settings, printer: &Printer) -> Res
                     printer.info(format!("  image {i}"));
                 }
             }
-            Ok(())
+            auto_deploy(&system, &home, &store, &r.id, printer).await
         }
         Err(e) => {
             // Bad input changes nothing, not even the history; a failed stage is recorded.
@@ -72,4 +76,25 @@ pub async fn run(args: BuildArgs, settings: &Settings, printer: &Printer) -> Res
             Err(e)
         }
     }
+}
+
+/// Deploy a new release to every `auto_deploy` environment not already running it.
+async fn auto_deploy(system: &System, home: &Home, store: &Store, id: &str, printer: &Printer) -> Result<()> {
+    for (name, env) in &system.spec.environments {
+        if !env.auto_deploy {
+            continue;
+        }
+        let current = store.environment(name)?.and_then(|e| e.release);
+        if current.as_deref() == Some(id) {
+            continue;
+        }
+        printer.info(format!("auto_deploy: deploying {id} to `{name}`"));
+        let req = DeployRequest { environment: name.clone(), release: Some(id.to_string()), kind: Kind::Deploy, wait: true };
+        let log = Log::new(vec![printer.progress()]);
+        deploy::deploy(system, home, store, &req, &log).await?;
+        if !printer.json {
+            printer.out(format!("deployed: {id} is live on `{name}`"));
+        }
+    }
+    Ok(())
 }

@@ -322,3 +322,60 @@ fn two_deploys_at_once_and_agent_killed_mid_deploy() {
     assert!(first.wait_with_output().unwrap().status.success());
     w.assert_serving(&r3);
 }
+
+#[test]
+fn plugins_migrations_and_auto_deploy() {
+    let mut w = World::new("plugins", 1, false);
+    w.write_system("local", "batch: 1", "    auto_deploy: true\n");
+    let log = w.ctx.path().join("plugins.log");
+    w.ctx.env.push(("LOG".into(), log.display().to_string()));
+    w.ctx.write(
+        "app/stretch.yml",
+        "name: web\nplugins:\n  - migrations: {path: migrations, up: 'echo up $STRETCH_MIGRATIONS_TARGET >> $LOG', down: 'echo down to $STRETCH_MIGRATIONS_TARGET with $(ls | tail -n 1) >> $LOG'}\n  - audit: {level: 1}\n",
+    );
+    w.ctx.write("app/migrations/0001-init.sql", "create table t;\n");
+    let audit = w.ctx.write(
+        "app/plugins/audit",
+        "#!/bin/sh\nin=$(cat)\necho \"$STRETCH_HOOK ${STRETCH_KIND:-none} ${STRETCH_ENVIRONMENT:-none} $STRETCH_RELEASE_ID ${STRETCH_EXISTING_RELEASE_ID:-none}\" >> \"$LOG\"\necho \"$in\" > \"$LOG.$STRETCH_HOOK.json\"\n",
+    );
+    std::fs::set_permissions(&audit, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    // A build deploys by itself to the auto_deploy environment.
+    let out = w.ctx.run(&["build", "--json"]).ok();
+    let r1 = out.json()["id"].as_str().unwrap().to_string();
+    w.assert_serving(&r1);
+    w.ctx.write("app/migrations/0002-more.sql", "alter table t;\n");
+    let r2 = w.build();
+    w.assert_serving(&r2);
+    w.ctx.run(&["rollback", "production"]).ok();
+    w.assert_serving(&r1);
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("build none none {r1} none").as_str(),
+            "up 0001",
+            format!("pre_deploy deploy production {r1} none").as_str(),
+            format!("post_deploy deploy production {r1} none").as_str(),
+            format!("build none none {r2} none").as_str(),
+            "up 0002",
+            format!("pre_deploy deploy production {r2} {r1}").as_str(),
+            format!("post_deploy deploy production {r2} {r1}").as_str(),
+            format!("pre_deploy rollback production {r1} {r2}").as_str(),
+            "down to 0001 with 0002-more.sql",
+            format!("post_deploy rollback production {r1} {r2}").as_str(),
+        ]
+    );
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{}.post_deploy.json", log.display())).unwrap()).unwrap();
+    assert_eq!(doc["hook"], "post_deploy");
+    assert_eq!(doc["plugin"], "audit");
+    assert_eq!(doc["options"], serde_json::json!({"level": 1}));
+    assert_eq!(doc["kind"], "rollback");
+    assert_eq!(doc["environment"], "production");
+    assert_eq!(doc["node"], "web");
+    assert_eq!(doc["release"]["id"], r1.as_str());
+    assert_eq!(doc["existing_release"]["id"], r2.as_str());
+    w.agents.truncate(1);
+}
