@@ -36,6 +36,8 @@ pub struct ContainerSpec {
     pub image: String,
     pub labels: BTreeMap<String, String>,
     pub env: Vec<String>,
+    /// The command, instead of the image's `CMD` (none: the image's).
+    pub cmd: Option<Vec<String>>,
     /// The port the app listens on inside; published on `127.0.0.1:RANDOM`.
     pub port: Option<u16>,
     /// A host folder mounted read-only at `mount_target`.
@@ -128,6 +130,7 @@ impl Docker {
             image: Some(spec.image.clone()),
             labels: Some(spec.labels.clone().into_iter().collect()),
             env: Some(spec.env.clone()),
+            cmd: spec.cmd.clone(),
             exposed_ports: exposed.map(|k| vec![k]),
             stop_timeout: spec.stop_timeout.map(|t| t.as_secs() as i64),
             host_config: Some(HostConfig {
@@ -403,7 +406,183 @@ impl PullProgress {
 
 #[cfg(test)]
 mod tests {
+    use std::process::Command;
+
+    use stretch_test::{ImageGuard, Registry, base_image, http_get, unique, write};
+
     use super::*;
+
+    /// Removes a container by name when dropped, even if the test failed.
+    struct ContainerGuard(String);
+
+    impl Drop for ContainerGuard {
+        fn drop(&mut self) {
+            let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
+        }
+    }
+
+    #[tokio::test]
+    async fn container_lifecycle() {
+        let docker = Docker::connect().await.unwrap();
+        let name = unique("stretch-core-ctr");
+        let _guard = ContainerGuard(name.clone());
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "index.html", "hello from the mount");
+        let label = unique("label");
+        let spec = ContainerSpec {
+            name: name.clone(),
+            image: base_image(),
+            labels: BTreeMap::from([("stretch.test".to_string(), label.clone())]),
+            env: vec!["GREETING=hi".to_string()],
+            cmd: Some(
+                ["httpd", "-f", "-p", "8080", "-h", "/stretch"]
+                    .map(String::from)
+                    .to_vec(),
+            ),
+            port: Some(8080),
+            mount_source: dir.path().to_path_buf(),
+            mount_target: "/stretch".to_string(),
+            stop_timeout: Some(Duration::from_secs(1)),
+        };
+        let id = docker.create_container(&spec).await.unwrap();
+        docker.start_container(&id).await.unwrap();
+        docker.start_container(&id).await.unwrap();
+        let info = docker.inspect_container(&id).await.unwrap().unwrap();
+        assert!(info.running(), "{info:?}");
+        assert_eq!(info.name, name);
+        assert_eq!(info.labels.get("stretch.test"), Some(&label));
+        let port = info.host_port.expect("a published port");
+
+        let addr = format!("127.0.0.1:{port}");
+        let mut body = String::new();
+        for _ in 0..100 {
+            if let Ok((200, b)) = http_get(&addr, "/index.html") {
+                body = b;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(body, "hello from the mount");
+
+        let listed = docker
+            .list_containers(&[("stretch.test", &label)])
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].id.as_str(), listed[0].state.as_str()),
+            (id.as_str(), "running")
+        );
+
+        let sh = |script: &str| ["sh", "-c", script].map(String::from).to_vec();
+        let out = docker
+            .exec(
+                &id,
+                &sh("cat /stretch/index.html; echo \" $GREETING\"; echo oops >&2; exit 3"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.exit_code, 3);
+        assert!(out.output.contains("hello from the mount hi"), "{out:?}");
+        assert!(out.output.contains("oops"), "{out:?}");
+        let out = docker
+            .exec(&id, &sh("echo x > /stretch/new"))
+            .await
+            .unwrap();
+        assert_ne!(out.exit_code, 0, "the mount is read-only: {out:?}");
+        let err = docker
+            .exec(&id, &["/no/such/command".to_string()])
+            .await
+            .map(|o| o.exit_code);
+        assert!(matches!(err, Err(_) | Ok(126) | Ok(127)), "{err:?}");
+
+        docker
+            .stop_container(&id, Duration::from_secs(1))
+            .await
+            .unwrap();
+        let info = docker.inspect_container(&id).await.unwrap().unwrap();
+        assert_eq!(info.state, "exited");
+        docker
+            .stop_container(&id, Duration::from_secs(1))
+            .await
+            .unwrap();
+        docker.remove_container(&id).await.unwrap();
+        assert_eq!(docker.inspect_container(&id).await.unwrap(), None);
+        docker.remove_container(&id).await.unwrap();
+        docker
+            .stop_container(&id, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(
+            docker
+                .list_containers(&[("stretch.test", &label)])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn failing_start_names_the_container() {
+        let docker = Docker::connect().await.unwrap();
+        let name = unique("stretch-core-ctr");
+        let _guard = ContainerGuard(name.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ContainerSpec {
+            name: name.clone(),
+            image: base_image(),
+            labels: BTreeMap::new(),
+            env: Vec::new(),
+            cmd: Some(vec!["/no/such/binary".to_string()]),
+            port: None,
+            mount_source: dir.path().to_path_buf(),
+            mount_target: "/stretch".to_string(),
+            stop_timeout: None,
+        };
+        let id = docker.create_container(&spec).await.unwrap();
+        let err = docker.start_container(&id).await.unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("docker failed: starting container {id}: ")),
+            "{err}"
+        );
+        let err = docker
+            .create_container(&spec)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("creating container {name}")), "{err}");
+    }
+
+    #[tokio::test]
+    async fn pull_from_a_registry() {
+        let docker = Docker::connect().await.unwrap();
+        let registry = Registry::start();
+        let reference = format!("{}/{}/app:1", registry.addr, unique("stretch-core-pull"));
+        let _guard = ImageGuard(vec![reference.clone()]);
+        docker.tag(&base_image(), &reference).await.unwrap();
+        docker.push(&reference, &Log::null()).await.unwrap();
+        docker.remove_image(&reference).await.unwrap();
+        let memory = std::sync::Arc::new(crate::log::Memory::default());
+        let log = Log::new(vec![memory.clone()]);
+        let id = docker.pull(&reference, &log).await.unwrap();
+        assert_eq!(docker.image_id(&reference).await.unwrap(), Some(id));
+        let lines = memory.0.lock().unwrap().len();
+        assert!(lines > 0 && lines < 10, "compact progress: {lines} lines");
+
+        let missing = format!("{}/{}/none:1", registry.addr, unique("stretch-core-pull"));
+        let err = docker
+            .pull(&missing, &Log::null())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!(
+                "pull failed: pulling {missing} from {}",
+                registry.addr
+            )),
+            "{err}"
+        );
+    }
 
     fn feed(messages: &[(&str, &str)]) -> Vec<String> {
         let mut p = PullProgress::default();

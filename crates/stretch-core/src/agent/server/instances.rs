@@ -93,6 +93,7 @@ impl Instances<'_> {
                 format!("STRETCH_RELEASE_NAME={}", spec.release.name),
                 format!("STRETCH_INSTANCE={index}"),
             ],
+            cmd: None,
             port: spec.port,
             mount_source: dir.clone(),
             mount_target: MOUNT_TARGET.to_string(),
