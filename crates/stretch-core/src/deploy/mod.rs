@@ -3,6 +3,7 @@
 //! rollback is the same step with kind `rollback`. A host that fails stops the rollout
 //! and every host already switched is switched back.
 
+pub mod apply;
 pub mod buffers;
 pub mod config;
 pub mod lock;

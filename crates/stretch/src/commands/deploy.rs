@@ -1,6 +1,7 @@
 //! `stretch deploy`, `stretch rollback` and `stretch status`.
 
 use stretch_core::agent::client::AgentClient;
+use stretch_core::deploy::apply::{ActionKind, ApplyRequest};
 use stretch_core::deploy::{self, DeployRequest, Kind};
 use stretch_core::log::Log;
 use stretch_core::Result;
@@ -26,6 +27,52 @@ pub async fn deploy(args: DeployArgs, kind: Kind, settings: &Settings, printer: 
         }));
     } else {
         printer.out(format!("{} {} ({}) is live on `{}`", if kind == Kind::Rollback { "rolled back:" } else { "deployed:" }, r.name, r.id, req.environment));
+    }
+    Ok(())
+}
+
+pub async fn apply(env: &str, dry_run: bool, wait: bool, settings: &Settings, printer: &Printer) -> Result<()> {
+    let system = super::load_system(settings)?;
+    let (home, store) = super::open_home(settings)?;
+    let req = ApplyRequest { environment: env.to_string(), dry_run, wait };
+    // The plan is printed before anything changes; progress follows.
+    let log = Log::new(vec![printer.progress()]);
+    let outcome = deploy::apply::apply(&system, &home, &store, &req, &log).await?;
+    if printer.json {
+        printer.json(&outcome);
+        return Ok(());
+    }
+    let plan = &outcome.plan;
+    if let Some(release) = &plan.release {
+        printer.out(format!("environment `{env}` runs release {release}"));
+    }
+    if plan.changes.is_empty() && plan.release.is_some() {
+        printer.out("no changes in its definition");
+    }
+    for c in &plan.changes {
+        let show = |v: &Option<serde_json::Value>| v.as_ref().map(|v| v.to_string()).unwrap_or_default();
+        match c.op {
+            "added" => printer.out(format!("  + {}: {}", c.path, show(&c.new))),
+            "removed" => printer.out(format!("  - {}: {}", c.path, show(&c.old))),
+            _ => printer.out(format!("  ~ {}: {} -> {}", c.path, show(&c.old), show(&c.new))),
+        }
+    }
+    if !plan.actions.is_empty() {
+        printer.out("actions:");
+    }
+    for a in &plan.actions {
+        let (sign, what) = match a.kind {
+            ActionKind::Start => ("+", "start (pull the running release's image)".to_string()),
+            ActionKind::Stop => ("-", "stop".to_string()),
+            ActionKind::Reload => ("~", format!("reload configuration {} -> {}", a.from_config.as_deref().unwrap_or("-"), a.to_config.as_deref().unwrap_or("-"))),
+            ActionKind::Replace => ("~", "replace instances (same image)".to_string()),
+        };
+        printer.out(format!("  {sign} {:<20} {what}", a.target));
+    }
+    if let Some(note) = &outcome.note {
+        printer.info(note);
+    } else if outcome.applied {
+        printer.out(format!("applied: `{env}` converged ({} action(s))", plan.actions.len()));
     }
     Ok(())
 }

@@ -10,20 +10,20 @@ use stretch_test::Registry;
 
 use super::common::*;
 
-const TOKEN: &str = "test-token-0123456789";
+pub const TOKEN: &str = "test-token-0123456789";
 
 /// A system with one web node served by busybox httpd, and `hosts` agents.
-struct World {
-    ctx: Ctx,
-    system: String,
-    agents: Vec<AgentProc>,
-    listen: u16,
+pub struct World {
+    pub ctx: Ctx,
+    pub system: String,
+    pub agents: Vec<AgentProc>,
+    pub listen: u16,
     _registry: Option<Registry>,
     _images: stretch_test::PrefixGuard,
 }
 
 impl World {
-    fn new(prefix: &str, hosts: usize, use_registry: bool) -> World {
+    pub fn new(prefix: &str, hosts: usize, use_registry: bool) -> World {
         let system = unique(prefix);
         let images = image_cleanup(&system);
         let registry = use_registry.then(Registry::start);
@@ -53,7 +53,7 @@ impl World {
         World { _registry: registry, ..w }
     }
 
-    fn write_system(&self, registry: &str, group_extra: &str, env_extra: &str) {
+    pub fn write_system(&self, registry: &str, group_extra: &str, env_extra: &str) {
         let hosts: String = self.agents.iter().enumerate().map(|(i, a)| format!("      h{i}: {{agent: {}}}\n", a.addr)).collect();
         let names: Vec<String> = (0..self.agents.len()).map(|i| format!("h{i}")).collect();
         self.ctx.write(
@@ -67,27 +67,27 @@ impl World {
         );
     }
 
-    fn build(&self) -> String {
+    pub fn build(&self) -> String {
         self.ctx.run(&["build", "--json"]).ok().json()["id"].as_str().unwrap().to_string()
     }
 
     /// The next release: bump a file and build.
-    fn next_release(&self, v: u32) -> String {
+    pub fn next_release(&self, v: u32) -> String {
         self.ctx.write("app/www/version.txt", format!("{v}\n"));
         self.build()
     }
 
-    fn proxy(&self, i: usize) -> String {
+    pub fn proxy(&self, i: usize) -> String {
         format!("{}:{}", self.agents[i].proxy_ip, self.listen)
     }
 
-    fn body(&self, release: &str, i: usize) -> String {
+    pub fn body(&self, release: &str, i: usize) -> String {
         format!("release {release} hello on h{i}\n")
     }
 
     /// Every host serves `release`.
     #[track_caller]
-    fn assert_serving(&self, release: &str) {
+    pub fn assert_serving(&self, release: &str) {
         for i in 0..self.agents.len() {
             let got = http_get(&self.proxy(i), "/index.html");
             assert_eq!(got, Ok((200, self.body(release, i))), "host h{i}");
@@ -96,13 +96,13 @@ impl World {
 }
 
 /// Hammers every host's proxy until stopped: (requests, failures, bodies seen).
-struct Hammer {
+pub struct Hammer {
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<(u64, Vec<String>, std::collections::BTreeSet<String>)>>,
 }
 
 impl Hammer {
-    fn start(addrs: Vec<String>) -> Hammer {
+    pub fn start(addrs: Vec<String>) -> Hammer {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = addrs
             .into_iter()
@@ -126,7 +126,7 @@ impl Hammer {
         Hammer { stop, threads }
     }
 
-    fn finish(self) -> (u64, Vec<String>, std::collections::BTreeSet<String>) {
+    pub fn finish(self) -> (u64, Vec<String>, std::collections::BTreeSet<String>) {
         self.stop.store(true, Ordering::Relaxed);
         let mut total = (0, Vec::new(), std::collections::BTreeSet::new());
         for t in self.threads {
