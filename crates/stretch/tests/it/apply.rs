@@ -28,7 +28,7 @@ fn reloading_world(prefix: &str, hosts: usize) -> World {
     let w = World::new(prefix, hosts, false);
     w.ctx.write(
         "app/container.yml",
-        "port: 8080\nhealth: {path: /health.txt, interval: 100ms, timeout: 8s}\nstop_timeout: 1s\nreload: [sh, -c, 'grep -q ok /stretch/templates/mode && cp /stretch/templates/index.html /www/']\n",
+        "port: 8080\nhealth: {path: /health.txt, interval: 100ms, timeout: 8s}\nstop_timeout: 1s\nreload: [sh, -c, 'grep -qx ok /stretch/templates/mode && cp /stretch/templates/index.html /www/']\n",
     );
     w.ctx.write("app/templates/mode.jinja", "{% if config.greeting == 'fail-reload' %}broken{% else %}ok{% endif %}\n");
     w
