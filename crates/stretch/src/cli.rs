@@ -35,6 +35,10 @@ pub struct GlobalArgs {
     /// Print more (every log line).
     #[arg(short, long, global = true)]
     pub verbose: bool,
+    /// Go through a `stretch serve` at URL instead of the local home (token from
+    /// STRETCH_SERVER_TOKEN); for build, deploy, rollback, apply, releases, history, logs.
+    #[arg(long, global = true, env = "STRETCH_SERVER", value_name = "URL")]
+    pub server: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -59,10 +63,19 @@ pub enum Command {
     Deploy(DeployArgs),
     /// Go back to an earlier release (default: the one before the current).
     Rollback(DeployArgs),
-    /// Where an environment stands: its release, and per host and group what runs.
-    Status {
+    /// Converge an environment on its `system.yml` definition without changing its
+    /// release (config-only deploy).
+    Apply {
         environment: String,
+        /// Show what would change and stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// Wait for a deploy already running on the environment instead of failing.
+        #[arg(long)]
+        wait: bool,
     },
+    /// Where an environment stands: its release, and per host and group what runs.
+    Status { environment: String },
     /// Write a working example system (`stretch build` then `stretch deploy local`).
     Init {
         /// Where to write it (default: the current folder).
@@ -70,6 +83,8 @@ pub enum Command {
     },
     /// Run the agent daemon that manages this host's instances (SPEC §8).
     Agent(AgentArgs),
+    /// Serve the HTTP API and the web view over this home folder (SPEC §9).
+    Serve(ServeArgs),
     /// Age keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -139,4 +154,17 @@ pub struct AgentArgs {
     /// Address the group proxies listen on.
     #[arg(long, value_name = "IP", default_value = "0.0.0.0")]
     pub proxy_bind: std::net::IpAddr,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on, `HOST:PORT`.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: String,
+    /// File holding the accepted token(s), one a line (else env STRETCH_SERVER_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The age identity that builds started through the server decrypt secrets with.
+    #[arg(short, long, env = "STRETCH_IDENTITY", value_name = "FILE")]
+    pub identity: Option<PathBuf>,
 }

@@ -3,6 +3,8 @@
 mod cli;
 mod commands;
 mod printer;
+mod remote;
+mod serve;
 mod settings;
 
 use std::process::ExitCode;

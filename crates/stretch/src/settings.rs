@@ -10,6 +10,8 @@ pub struct Settings {
     pub home: PathBuf,
     pub json: bool,
     pub verbosity: Verbosity,
+    /// `--server URL`: commands that can go through a `stretch serve` do.
+    pub server: Option<crate::remote::Server>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +44,7 @@ impl Settings {
             home,
             json: g.json,
             verbosity,
+            server: g.server.clone().map(crate::remote::Server::from_env),
         }
     }
 }

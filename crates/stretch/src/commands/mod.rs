@@ -8,6 +8,7 @@ mod init;
 mod keys;
 mod runs;
 mod secrets;
+mod serve;
 
 use std::path::Path;
 
@@ -21,6 +22,14 @@ use crate::printer::Printer;
 use crate::settings::Settings;
 
 pub async fn run(command: Command, settings: &Settings, printer: &Printer) -> Result<()> {
+    // `--server URL`: the commands a server offers go through its API instead.
+    let command = match &settings.server {
+        Some(server) => match crate::remote::run(server, command, printer).await? {
+            Some(local) => local,
+            None => return Ok(()),
+        },
+        None => command,
+    };
     match command {
         Command::Build(args) => build::run(args, settings, printer).await,
         Command::Releases => runs::releases(settings, printer),
@@ -28,11 +37,21 @@ pub async fn run(command: Command, settings: &Settings, printer: &Printer) -> Re
             runs::history(environment.as_deref(), settings, printer)
         }
         Command::Logs { id, follow } => runs::logs(id, follow, settings, printer).await,
-        Command::Deploy(a) => deploy::deploy(a, stretch_core::deploy::Kind::Deploy, settings, printer).await,
-        Command::Rollback(a) => deploy::deploy(a, stretch_core::deploy::Kind::Rollback, settings, printer).await,
+        Command::Deploy(a) => {
+            deploy::deploy(a, stretch_core::deploy::Kind::Deploy, settings, printer).await
+        }
+        Command::Rollback(a) => {
+            deploy::deploy(a, stretch_core::deploy::Kind::Rollback, settings, printer).await
+        }
+        Command::Apply {
+            environment,
+            dry_run,
+            wait,
+        } => deploy::apply(&environment, dry_run, wait, settings, printer).await,
         Command::Status { environment } => deploy::status(&environment, settings, printer).await,
         Command::Init { dir } => init::run(dir, printer),
         Command::Agent(a) => agent::run(a).await,
+        Command::Serve(a) => serve::run(a, settings).await,
         Command::Keys(k) => keys::run(k, printer),
         Command::Secrets(s) => secrets::run(s, printer),
     }

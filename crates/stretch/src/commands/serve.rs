@@ -1,0 +1,48 @@
+//! `stretch serve`: the HTTP API and web view over this home folder (SPEC §9), until
+//! SIGTERM/SIGINT. The first line on stderr says where it listens.
+
+use stretch_core::{Error, Result};
+
+use crate::cli::ServeArgs;
+use crate::settings::Settings;
+
+/// The environment variable that may hold the token(s).
+const TOKEN_ENV: &str = "STRETCH_SERVER_TOKEN";
+
+pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
+    let tokens = tokens(&args)?;
+    crate::serve::serve(crate::serve::Options {
+        listen: args.listen,
+        tokens,
+        system_file: settings.system_file.clone(),
+        home: settings.home.clone(),
+        identity: args.identity,
+    })
+    .await
+}
+
+/// Tokens from `--token-file` (one a line), else `STRETCH_SERVER_TOKEN`; at least one.
+fn tokens(args: &ServeArgs) -> Result<Vec<String>> {
+    let text = match &args.token_file {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| {
+            Error::invalid(format!(
+                "cannot read the token file `{}`: {e}",
+                path.display()
+            ))
+        })?,
+        None => std::env::var(TOKEN_ENV).unwrap_or_default(),
+    };
+    let tokens: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(String::from)
+        .collect();
+    if tokens.is_empty() {
+        return Err(Error::invalid_with_help(
+            "`stretch serve` needs a token",
+            format!("pass `--token-file FILE` (one token a line) or set {TOKEN_ENV}"),
+        ));
+    }
+    Ok(tokens)
+}

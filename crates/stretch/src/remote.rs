@@ -1,0 +1,612 @@
+//! `--server URL` (or `STRETCH_SERVER`): `build`, `deploy`, `rollback`, `apply`,
+//! `releases`, `history` and `logs` go through a `stretch serve`'s API instead of the local home,
+//! with the token from `STRETCH_SERVER_TOKEN`. Output and exit codes are the local
+//! commands': progress comes from the run's log stream (SSE), results as text or
+//! `--json`. Other commands run locally as usual.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode, header};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use stretch_core::log::Event;
+use stretch_core::store::LogLine;
+use stretch_core::{Error, Result};
+
+use crate::cli::{BuildArgs, Command, DeployArgs};
+use crate::printer::Printer;
+
+/// The environment variable holding the server's token.
+const TOKEN_ENV: &str = "STRETCH_SERVER_TOKEN";
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub url: String,
+    pub token: Option<String>,
+}
+
+impl Server {
+    pub fn from_env(url: String) -> Server {
+        let token = std::env::var(TOKEN_ENV)
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty());
+        Server { url, token }
+    }
+}
+
+/// Run `command` through the server; give it back when it is one to run locally.
+pub async fn run(server: &Server, command: Command, printer: &Printer) -> Result<Option<Command>> {
+    let client = || Client::new(server);
+    match command {
+        Command::Build(args) => build(&client()?, args, printer).await?,
+        Command::Deploy(args) => deploy(&client()?, args, "deploy", printer).await?,
+        Command::Rollback(args) => deploy(&client()?, args, "rollback", printer).await?,
+        Command::Apply {
+            environment,
+            dry_run,
+            wait,
+        } => apply(&client()?, &environment, dry_run, wait, printer).await?,
+        Command::Releases => releases(&client()?, printer).await?,
+        Command::History { environment } => {
+            history(&client()?, environment.as_deref(), printer).await?
+        }
+        Command::Logs { id, follow } => logs(&client()?, id, follow, printer).await?,
+        other => return Ok(Some(other)),
+    }
+    Ok(None)
+}
+
+struct Client {
+    base: String,
+    authorization: Option<String>,
+    http: HyperClient<HttpConnector, Full<Bytes>>,
+}
+
+/// Percent-encode one path segment or query value.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Client {
+    fn new(server: &Server) -> Result<Client> {
+        let url = server.url.trim().trim_end_matches('/');
+        if url.starts_with("https://") {
+            return Err(Error::invalid_with_help(
+                format!("`--server {url}`: the CLI speaks plain http only"),
+                "reach the server over http on a trusted network or through an SSH tunnel",
+            ));
+        }
+        let base = if url.starts_with("http://") {
+            url.to_string()
+        } else {
+            format!("http://{url}")
+        };
+        if server.token.is_none() {
+            return Err(Error::invalid_with_help(
+                format!("`--server {url}` needs a token"),
+                format!("set {TOKEN_ENV} to one of the server's tokens"),
+            ));
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        Ok(Client {
+            base,
+            authorization: server.token.as_ref().map(|t| format!("Bearer {t}")),
+            http: HyperClient::builder(TokioExecutor::new()).build(connector),
+        })
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>> {
+        let url = format!("{}{path}", self.base);
+        let mut req = Request::builder().method(method).uri(&url);
+        if let Some(a) = &self.authorization {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        let data = match body {
+            Some(b) => {
+                req = req.header(header::CONTENT_TYPE, "application/json");
+                Bytes::from(b.to_string())
+            }
+            None => Bytes::new(),
+        };
+        let req = req
+            .body(Full::new(data))
+            .map_err(|e| Error::invalid(format!("`--server`: bad URL `{url}`: {e}")))?;
+        self.http.request(req).await.map_err(|e| {
+            Error::failed(
+                "server",
+                format!("cannot reach the server at {}: {e}", self.base),
+            )
+        })
+    }
+
+    /// A JSON call: the status and body, or the error the server gave.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value)> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| Error::failed("server", format!("the server's answer broke off: {e}")))?
+            .to_bytes();
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if status.is_success() {
+            Ok((status, value))
+        } else {
+            Err(server_error(status, &value))
+        }
+    }
+
+    async fn get(&self, path: &str) -> Result<Value> {
+        Ok(self.call(Method::GET, path, None).await?.1)
+    }
+
+    /// Follow a run's log until it ends, handing each line to `each`; the `end` event.
+    async fn follow(&self, run: i64, mut each: impl FnMut(LogLine)) -> Result<Value> {
+        let resp = self
+            .send(Method::GET, &format!("/api/runs/{run}/logs?follow=1"), None)
+            .await?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return Err(server_error(
+                status,
+                &serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            ));
+        }
+        let mut body = resp.into_body();
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|e| Error::failed("server", format!("the log stream broke off: {e}")))?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            buf.extend_from_slice(data);
+            // Events end with a blank line.
+            while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = buf.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&event);
+                let (mut kind, mut data) = ("message", String::new());
+                for line in text.lines() {
+                    if let Some(k) = line.strip_prefix("event:") {
+                        kind = if k.trim() == "end" {
+                            "end"
+                        } else if k.trim() == "line" {
+                            "line"
+                        } else {
+                            "other"
+                        };
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        data.push_str(d.strip_prefix(' ').unwrap_or(d));
+                    }
+                }
+                match kind {
+                    "line" => {
+                        if let Ok(l) = serde_json::from_str::<LogLine>(&data) {
+                            each(l);
+                        }
+                    }
+                    "end" => return Ok(serde_json::from_str(&data).unwrap_or(Value::Null)),
+                    _ => {}
+                }
+            }
+        }
+        Err(Error::failed(
+            "server",
+            "the server closed the log stream before the run ended",
+        ))
+    }
+}
+
+/// The server's error answer as the CLI's error: bad input exit 2, else exit 1.
+fn server_error(status: StatusCode, body: &Value) -> Error {
+    let message = body["error"]
+        .as_str()
+        .map(String::from)
+        .unwrap_or_else(|| format!("the server answered {status}"));
+    let help = body["help"].as_str().map(String::from);
+    match status {
+        StatusCode::UNAUTHORIZED => Error::invalid_with_help(
+            format!("the server rejected the token: {message}"),
+            format!("set {TOKEN_ENV} to one of the server's tokens"),
+        ),
+        StatusCode::CONFLICT => Error::Failed {
+            stage: "lock".into(),
+            message,
+            help,
+        },
+        s if s.is_client_error() => Error::Invalid { message, help },
+        _ => Error::Failed {
+            stage: "server".into(),
+            message,
+            help,
+        },
+    }
+}
+
+/// Show a log line as the local progress printer would.
+fn show(printer: &Printer, l: &LogLine) {
+    let event = if let Some(stage) = l.text.strip_prefix("==> ") {
+        Event::StageStarted {
+            stage: stage.to_string(),
+        }
+    } else if let Some((stage, ok, secs)) = finished(&l.text) {
+        Event::StageFinished {
+            stage,
+            elapsed: Duration::from_secs_f64(secs),
+            ok,
+        }
+    } else {
+        Event::Line {
+            stage: l.stage.clone(),
+            text: l.text.clone(),
+        }
+    };
+    stretch_core::log::Sink::event(printer, &event);
+}
+
+/// `<== STAGE done in 1.23s` → (stage, ok, seconds).
+fn finished(text: &str) -> Option<(String, bool, f64)> {
+    let rest = text.strip_prefix("<== ")?;
+    let (head, secs) = rest.rsplit_once(" in ")?;
+    let secs: f64 = secs.strip_suffix('s')?.parse().ok()?;
+    if let Some(stage) = head.strip_suffix(" done") {
+        return Some((stage.to_string(), true, secs));
+    }
+    head.strip_suffix(" failed")
+        .map(|s| (s.to_string(), false, secs))
+}
+
+/// A finished run that did not succeed, as the CLI's error.
+fn run_error(detail: &Value, what: &str) -> Error {
+    let text = detail["error"].as_str().unwrap_or("").to_string();
+    let help = detail["help"].as_str().map(String::from);
+    if detail["status"] == "invalid" {
+        return Error::Invalid {
+            message: text,
+            help,
+        };
+    }
+    // The stored error reads `STAGE failed: MESSAGE`.
+    match text.split_once(" failed: ") {
+        Some((stage, message)) => Error::Failed {
+            stage: stage.to_string(),
+            message: message.to_string(),
+            help,
+        },
+        None => Error::Failed {
+            stage: what.to_string(),
+            message: if text.is_empty() {
+                format!("run ended {}", detail["status"])
+            } else {
+                text
+            },
+            help,
+        },
+    }
+}
+
+async fn build(c: &Client, args: BuildArgs, printer: &Printer) -> Result<()> {
+    let mut sources = BTreeMap::new();
+    for s in &args.sources {
+        let (name, git_ref) = s
+            .split_once('=')
+            .filter(|(n, r)| !n.is_empty() && !r.is_empty())
+            .ok_or_else(|| Error::invalid(format!("`--source {s}`: expected `NAME=REF`")))?;
+        sources.insert(name.to_string(), git_ref.to_string());
+    }
+    if args.identity.is_some() {
+        printer.info(
+            "note: the server decrypts secrets with its own identity (`stretch serve --identity`)",
+        );
+    }
+    let (_, started) = c
+        .call(
+            Method::POST,
+            "/api/builds",
+            Some(&json!({ "sources": sources })),
+        )
+        .await?;
+    let run = started["run"]
+        .as_i64()
+        .ok_or_else(|| Error::failed("server", "the server did not say which run"))?;
+    printer.info(format!("build started on the server: run {run}"));
+    c.follow(run, |l| show(printer, &l)).await?;
+    let detail = c.get(&format!("/api/runs/{run}")).await?;
+    if detail["status"] != "succeeded" {
+        return Err(run_error(&detail, "build"));
+    }
+    let id = detail["release"].as_str().unwrap_or_default();
+    let r = c.get(&format!("/api/releases/{}", encode(id))).await?;
+    let reused = detail["reused"].as_bool().unwrap_or(false);
+    if printer.json {
+        printer.json(&json!({
+            "id": r["id"], "name": r["name"], "created_at": r["created_at"],
+            "images": r["images"], "sources": r["sources"], "reused": reused,
+        }));
+    } else {
+        let verb = if reused { "unchanged:" } else { "built" };
+        printer.out(format!(
+            "{verb} release {} ({})",
+            r["id"].as_str().unwrap_or(""),
+            r["name"].as_str().unwrap_or("")
+        ));
+        for i in r["images"].as_array().into_iter().flatten() {
+            printer.info(format!("  image {}", i.as_str().unwrap_or("")));
+        }
+    }
+    Ok(())
+}
+
+/// Start a job on an environment; with `wait`, ask again while it is busy (the server
+/// never queues a job).
+async fn start_on(
+    c: &Client,
+    path: &str,
+    body: &Value,
+    wait: bool,
+    printer: &Printer,
+) -> Result<(StatusCode, Value)> {
+    let mut waiting = false;
+    loop {
+        match c.call(Method::POST, path, Some(body)).await {
+            Err(Error::Failed { stage, message, .. }) if stage == "lock" && wait => {
+                if !waiting {
+                    printer.info(format!("waiting: {message}"));
+                    waiting = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn deploy(c: &Client, args: DeployArgs, kind: &str, printer: &Printer) -> Result<()> {
+    let path = format!("/api/environments/{}/{kind}", encode(&args.environment));
+    let body = json!({ "release": args.release });
+    let (_, started) = start_on(c, &path, &body, args.wait, printer).await?;
+    let run = started["run"]
+        .as_i64()
+        .ok_or_else(|| Error::failed("server", "the server did not say which run"))?;
+    c.follow(run, |l| show(printer, &l)).await?;
+    let detail = c.get(&format!("/api/runs/{run}")).await?;
+    if detail["status"] != "succeeded" {
+        return Err(run_error(&detail, kind));
+    }
+    let name_of = |id: &Value| {
+        let id = id.as_str().map(String::from);
+        async move {
+            match id {
+                Some(id) => c
+                    .get(&format!("/api/releases/{}", encode(&id)))
+                    .await
+                    .ok()
+                    .map(|r| json!({"id": r["id"], "name": r["name"]})),
+                None => None,
+            }
+        }
+    };
+    let release = name_of(&detail["release"]).await.unwrap_or(Value::Null);
+    let existing = name_of(&detail["existing_release"]).await;
+    if printer.json {
+        printer.json(&json!({
+            "run": run, "kind": kind, "environment": args.environment,
+            "release": release, "existing_release": existing,
+        }));
+    } else {
+        printer.out(format!(
+            "{} {} ({}) is live on `{}`",
+            if kind == "rollback" {
+                "rolled back:"
+            } else {
+                "deployed:"
+            },
+            release["name"].as_str().unwrap_or(""),
+            release["id"].as_str().unwrap_or(""),
+            args.environment
+        ));
+    }
+    Ok(())
+}
+
+async fn apply(c: &Client, env: &str, dry_run: bool, wait: bool, printer: &Printer) -> Result<()> {
+    let path = format!("/api/environments/{}/apply", encode(env));
+    let (status, started) =
+        start_on(c, &path, &json!({ "dry_run": dry_run }), wait, printer).await?;
+    // 200: nothing ran (a dry run, nothing to apply): the answer is the outcome itself.
+    let outcome = if status == StatusCode::ACCEPTED {
+        let run = started["run"]
+            .as_i64()
+            .ok_or_else(|| Error::failed("server", "the server did not say which run"))?;
+        c.follow(run, |l| show(printer, &l)).await?;
+        let detail = c.get(&format!("/api/runs/{run}")).await?;
+        if detail["status"] != "succeeded" {
+            return Err(run_error(&detail, "apply"));
+        }
+        detail["result"].clone()
+    } else {
+        started
+    };
+    if printer.json {
+        printer.json(&outcome);
+        return Ok(());
+    }
+    let plan = &outcome["plan"];
+    if let Some(release) = plan["release"].as_str() {
+        printer.out(format!("environment `{env}` runs release {release}"));
+    }
+    let changes = plan["changes"].as_array().cloned().unwrap_or_default();
+    if changes.is_empty() && plan["release"].is_string() {
+        printer.out("no changes in its definition");
+    }
+    let show = |v: &Value| {
+        if v.is_null() {
+            String::new()
+        } else {
+            v.to_string()
+        }
+    };
+    for ch in &changes {
+        let p = ch["path"].as_str().unwrap_or("");
+        match ch["op"].as_str().unwrap_or("") {
+            "added" => printer.out(format!("  + {p}: {}", show(&ch["new"]))),
+            "removed" => printer.out(format!("  - {p}: {}", show(&ch["old"]))),
+            _ => printer.out(format!(
+                "  ~ {p}: {} -> {}",
+                show(&ch["old"]),
+                show(&ch["new"])
+            )),
+        }
+    }
+    let actions = plan["actions"].as_array().cloned().unwrap_or_default();
+    if !actions.is_empty() {
+        printer.out("actions:");
+    }
+    for a in &actions {
+        let target = a["target"].as_str().unwrap_or("");
+        let (sign, what) = match a["kind"].as_str().unwrap_or("") {
+            "start" => ("+", "start (pull the running release's image)".to_string()),
+            "stop" => ("-", "stop".to_string()),
+            "reload" => (
+                "~",
+                format!(
+                    "reload configuration {} -> {}",
+                    a["from_config"].as_str().unwrap_or("-"),
+                    a["to_config"].as_str().unwrap_or("-")
+                ),
+            ),
+            _ => ("~", "replace instances (same image)".to_string()),
+        };
+        printer.out(format!("  {sign} {target:<20} {what}"));
+    }
+    if let Some(note) = outcome["note"].as_str() {
+        printer.info(note);
+    } else if outcome["applied"] == true {
+        printer.out(format!(
+            "applied: `{env}` converged ({} action(s))",
+            actions.len()
+        ));
+    }
+    Ok(())
+}
+
+async fn releases(c: &Client, printer: &Printer) -> Result<()> {
+    let list = c.get("/api/releases").await?;
+    if printer.json {
+        printer.json(&list);
+        return Ok(());
+    }
+    let list = list.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        printer.info("no releases yet: run `stretch build`");
+    }
+    for r in &list {
+        let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+        printer.out(format!(
+            "{}  {:<24} {}",
+            s("id"),
+            s("name"),
+            s("created_at")
+        ));
+    }
+    Ok(())
+}
+
+async fn history(c: &Client, environment: Option<&str>, printer: &Printer) -> Result<()> {
+    let path = match environment {
+        Some(e) => format!("/api/history?environment={}", encode(e)),
+        None => "/api/history".to_string(),
+    };
+    let runs = c.get(&path).await?;
+    if printer.json {
+        printer.json(&runs);
+        return Ok(());
+    }
+    let runs = runs.as_array().cloned().unwrap_or_default();
+    if runs.is_empty() {
+        printer.info("no builds or deploys yet");
+    }
+    for r in &runs {
+        let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
+        printer.out(format!(
+            "{:>4}  {:<8} {:<12} {:<20} {:<20} {:<9} {}  {}",
+            r["id"],
+            s("kind"),
+            s("environment"),
+            s("release"),
+            s("existing_release"),
+            s("status"),
+            s("started_at"),
+            s("ended_at")
+        ));
+    }
+    Ok(())
+}
+
+async fn logs(c: &Client, id: i64, follow: bool, printer: &Printer) -> Result<()> {
+    let print = |l: &LogLine| {
+        if printer.json {
+            printer.out(serde_json::to_string(l).unwrap_or_default());
+        } else {
+            printer.out(format!("{} [{}] {}", l.at, l.stage, l.text));
+        }
+    };
+    if follow {
+        c.follow(id, |l| print(&l)).await?;
+        return Ok(());
+    }
+    let lines: Vec<LogLine> =
+        serde_json::from_value(c.get(&format!("/api/runs/{id}/logs")).await?).unwrap_or_default();
+    lines.iter().for_each(print);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_lines() {
+        assert_eq!(
+            finished("<== pull done in 1.50s"),
+            Some(("pull".into(), true, 1.5))
+        );
+        assert_eq!(
+            finished("<== change release failed in 0.20s"),
+            Some(("change release".into(), false, 0.2))
+        );
+        assert_eq!(finished("<== nope"), None);
+        assert_eq!(encode("a b/é"), "a%20b%2F%C3%A9");
+    }
+}

@@ -1,0 +1,418 @@
+//! The JSON API under `/api/` (described by `openapi.json`, served at
+//! `/api/openapi.json`), and the log stream: `GET /api/runs/{id}/logs?follow=1` sends
+//! Server-Sent Events read from the store by `seq`, so runs started by the CLI in
+//! another process stream as well as the server's own.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+use stretch_core::Error;
+use stretch_core::deploy::Kind;
+
+use super::jobs::{self, Started};
+use super::{Shared, view};
+
+/// How often a follower looks for new lines when the last look found none.
+const POLL: Duration = Duration::from_millis(100);
+
+/// An error answer: `{"error": message, "help": …}` with a status that says what kind.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub help: Option<String>,
+    /// For 409: who holds the environment's lock and since when.
+    pub holder: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            help: None,
+            holder: None,
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> ApiError {
+        let help = jobs::help_of(&e);
+        let status = match &e {
+            Error::Failed { stage, .. } if stage == "lock" => StatusCode::CONFLICT,
+            Error::Failed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            // The core says "unknown environment `x`", "unknown release `x`", ….
+            Error::Invalid { message, .. } if message.starts_with("unknown ") => {
+                StatusCode::NOT_FOUND
+            }
+            Error::Invalid { .. } | Error::Config(_) => StatusCode::BAD_REQUEST,
+        };
+        let message = match &e {
+            Error::Failed { message, stage, .. } if stage == "lock" => message.clone(),
+            _ => e.to_string(),
+        };
+        ApiError {
+            status,
+            message,
+            help,
+            holder: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": self.message});
+        if let Some(h) = self.help {
+            body["help"] = json!(h);
+        }
+        if let Some(h) = self.holder {
+            body["holder"] = h;
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+pub fn error_body(status: StatusCode, message: &str, help: Option<&str>) -> Response {
+    ApiError {
+        status,
+        message: message.to_string(),
+        help: help.map(String::from),
+        holder: None,
+    }
+    .into_response()
+}
+
+type ApiResult<T = Json<serde_json::Value>> = Result<T, ApiError>;
+
+pub async fn not_found() -> Response {
+    error_body(
+        StatusCode::NOT_FOUND,
+        "no such page or endpoint",
+        Some("`/api/openapi.json` lists the API"),
+    )
+}
+
+pub async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
+}
+
+/// The system: releases and environments (with per-host health).
+pub async fn system(State(st): State<Shared>) -> ApiResult {
+    let system = st.system()?;
+    let releases: Vec<_> = st
+        .reader
+        .releases()?
+        .iter()
+        .map(view::release_json)
+        .collect();
+    let environments = view::environments(&system, &st.reader, true).await?;
+    Ok(Json(json!({
+        "system": system.name(),
+        "registry": system.spec.registry,
+        "sources": system.sources.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+        "releases": releases,
+        "environments": environments,
+    })))
+}
+
+pub async fn releases(State(st): State<Shared>) -> ApiResult {
+    let list: Vec<_> = st
+        .reader
+        .releases()?
+        .iter()
+        .map(view::release_json)
+        .collect();
+    Ok(Json(json!(list)))
+}
+
+pub async fn release(State(st): State<Shared>, Path(key): Path<String>) -> ApiResult {
+    Ok(Json(view::release_json(&st.reader.find_release(&key)?)))
+}
+
+pub async fn environments(State(st): State<Shared>) -> ApiResult {
+    let system = st.system()?;
+    Ok(Json(json!(
+        view::environments(&system, &st.reader, true).await?
+    )))
+}
+
+pub async fn environment(State(st): State<Shared>, Path(env): Path<String>) -> ApiResult {
+    let system = st.system()?;
+    Ok(Json(json!(
+        view::environment(&system, &st.reader, &env, true).await?
+    )))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HistoryQuery {
+    environment: Option<String>,
+    limit: Option<usize>,
+}
+
+pub async fn history(State(st): State<Shared>, Query(q): Query<HistoryQuery>) -> ApiResult {
+    let mut runs = st.reader.runs(q.environment.as_deref())?;
+    if let Some(n) = q.limit {
+        runs.truncate(n);
+    }
+    Ok(Json(json!(runs)))
+}
+
+fn unknown_run(id: i64) -> ApiError {
+    ApiError {
+        help: Some("`GET /api/history` lists the runs".into()),
+        ..ApiError::new(StatusCode::NOT_FOUND, format!("unknown run `{id}`"))
+    }
+}
+
+/// One run with its timeline and whole log. A build that turned out to be bad input
+/// is not in the history; the server still says why, to whoever started it.
+pub async fn run(State(st): State<Shared>, Path(id): Path<i64>) -> ApiResult {
+    match st.reader.run(id)? {
+        Some(run) => {
+            let lines = st.reader.log(id, 0)?;
+            let mut body = view::run_json(&run, &lines, st.jobs.outcome(id).as_ref());
+            body["log"] = json!(lines);
+            Ok(Json(body))
+        }
+        None => match st.jobs.outcome(id) {
+            Some(o) => Ok(Json(json!({
+                "id": id, "kind": "build", "status": o.status, "error": o.error, "help": o.help, "stages": [], "log": [],
+            }))),
+            None => Err(unknown_run(id)),
+        },
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LogsQuery {
+    follow: Option<String>,
+    after: Option<i64>,
+}
+
+/// A run's log lines after `after` (JSON), or with `follow=1` the lines as they come
+/// (SSE: `line` events with `id` = seq, then one `end` event with the run's status).
+pub async fn logs(
+    State(st): State<Shared>,
+    Path(id): Path<i64>,
+    Query(q): Query<LogsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let known = match st.reader.run(id) {
+        Ok(r) => r.is_some() || st.jobs.outcome(id).is_some(),
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    if !known {
+        return unknown_run(id).into_response();
+    }
+    // A reconnecting EventSource says where it stopped.
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let after = resume.or(q.after).unwrap_or(0);
+    let follow = q.follow.as_deref().is_some_and(|f| f == "1" || f == "true");
+    if !follow {
+        return match st.reader.log(id, after) {
+            Ok(lines) => Json(json!(lines)).into_response(),
+            Err(e) => ApiError::from(e).into_response(),
+        };
+    }
+    let start = Follow {
+        st,
+        run: id,
+        after,
+        queue: VecDeque::new(),
+        ended: false,
+        idle: false,
+    };
+    let stream = futures_util::stream::unfold(start, next_event);
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// A follower's place in a run's log. Dropped with the connection when a client goes
+/// away; the run itself never depends on it.
+struct Follow {
+    st: Shared,
+    run: i64,
+    after: i64,
+    queue: VecDeque<Event>,
+    ended: bool,
+    idle: bool,
+}
+
+async fn next_event(mut f: Follow) -> Option<(Result<Event, Infallible>, Follow)> {
+    loop {
+        if let Some(e) = f.queue.pop_front() {
+            return Some((Ok(e), f));
+        }
+        if f.ended {
+            return None;
+        }
+        if f.idle {
+            tokio::time::sleep(POLL).await;
+        }
+        let (st, run, after) = (f.st.clone(), f.run, f.after);
+        // The status is read before the lines: a run seen finished has all its lines.
+        let read = tokio::task::spawn_blocking(move || -> stretch_core::Result<_> {
+            let record = st.reader.run(run)?;
+            let lines = st.reader.log(run, after)?;
+            Ok((record, lines))
+        })
+        .await;
+        match read {
+            Ok(Ok((_, lines))) if !lines.is_empty() => {
+                f.idle = false;
+                for l in lines {
+                    f.after = l.seq;
+                    let data = serde_json::to_string(&l).unwrap_or_default();
+                    f.queue.push_back(
+                        Event::default()
+                            .event("line")
+                            .id(l.seq.to_string())
+                            .data(data),
+                    );
+                }
+            }
+            Ok(Ok((Some(r), _))) if r.status == "running" => f.idle = true,
+            Ok(Ok((record, _))) => {
+                let outcome = f.st.jobs.outcome(run);
+                let release = record.as_ref().and_then(|r| r.release.clone());
+                let status = record
+                    .map(|r| r.status)
+                    .or_else(|| outcome.as_ref().map(|o| o.status.clone()));
+                let body = json!({
+                    "status": status.unwrap_or_else(|| "unknown".into()),
+                    "release": release,
+                    "error": outcome.as_ref().and_then(|o| o.error.clone()),
+                });
+                f.queue
+                    .push_back(Event::default().event("end").data(body.to_string()));
+                f.ended = true;
+            }
+            Ok(Err(e)) => {
+                let body = json!({"status": "unknown", "error": e.to_string()});
+                f.queue
+                    .push_back(Event::default().event("end").data(body.to_string()));
+                f.ended = true;
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// The answer to a started job: 202 with the run, or 200 when it ended at once.
+fn started(s: Started) -> Response {
+    match s {
+        Started::Run(run) => (
+            StatusCode::ACCEPTED,
+            Json(json!({
+                "run": run,
+                "status": "running",
+                "links": {
+                    "run": format!("/api/runs/{run}"),
+                    "log": format!("/api/runs/{run}/logs?follow=1"),
+                    "page": format!("/runs/{run}"),
+                },
+            })),
+        )
+            .into_response(),
+        Started::Done(body) => (StatusCode::OK, Json(body)).into_response(),
+    }
+}
+
+/// A JSON body, or the defaults for an empty one.
+fn body<T: serde::de::DeserializeOwned + Default>(bytes: &Bytes) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BuildBody {
+    /// Git refs to build instead of the system file's, by source name.
+    #[serde(default)]
+    sources: BTreeMap<String, String>,
+}
+
+pub async fn build(State(st): State<Shared>, bytes: Bytes) -> Response {
+    let run = body::<BuildBody>(&bytes)
+        .and_then(|b| jobs::start_build(&st, &b.sources).map_err(ApiError::from));
+    match run {
+        Ok(run) => started(Started::Run(run)),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployBody {
+    release: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyBody {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// A 409 with who holds the environment's lock (from its lock file).
+pub fn with_holder(st: &Shared, env: &str, mut e: ApiError) -> ApiError {
+    if e.status == StatusCode::CONFLICT {
+        let path = st.home.root.join("locks").join(format!("{env}.lock"));
+        e.holder = std::fs::read(path)
+            .ok()
+            .and_then(|d| serde_json::from_slice(&d).ok());
+    }
+    e
+}
+
+async fn deploy_kind(st: Shared, env: String, bytes: Bytes, kind: Kind) -> Response {
+    let req = match body::<DeployBody>(&bytes) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    match jobs::start_deploy(&st, &env, req.release, kind).await {
+        Ok(s) => started(s),
+        Err(e) => with_holder(&st, &env, e.into()).into_response(),
+    }
+}
+
+pub async fn deploy(State(st): State<Shared>, Path(env): Path<String>, bytes: Bytes) -> Response {
+    deploy_kind(st, env, bytes, Kind::Deploy).await
+}
+
+pub async fn rollback(State(st): State<Shared>, Path(env): Path<String>, bytes: Bytes) -> Response {
+    deploy_kind(st, env, bytes, Kind::Rollback).await
+}
+
+pub async fn apply(State(st): State<Shared>, Path(env): Path<String>, bytes: Bytes) -> Response {
+    let req = match body::<ApplyBody>(&bytes) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    match jobs::start_apply(&st, &env, req.dry_run).await {
+        Ok(s) => started(s),
+        Err(e) => with_holder(&st, &env, e.into()).into_response(),
+    }
+}

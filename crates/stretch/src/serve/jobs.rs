@@ -1,0 +1,358 @@
+//! Builds, deploys, rollbacks and applies started through the server. Each runs on a
+//! blocking thread of its own (a build waits on the home's build lock with a blocking
+//! `flock`), driving its future with the runtime's handle, so the async workers that
+//! answer requests and stream logs are never held up.
+//!
+//! A build's run is recorded here before it starts, so its id is known at once. Deploys
+//! (and applies) record their own run once they hold the environment's lock; a sink
+//! watches for that run to appear, so the caller learns its id, or the error that
+//! stopped it first (a busy environment, an unknown release).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use stretch_core::build::{self, BuildOptions};
+use stretch_core::deploy::apply::{self, ApplyRequest};
+use stretch_core::deploy::{self, DeployRequest, Kind};
+use stretch_core::log::{Event, Log, Sink};
+use stretch_core::store::{RunSink, Store};
+use stretch_core::{Error, Result};
+use tokio::sync::oneshot;
+
+use super::Shared;
+
+/// What the server remembers of a run it ran, beyond the store: what a client watching
+/// it wants to know at the end (a build's `reused`, the error), including for a build
+/// that was bad input, whose run is deleted from the history like the CLI's.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// `succeeded`, `failed`, or `invalid` (bad input: nothing was recorded).
+    pub status: String,
+    pub error: Option<String>,
+    pub help: Option<String>,
+    pub exit_code: u8,
+    pub reused: Option<bool>,
+    pub release: Option<String>,
+    /// What the job returned beyond its run (an apply's plan).
+    pub result: Option<serde_json::Value>,
+}
+
+impl Outcome {
+    fn of<T>(r: &Result<T>, reused: Option<bool>, release: Option<String>) -> Outcome {
+        match r {
+            Ok(_) => Outcome {
+                status: "succeeded".into(),
+                error: None,
+                help: None,
+                exit_code: 0,
+                reused,
+                release,
+                result: None,
+            },
+            Err(e) => Outcome {
+                status: if e.exit_code() == 2 {
+                    "invalid"
+                } else {
+                    "failed"
+                }
+                .into(),
+                error: Some(e.to_string()),
+                help: help_of(e),
+                exit_code: e.exit_code(),
+                reused: None,
+                release,
+                result: None,
+            },
+        }
+    }
+}
+
+pub fn help_of(e: &Error) -> Option<String> {
+    match e {
+        Error::Invalid { help, .. } | Error::Failed { help, .. } => help.clone(),
+        Error::Config(c) => c.help.clone(),
+    }
+}
+
+#[derive(Default)]
+pub struct Jobs {
+    active: Mutex<HashSet<i64>>,
+    outcomes: Mutex<HashMap<i64, Outcome>>,
+}
+
+/// What starting a job gave.
+pub enum Started {
+    /// It runs (or already ran) as this run.
+    Run(i64),
+    /// It ended at once without a run (an apply with nothing to do, a dry run).
+    Done(serde_json::Value),
+}
+
+impl Jobs {
+    pub fn outcome(&self, run: i64) -> Option<Outcome> {
+        self.outcomes.lock().ok()?.get(&run).cloned()
+    }
+
+    fn begin(&self, run: i64) {
+        if let Ok(mut a) = self.active.lock() {
+            a.insert(run);
+        }
+    }
+
+    fn end(&self, run: i64, outcome: Outcome) {
+        if let Ok(mut a) = self.active.lock() {
+            a.remove(&run);
+        }
+        if let Ok(mut o) = self.outcomes.lock() {
+            o.insert(run, outcome);
+        }
+    }
+
+    /// Mark every run still going as failed (the server is stopping). Returns how many.
+    pub fn interrupt_all(&self, store: &Store) -> usize {
+        let Ok(active) = self.active.lock() else {
+            return 0;
+        };
+        for run in active.iter() {
+            let _ = store.add_line(*run, "error", "interrupted: `stretch serve` stopped");
+            let _ = store.finish_run(*run, false);
+        }
+        active.len()
+    }
+}
+
+/// Run `f` on a blocking thread of its own, driven by the runtime.
+fn spawn_pipeline<F, Fut>(state: &Shared, f: F)
+where
+    F: FnOnce(Shared) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let st = state.clone();
+    let handle = state.runtime.clone();
+    tokio::task::spawn_blocking(move || handle.block_on(f(st)));
+}
+
+/// Start a build: its run id at once. `sources` overrides git refs (`--source`).
+pub fn start_build(state: &Shared, sources: &BTreeMap<String, String>) -> Result<i64> {
+    let mut system = state.system()?;
+    for (name, git_ref) in sources {
+        system.override_ref(name, git_ref)?;
+    }
+    let run = state.store.start_run("build", None, None, None)?;
+    state.jobs.begin(run);
+    spawn_pipeline(state, move |st| async move {
+        let log = Log::new(vec![Arc::new(RunSink {
+            store: st.store.clone(),
+            run,
+        })]);
+        let opts = BuildOptions {
+            identity: st.identity.clone(),
+        };
+        let result = build::build(&system, &st.home, &st.store, &opts, &log).await;
+        let outcome = Outcome::of(
+            &result,
+            result.as_ref().ok().map(|o| o.reused),
+            result.as_ref().ok().map(|o| o.release.id.clone()),
+        );
+        match &result {
+            Ok(o) => {
+                let _ = st.store.set_run_release(run, &o.release.id);
+                let _ = st.store.finish_run(run, true);
+            }
+            // Bad input changes nothing, not even the history (as with the CLI); the
+            // watcher learns why from the outcome kept here.
+            Err(e) if e.exit_code() == 2 => {
+                let _ = st.store.delete_run(run);
+            }
+            Err(e) => {
+                let _ = st.store.add_line(run, "error", &e.to_string());
+                let _ = st.store.finish_run(run, false);
+            }
+        }
+        st.jobs.end(run, outcome);
+        if let Ok(o) = result {
+            auto_deploy(&st, &system, &o.release.id).await;
+        }
+    });
+    Ok(run)
+}
+
+/// Deploy a new release to every `auto_deploy` environment not already on it, as the
+/// CLI does after a build. Each deploy records its own run.
+async fn auto_deploy(st: &Shared, system: &stretch_core::system::System, id: &str) {
+    for (name, env) in &system.spec.environments {
+        if !env.auto_deploy {
+            continue;
+        }
+        let current = st
+            .store
+            .environment(name)
+            .ok()
+            .flatten()
+            .and_then(|e| e.release);
+        if current.as_deref() == Some(id) {
+            continue;
+        }
+        let req = DeployRequest {
+            environment: name.clone(),
+            release: Some(id.to_string()),
+            kind: Kind::Deploy,
+            wait: true,
+        };
+        let _ = deploy::deploy(system, &st.home, &st.store, &req, &Log::null()).await;
+    }
+}
+
+/// Start a deploy or rollback of `environment`; fails at once when the environment is
+/// busy or the request is bad.
+pub async fn start_deploy(
+    state: &Shared,
+    environment: &str,
+    release: Option<String>,
+    kind: Kind,
+) -> Result<Started> {
+    let system = state.system()?;
+    deploy::environment(&system, environment)?;
+    if let Some(key) = &release {
+        state.reader.find_release(key)?;
+    }
+    let req = DeployRequest {
+        environment: environment.to_string(),
+        release,
+        kind,
+        wait: false,
+    };
+    start_recorded(
+        state,
+        environment,
+        kind.as_str(),
+        move |st, log| async move {
+            let r = deploy::deploy(&system, &st.home, &st.store, &req, &log).await;
+            let release = r.as_ref().ok().map(|o| o.release.id.clone());
+            (r.map(|o| (Some(o.run), serde_json::Value::Null)), release)
+        },
+    )
+    .await
+}
+
+/// Start a config-only deploy of `environment` (or plan it, with `dry_run`).
+pub async fn start_apply(state: &Shared, environment: &str, dry_run: bool) -> Result<Started> {
+    let system = state.system()?;
+    deploy::environment(&system, environment)?;
+    let req = ApplyRequest {
+        environment: environment.to_string(),
+        dry_run,
+        wait: false,
+    };
+    start_recorded(state, environment, "config", move |st, log| async move {
+        let r = apply::apply(&system, &st.home, &st.store, &req, &log).await;
+        let release = r.as_ref().ok().and_then(|o| o.plan.release.clone());
+        let r = r.map(|o| {
+            let body = serde_json::to_value(&o).unwrap_or_default();
+            (o.run, body)
+        });
+        (r, release)
+    })
+    .await
+}
+
+type JobResult = (Result<(Option<i64>, serde_json::Value)>, Option<String>);
+
+/// Start a job that records its own run of `kind` on `environment`; answer with that
+/// run as soon as it exists, or with how the job ended if it ended first.
+async fn start_recorded<F, Fut>(
+    state: &Shared,
+    environment: &str,
+    kind: &'static str,
+    job: F,
+) -> Result<Started>
+where
+    F: FnOnce(Shared, Log) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = JobResult>,
+{
+    let after = state.reader.runs(None)?.first().map(|r| r.id).unwrap_or(0);
+    let (found_tx, found_rx) = oneshot::channel();
+    let (done_tx, done_rx) = oneshot::channel();
+    let finder = Arc::new(RunFinder {
+        store: state.reader.clone(),
+        environment: environment.to_string(),
+        kind,
+        after,
+        found: Mutex::new(None),
+        tx: Mutex::new(Some(found_tx)),
+        jobs: state.clone(),
+    });
+    spawn_pipeline(state, move |st| async move {
+        let log = Log::new(vec![finder.clone()]);
+        let (result, release) = job(st.clone(), log).await;
+        let run = result
+            .as_ref()
+            .ok()
+            .and_then(|(run, _)| *run)
+            .or_else(|| finder.found());
+        if let Some(run) = run {
+            let mut outcome = Outcome::of(&result, None, release);
+            outcome.result = result
+                .as_ref()
+                .ok()
+                .map(|(_, body)| body.clone())
+                .filter(|b| !b.is_null());
+            st.jobs.end(run, outcome);
+        }
+        let _ = done_tx.send(result);
+    });
+    tokio::select! {
+        biased;
+        Ok(run) = found_rx => Ok(Started::Run(run)),
+        done = done_rx => match done {
+            Ok(Ok((Some(run), _))) => Ok(Started::Run(run)),
+            Ok(Ok((None, body))) => Ok(Started::Done(body)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::failed(kind, "the job ended without a word")),
+        },
+    }
+}
+
+/// Finds the run a deploy records: on its first events, the newest run of the
+/// environment and kind started after the job. While the job holds the environment's
+/// lock, no other process can start one.
+struct RunFinder {
+    store: Store,
+    environment: String,
+    kind: &'static str,
+    after: i64,
+    found: Mutex<Option<i64>>,
+    tx: Mutex<Option<oneshot::Sender<i64>>>,
+    jobs: Shared,
+}
+
+impl RunFinder {
+    fn found(&self) -> Option<i64> {
+        self.found.lock().ok().and_then(|f| *f)
+    }
+}
+
+impl Sink for RunFinder {
+    fn event(&self, _event: &Event) {
+        let Ok(mut tx) = self.tx.lock() else { return };
+        if tx.is_none() {
+            return;
+        }
+        let Ok(runs) = self.store.runs(Some(&self.environment)) else {
+            return;
+        };
+        if let Some(r) = runs
+            .iter()
+            .find(|r| r.id > self.after && r.kind == self.kind)
+        {
+            if let Ok(mut f) = self.found.lock() {
+                *f = Some(r.id);
+            }
+            self.jobs.jobs.begin(r.id);
+            if let Some(tx) = tx.take() {
+                let _ = tx.send(r.id);
+            }
+        }
+    }
+}

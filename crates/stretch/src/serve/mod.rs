@@ -1,0 +1,142 @@
+//! `stretch serve`: a JSON API and a server-rendered web view over one home folder,
+//! on the same core library and SQLite store as the CLI (both may use one home at once).
+//!
+//! * `auth` — tokens, login sessions, protection against cross-site requests;
+//! * `jobs` — builds, deploys, rollbacks and applies run in the background;
+//! * `api` — the JSON API under `/api/` and the log stream (Server-Sent Events);
+//! * `pages` — the HTML pages (minijinja templates, a little plain JS for the live log).
+
+mod api;
+mod auth;
+mod jobs;
+mod pages;
+mod view;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+use stretch_core::home::Home;
+use stretch_core::store::Store;
+use stretch_core::system::System;
+use stretch_core::{Error, Result};
+
+/// What `stretch serve` was started with.
+pub struct Options {
+    pub listen: String,
+    /// Accepted tokens (never empty).
+    pub tokens: Vec<String>,
+    pub system_file: PathBuf,
+    pub home: PathBuf,
+    /// The age identity builds decrypt secrets with.
+    pub identity: Option<PathBuf>,
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    pub system_file: PathBuf,
+    pub home: Home,
+    /// The connection runs started here write through.
+    pub store: Store,
+    /// A second connection for reads, so readers never queue behind a busy writer.
+    pub reader: Store,
+    pub identity: Option<PathBuf>,
+    pub auth: auth::Auth,
+    pub jobs: jobs::Jobs,
+    pub pages: pages::Pages,
+    pub runtime: tokio::runtime::Handle,
+}
+
+pub type Shared = Arc<AppState>;
+
+impl AppState {
+    /// The system file, read again on every use: `system.yml` edits (e.g. before an
+    /// `apply`) take effect without a restart.
+    pub fn system(&self) -> Result<System> {
+        System::load(&self.system_file)
+    }
+}
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/", get(pages::system))
+        .route("/runs/{id}", get(pages::run))
+        .route("/login", get(pages::login_form).post(pages::login))
+        .route("/logout", post(pages::logout))
+        .route("/actions/{action}", post(pages::action))
+        .route("/api/openapi.json", get(api::openapi))
+        .route("/api/system", get(api::system))
+        .route("/api/releases", get(api::releases))
+        .route("/api/releases/{release}", get(api::release))
+        .route("/api/environments", get(api::environments))
+        .route("/api/environments/{env}", get(api::environment))
+        .route("/api/environments/{env}/deploy", post(api::deploy))
+        .route("/api/environments/{env}/rollback", post(api::rollback))
+        .route("/api/environments/{env}/apply", post(api::apply))
+        .route("/api/history", get(api::history))
+        .route("/api/runs/{id}", get(api::run))
+        .route("/api/runs/{id}/logs", get(api::logs))
+        .route("/api/builds", post(api::build))
+        .fallback(api::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require,
+        ))
+        .with_state(state)
+}
+
+/// Serve until SIGINT or SIGTERM.
+pub async fn serve(opts: Options) -> Result<()> {
+    // A broken system file is bad input: fail now (exit 2), not on the first request.
+    System::load(&opts.system_file)?;
+    let home = Home::open(&opts.home)?;
+    let store = Store::open(&home.db())?;
+    let reader = Store::open(&home.db())?;
+    let listener = tokio::net::TcpListener::bind(&opts.listen)
+        .await
+        .map_err(|e| Error::invalid(format!("cannot listen on `{}`: {e}", opts.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::failed("serve", e.to_string()))?;
+    let state = Arc::new(AppState {
+        system_file: opts.system_file,
+        home,
+        store,
+        reader,
+        identity: opts.identity,
+        auth: auth::Auth::new(&opts.tokens),
+        jobs: jobs::Jobs::default(),
+        pages: pages::Pages::new()?,
+        runtime: tokio::runtime::Handle::current(),
+    });
+    eprintln!("stretch serve: listening on http://{addr}");
+    let app = router(state.clone());
+    tokio::select! {
+        r = axum::serve(listener, app) => r.map_err(|e| Error::failed("serve", e.to_string()))?,
+        () = shutdown_signal() => {}
+    }
+    // Runs still going are cut short with the process: say so in their history.
+    let cut = state.jobs.interrupt_all(&state.store);
+    eprintln!("stretch serve: stopped");
+    if cut > 0 {
+        // Pipeline threads hold blocking calls that would keep the runtime alive.
+        std::process::exit(0);
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
