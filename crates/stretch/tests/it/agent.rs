@@ -223,7 +223,8 @@ fn build_image(images: &mut ImageGuard, tag: &str, body: &str) {
     write(
         dir.path(),
         "Dockerfile",
-        format!("FROM {}\n{body}\n", base_image()),
+        // A layer of this image's own: parallel tests must not share cached layers.
+        format!("FROM {}\nENV STRETCH_TEST={tag}\n{body}\n", base_image()),
     );
     let out = Command::new("docker")
         .args(["build", "-q", "-t", tag])
@@ -1107,4 +1108,100 @@ async fn config_updates_reload_or_replace() {
     assert_eq!(now.len(), 2);
     assert!(now.iter().all(|id| !ids.contains(id)), "replaced");
     assert_eq!(get_ok(&proxy), "three");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_instances_leave_the_rotation_and_come_back() {
+    let system = unique("agent-rotation");
+    let containers = Containers(system.clone());
+    let mut images = ImageGuard::new();
+    let v1 = format!("{system}:v1");
+    app_image(&mut images, &v1, "v1");
+    let agent = Agent::start();
+    let client = agent.client();
+    let listen = free_port();
+    let proxy = agent.proxy(listen);
+    let one = spec(&system, &v1, "r1", Some(listen));
+    deploy(&client, &one, &agent).await;
+    let ids = containers.running();
+    assert_eq!(ids.len(), 2);
+
+    // One instance starts answering 404: after two failed checks it gets no traffic.
+    exec(&ids[0], "mv /www/index.html /www/gone.html");
+    std::thread::sleep(Duration::from_millis(600));
+    let state = client.state().await.unwrap();
+    let group = &state.groups[0];
+    assert!(!group.healthy, "{group:?}");
+    let sick: Vec<_> = group.instances.iter().filter(|i| !i.healthy).collect();
+    assert_eq!(sick.len(), 1, "{group:?}");
+    assert_eq!(sick[0].container, ids[0]);
+    for _ in 0..50 {
+        assert_eq!(get(&proxy), Ok((200, "v1".to_string())));
+    }
+
+    // Both sick: nothing to send traffic to.
+    exec(&ids[1], "mv /www/index.html /www/gone.html");
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(get(&proxy).map(|r| r.0), Ok(503));
+
+    // Recovered: back in the rotation.
+    for id in &ids {
+        exec(id, "mv /www/gone.html /www/index.html");
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(client.state().await.unwrap().groups[0].healthy);
+    assert_eq!(get_ok(&proxy), "v1");
+    assert!(agent.log().contains("left the rotation"), "{}", agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_pulls_the_image_from_its_registry() {
+    let system = unique("agent-pull");
+    let _containers = Containers(system.clone());
+    let registry = stretch_test::Registry::start();
+    let mut images = ImageGuard::new();
+    let local = format!("{system}:v1");
+    app_image(&mut images, &local, "v1");
+    let remote = format!("{}/{system}/web:r1", registry.addr);
+    images.add(&remote);
+    docker(&["tag", &local, &remote]);
+    docker(&["push", "-q", &remote]);
+    docker(&["rmi", &remote]);
+
+    let agent = Agent::start();
+    let client = agent.client();
+    let mut s = spec(&system, &remote, "r1", None);
+    s.pull = true;
+    let prepared = client.put_spec(&s).await.unwrap();
+    assert_eq!(
+        prepared.image_id,
+        docker(&["image", "inspect", "--format", "{{.Id}}", &remote])
+    );
+    assert!(
+        agent.log().contains(&format!("pulling {remote}")),
+        "{}",
+        agent.log()
+    );
+
+    // Not pulled and not there; pulled from nowhere: clear errors, nothing pending.
+    let absent = format!("{}/{system}/web:none", registry.addr);
+    let mut s2 = spec(&system, &absent, "r2", None);
+    let err = client.put_spec(&s2).await.unwrap_err().to_string();
+    assert!(
+        err.contains(&format!(
+            "image {absent} is not in this host's Docker engine"
+        )),
+        "{err}"
+    );
+    s2.pull = true;
+    s2.image = format!("127.0.0.1:{}/{system}/web:r2", free_port());
+    let err = client.put_spec(&s2).await.unwrap_err().to_string();
+    assert!(err.contains(&format!("pulling {}", s2.image)), "{err}");
+    let state = client.state().await.unwrap();
+    assert_eq!(state.groups[0].release, None);
+    let pending = std::fs::read_to_string(agent.data_dir.join("state.json")).unwrap();
+    assert!(
+        pending.contains(&remote) && !pending.contains(&absent),
+        "{pending}"
+    );
 }

@@ -256,7 +256,7 @@ fn failing_docker_build_step() {
     ctx.one_node(&system, "local");
     ctx.write(
         "app/Dockerfile",
-        format!("FROM {}\nRUN echo about-to-fail && exit 7\n", base_image()),
+        format!("{}RUN echo about-to-fail && exit 7\n", from_base(&system)),
     );
     ctx.run(&["build"])
         .fails(1, &["build failed", "about-to-fail", "exit 7"]);

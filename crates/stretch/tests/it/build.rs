@@ -13,7 +13,6 @@ fn three_nodes(ctx: &Ctx, system: &str, registry: &str) -> (String, String) {
     let repo = ctx.path().join("repo");
     std::fs::create_dir_all(&repo).unwrap();
     git_init(&repo);
-    let base = base_image();
     let w = |rel: &str, text: &str| write(&repo, rel, text);
     w(
         "stretch.yml",
@@ -29,7 +28,7 @@ fn three_nodes(ctx: &Ctx, system: &str, registry: &str) -> (String, String) {
     w("containers/os/container.yml", "name: os\n");
     w(
         "containers/os/Dockerfile",
-        &format!("FROM {base}\nRUN echo os > /os.txt\n"),
+        &format!("{}RUN echo os > /os.txt\n", from_base(system)),
     );
     w(
         "containers/httpd/container.yml",
@@ -65,7 +64,7 @@ fn three_nodes(ctx: &Ctx, system: &str, registry: &str) -> (String, String) {
     w("node_api/app/api.txt", "api v1\n");
     w(
         "node_worker/Dockerfile",
-        &format!("FROM {base}\nCMD [\"sleep\", \"3600\"]\n"),
+        &format!("{}CMD [\"sleep\", \"3600\"]\n", from_base(system)),
     );
     w("node_worker/tls.key", "not yet encrypted");
     let commit = git_commit_all(&repo, "first");
@@ -302,7 +301,7 @@ fn source_ref_override_and_identical_trees() {
     write(
         &repo,
         "Dockerfile",
-        format!("FROM {}\nCOPY v.txt /v.txt\n", base_image()),
+        format!("{}COPY v.txt /v.txt\n", from_base(&system)),
     );
     write(&repo, "v.txt", "one\n");
     let first = git_commit_all(&repo, "one");

@@ -124,9 +124,16 @@ impl Ctx {
         self.write("app/stretch.yml", "name: web\n");
         self.write(
             "app/Dockerfile",
-            format!("FROM {}\nCOPY . /app\n", base_image()),
+            format!("{}COPY . /app\n", from_base(system)),
         );
     }
+}
+
+/// `FROM` the test base image, then a layer of this test's own: tests that build the
+/// same Dockerfile in parallel must not share intermediate layers, or one test's
+/// cleanup deletes a cached layer another test's build is using.
+pub fn from_base(system: &str) -> String {
+    format!("FROM {}\nENV STRETCH_TEST={system}\n", base_image())
 }
 
 /// Remove every image of a test's system when the test ends, pass or fail.

@@ -41,8 +41,8 @@ impl World {
         w.ctx.write(
             "app/Dockerfile",
             format!(
-                "FROM {}\nCOPY www/ /www/\nCMD [\"sh\", \"-c\", \"if grep -q broken /stretch/templates/mode; then exec sleep 3600; fi; sleep $(cat /www/delay); cp /stretch/templates/index.html /www/; exec httpd -f -p 8080 -h /www\"]\n",
-                base_image()
+                "{}COPY www/ /www/\nCMD [\"sh\", \"-c\", \"if grep -q broken /stretch/templates/mode; then exec sleep 3600; fi; sleep $(cat /www/delay); cp /stretch/templates/index.html /www/; exec httpd -f -p 8080 -h /www\"]\n",
+                from_base(&w.system)
             ),
         );
         w.ctx.write("app/www/health.txt", "ok\n");
