@@ -22,6 +22,8 @@ const ARMOR_BEGIN: &str = "-----BEGIN AGE ENCRYPTED FILE-----";
 pub struct Identities {
     label: String,
     keys: Vec<x25519::Identity>,
+    /// Unencrypted `ssh-ed25519` (or `ssh-rsa`) private keys, as age allows.
+    ssh: Vec<age::ssh::Identity>,
 }
 
 // Hand-written so that no key material can ever reach a log through `{:?}`.
@@ -29,7 +31,7 @@ impl fmt::Debug for Identities {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Identities")
             .field("label", &self.label)
-            .field("count", &self.keys.len())
+            .field("count", &(self.keys.len() + self.ssh.len()))
             .finish()
     }
 }
@@ -57,6 +59,9 @@ impl Identities {
     /// Parses the text of an identity file; `label` names it in errors. Errors give the
     /// line number, never the line itself.
     pub fn parse(label: &str, text: &str) -> Result<Self> {
+        if text.contains("-----BEGIN OPENSSH PRIVATE KEY-----") || text.contains("-----BEGIN RSA PRIVATE KEY-----") {
+            return Self::parse_ssh(label, text);
+        }
         let mut keys = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -78,7 +83,24 @@ impl Identities {
         Ok(Identities {
             label: label.to_string(),
             keys,
+            ssh: Vec::new(),
         })
+    }
+
+    /// An OpenSSH private key file (as age accepts with `-i ~/.ssh/id_ed25519`).
+    fn parse_ssh(label: &str, text: &str) -> Result<Self> {
+        let key = age::ssh::Identity::from_buffer(io::BufReader::new(text.as_bytes()), Some(label.to_string()))
+            .map_err(|_| Error::invalid(format!("identity file `{label}` is not a valid OpenSSH private key")))?;
+        match key {
+            age::ssh::Identity::Unencrypted(_) => Ok(Identities { label: label.to_string(), keys: Vec::new(), ssh: vec![key] }),
+            age::ssh::Identity::Encrypted(_) => Err(Error::invalid_with_help(
+                format!("the SSH key `{label}` is protected by a passphrase"),
+                "builds are not interactive: use an unencrypted deploy key or an age X25519 identity",
+            )),
+            age::ssh::Identity::Unsupported(_) => {
+                Err(Error::invalid(format!("the SSH key `{label}` is of a type age does not support (use ssh-ed25519 or ssh-rsa)")))
+            }
+        }
     }
 
     /// Where the identities came from (the path given to [`Identities::from_file`]).
@@ -95,7 +117,8 @@ impl Identities {
     }
 
     fn as_age(&self) -> impl Iterator<Item = &dyn age::Identity> {
-        self.keys.iter().map(|k| k as &dyn age::Identity)
+        let x = self.keys.iter().map(|k| k as &dyn age::Identity);
+        x.chain(self.ssh.iter().map(|k| k as &dyn age::Identity))
     }
 }
 
@@ -204,8 +227,24 @@ pub fn is_armored(s: &str) -> bool {
     s.trim_start().starts_with(ARMOR_BEGIN)
 }
 
-/// Parses recipients (`age1…`); a bad one is an error naming it.
-pub(crate) fn parse_recipients(recipients: &[String]) -> Result<Vec<x25519::Recipient>> {
+/// A recipient: an age X25519 key or an SSH public key.
+pub(crate) enum AnyRecipient {
+    X25519(x25519::Recipient),
+    Ssh(age::ssh::Recipient),
+}
+
+impl AnyRecipient {
+    fn as_dyn(&self) -> &dyn age::Recipient {
+        match self {
+            AnyRecipient::X25519(r) => r,
+            AnyRecipient::Ssh(r) => r,
+        }
+    }
+}
+
+/// Parses recipients (`age1…`, or `ssh-ed25519 …`/`ssh-rsa …` public keys); a bad one
+/// is an error naming it.
+pub(crate) fn parse_recipients(recipients: &[String]) -> Result<Vec<AnyRecipient>> {
     if recipients.is_empty() {
         return Err(Error::invalid_with_help(
             "no recipient to encrypt to",
@@ -216,9 +255,17 @@ pub(crate) fn parse_recipients(recipients: &[String]) -> Result<Vec<x25519::Reci
         .iter()
         .map(|r| {
             let r = r.trim();
-            x25519::Recipient::from_str(r).map_err(|_| {
+            if r.starts_with("ssh-") {
+                return age::ssh::Recipient::from_str(r).map(AnyRecipient::Ssh).map_err(|_| {
+                    Error::invalid_with_help(
+                        format!("`{r}` is not a valid SSH recipient"),
+                        "give an `ssh-ed25519 AAAA…` or `ssh-rsa AAAA…` public key line",
+                    )
+                });
+            }
+            x25519::Recipient::from_str(r).map(AnyRecipient::X25519).map_err(|_| {
                 let help = if r.starts_with("ssh-") {
-                    "SSH recipients are not supported; use an age X25519 recipient (`age1…`)"
+                    "give an `ssh-ed25519 AAAA…` public key line"
                 } else if r.starts_with("AGE-SECRET-KEY-") {
                     "that is a secret key: give its public key (`age1…`), printed by `stretch keys generate`"
                 } else {
@@ -238,10 +285,10 @@ pub fn encrypt_armored(recipients: &[String], plaintext: &[u8]) -> Result<String
     encrypt_to(&parse_recipients(recipients)?, plaintext)
 }
 
-pub(crate) fn encrypt_to(recipients: &[x25519::Recipient], plaintext: &[u8]) -> Result<String> {
+pub(crate) fn encrypt_to(recipients: &[AnyRecipient], plaintext: &[u8]) -> Result<String> {
     let fail = |e: &dyn fmt::Display| Error::failed("encrypt", e.to_string());
     let encryptor =
-        age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+        age::Encryptor::with_recipients(recipients.iter().map(AnyRecipient::as_dyn))
             .map_err(|e| fail(&e))?;
     let mut out = Vec::new();
     let armor = ArmoredWriter::wrap_output(&mut out, Format::AsciiArmor).map_err(|e| fail(&e))?;

@@ -148,3 +148,48 @@ fn keys_and_secrets_interoperate_with_age() {
     ctx.run(&["secrets", "show", "cli.yml", "-i", "stranger.txt"])
         .fails(2, &["cli.yml", "token"]);
 }
+
+#[test]
+fn ssh_keys_work_as_age_allows() {
+    let ctx = Ctx::new();
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "deploy", "-f"])
+        .arg(ctx.path().join("id_ed25519"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let public = std::fs::read_to_string(ctx.path().join("id_ed25519.pub")).unwrap();
+    ctx.write("secrets.yml", "db:\n  password: hunter2\n");
+    ctx.run(&["secrets", "encrypt", "secrets.yml", "-r", public.trim()]).ok();
+    let shown = ctx.run(&["secrets", "show", "secrets.yml", "-i", "id_ed25519", "--json"]).ok().json();
+    assert_eq!(shown, serde_json::json!({"db": {"password": "hunter2"}}));
+    // The age CLI decrypts with the same SSH key what stretch encrypted to it…
+    let text = std::fs::read_to_string(ctx.path().join("secrets.yml")).unwrap();
+    let armored: String = text
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| !l.contains("BEGIN AGE"))
+        .take_while(|l| !l.is_empty() && !l.ends_with(':'))
+        .map(|l| format!("{}\n", l.trim_start_matches("password: ").trim_matches('"')))
+        .collect();
+    ctx.write("leaf.age", armored);
+    let dec = age(&["-d", "-i", "id_ed25519", "leaf.age"], ctx.path());
+    assert!(dec.status.success(), "{}", String::from_utf8_lossy(&dec.stderr));
+    assert_eq!(String::from_utf8_lossy(&dec.stdout), "hunter2");
+    // …and stretch decrypts an `*.age`-style file the age CLI encrypted to it.
+    ctx.write("plain.txt", "from-age");
+    let enc = age(&["-a", "-R", "id_ed25519.pub", "plain.txt"], ctx.path());
+    assert!(enc.status.success());
+    let indented: String = String::from_utf8_lossy(&enc.stdout).lines().map(|l| format!("  {l}\n")).collect();
+    ctx.write("cli.yml", format!("token: |\n{indented}"));
+    let shown = ctx.run(&["secrets", "show", "cli.yml", "-i", "id_ed25519", "--json"]).ok().json();
+    assert_eq!(shown, serde_json::json!({"token": "from-age"}));
+    // A passphrase-protected key is refused clearly.
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "secret-pass", "-f"])
+        .arg(ctx.path().join("locked"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    ctx.run(&["secrets", "show", "cli.yml", "-i", "locked"]).fails(2, &["protected by a passphrase"]);
+}
