@@ -1152,6 +1152,20 @@ async fn failing_instances_leave_the_rotation_and_come_back() {
     assert!(client.state().await.unwrap().groups[0].healthy);
     assert_eq!(get_ok(&proxy), "v1");
     assert!(agent.log().contains("left the rotation"), "{}", agent.log());
+
+    // A container the engine restarts (maybe on another host port) comes back too.
+    let before = docker(&["port", &ids[0], "8080/tcp"]);
+    docker(&["restart", "-t", "0", &ids[0]]);
+    let after = docker(&["port", &ids[0], "8080/tcp"]);
+    eprintln!("restarted instance: {before} -> {after}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !client.state().await.unwrap().groups[0].healthy {
+        assert!(Instant::now() < deadline, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..20 {
+        assert_eq!(get(&proxy), Ok((200, "v1".to_string())));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

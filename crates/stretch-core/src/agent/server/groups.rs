@@ -106,6 +106,7 @@ impl Agent {
             Monitor::start(
                 group.pool.clone(),
                 self.health.clone(),
+                self.docker.clone(),
                 spec.health.clone(),
                 display(&spec.key),
                 self.log.clone(),

@@ -15,6 +15,7 @@ use hyper_util::rt::TokioExecutor;
 
 use super::proxy::Pool;
 use crate::agent::api::HealthSpec;
+use crate::docker::Docker;
 use crate::log::Log;
 
 pub type HealthClient = Client<HttpConnector, Empty<Bytes>>;
@@ -89,9 +90,12 @@ impl Drop for Monitor {
 impl Monitor {
     /// Check every instance of `pool` each `health.interval_ms`; `group` names the
     /// group in log lines.
+    /// A failing instance whose container runs on another host port than ours (the
+    /// engine restarted it) is pointed at the new port.
     pub fn start(
         pool: Arc<Pool>,
         client: HealthClient,
+        docker: Docker,
         health: HealthSpec,
         group: String,
         log: Log,
@@ -108,16 +112,25 @@ impl Monitor {
                     async move { (u, check(client, u.port, path, timeout).await) }
                 });
                 for (u, result) in futures_util::future::join_all(checks).await {
+                    let short = &u.container[..u.container.len().min(12)];
+                    let failed = result.is_err();
                     match (u.report(result.is_ok()), result) {
                         (Some(false), Err(cause)) => log.line(format!(
-                            "{group}: instance {} left the rotation: {cause}",
-                            u.container
+                            "{group}: instance {short} left the rotation: {cause}"
                         )),
-                        (Some(true), _) => log.line(format!(
-                            "{group}: instance {} is healthy again",
-                            u.container
-                        )),
+                        (Some(true), _) => {
+                            log.line(format!("{group}: instance {short} is healthy again"))
+                        }
                         _ => {}
+                    }
+                    if failed
+                        && let Ok(Some(c)) = docker.inspect_container(&u.container).await
+                        && let Some(port) = c.host_port.filter(|p| c.running() && *p != u.port)
+                        && pool.repoint(&u.container, port)
+                    {
+                        log.line(format!(
+                            "{group}: instance {short} was restarted on 127.0.0.1:{port}"
+                        ));
                     }
                 }
             }

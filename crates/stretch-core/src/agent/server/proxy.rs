@@ -80,6 +80,14 @@ impl Upstream {
         })
     }
 
+    /// A new upstream that gets traffic only once a health check passed.
+    pub fn unchecked(container: &str, port: u16) -> Arc<Upstream> {
+        let u = Upstream::new(container, port);
+        u.healthy.store(false, Ordering::Relaxed);
+        u.failures.store(UNHEALTHY_AFTER, Ordering::Relaxed);
+        u
+    }
+
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
@@ -129,6 +137,20 @@ impl Pool {
     pub fn replace(&self, set: Vec<Arc<Upstream>>) -> Arc<Vec<Arc<Upstream>>> {
         let mut guard = self.set.write().unwrap_or_else(|e| e.into_inner());
         std::mem::replace(&mut *guard, Arc::new(set))
+    }
+
+    /// Point `container`'s upstream at `port` (the engine restarted the container and
+    /// published it elsewhere): an unchecked upstream replaces it in the current set,
+    /// under the write lock so that a concurrent switch is never undone.
+    pub fn repoint(&self, container: &str, port: u16) -> bool {
+        let mut guard = self.set.write().unwrap_or_else(|e| e.into_inner());
+        let Some(i) = guard.iter().position(|u| u.container == container) else {
+            return false;
+        };
+        let mut set: Vec<Arc<Upstream>> = guard.iter().cloned().collect();
+        set[i] = Upstream::unchecked(container, port);
+        *guard = Arc::new(set);
+        true
     }
 
     /// The next healthy upstream (round-robin), preferring ones not in `tried`.
@@ -426,6 +448,17 @@ mod tests {
         );
         assert_eq!(b.report(true), Some(true));
 
+        // A restarted container on another port: unchecked until a check passes.
+        assert!(pool.repoint("b", 22));
+        assert!(!pool.repoint("zz", 1));
+        for _ in 0..4 {
+            assert_eq!(pool.pick(&[]).unwrap().0, 1);
+        }
+        let moved = pool.current()[1].clone();
+        assert_eq!((moved.port, moved.healthy()), (22, false));
+        assert_eq!(moved.report(true), Some(true));
+        assert!((0..4).any(|_| pool.pick(&[]).unwrap().0 == 22));
+
         let old = pool.replace(vec![Upstream::new("c", 3)]);
         assert_eq!(old.len(), 2);
         assert_eq!(pool.pick(&[]).unwrap().0, 3);
@@ -458,5 +491,79 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    /// An upstream on 127.0.0.1 that answers `body` to anything and closes each
+    /// connection (as busybox httpd does).
+    async fn upstream(body: &'static str) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_req| async move {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                            body.as_bytes(),
+                        ))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(false)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        port
+    }
+
+    /// Median time of `n` GETs with a fresh connection each (HTTP/1.0).
+    fn median_get(addr: SocketAddr, n: usize) -> Duration {
+        use std::io::{Read, Write};
+        let mut times: Vec<Duration> = (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.set_nodelay(true).unwrap();
+                s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+                let mut out = Vec::new();
+                s.read_to_end(&mut out).unwrap();
+                assert!(out.starts_with(b"HTTP/1.0 200") || out.starts_with(b"HTTP/1.1 200"));
+                t.elapsed()
+            })
+            .collect();
+        times.sort();
+        times[n / 2]
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn proxy_forwards_then_answers_503_and_closes() {
+        let port = upstream("hello").await;
+        let pool = Arc::new(Pool::default());
+        pool.replace(vec![Upstream::new("a", port)]);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let proxy = Proxy::bind(addr, pool.clone(), upstream_client())
+            .await
+            .unwrap();
+        let direct = SocketAddr::from(([127, 0, 0, 1], port));
+        let (d, p) = tokio::task::spawn_blocking(move || {
+            median_get(direct, 50);
+            median_get(addr, 50);
+            (median_get(direct, 200), median_get(addr, 200))
+        })
+        .await
+        .unwrap();
+        eprintln!("median GET: direct {d:?}, through the proxy {p:?}");
+
+        // No healthy instance: 503, and the proxy closes when dropped.
+        pool.replace(vec![]);
+        let (status, _) = stretch_test::http_get(&addr.to_string(), "/").unwrap();
+        assert_eq!(status, 503);
+        drop(proxy);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(std::net::TcpStream::connect(addr).is_err());
     }
 }
