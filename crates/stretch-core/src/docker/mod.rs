@@ -8,6 +8,8 @@
 //!   given as text. `context.rs` says how the context is sent, `build.rs` how output
 //!   and failures are reported.
 //! * [`Docker::push`] logs one line per finished layer; see `push.rs`.
+//! * Containers, for the agent (pull, create with labels and a port published on
+//!   127.0.0.1, start, stop, remove, list by label, inspect, logs, exec): `containers.rs`.
 //!
 //! Errors are [`Error::Failed`] with stage `build` (build, tag), `push` (push) or
 //! `docker` (connecting, inspecting, removing), and carry the engine's own message.
