@@ -9,3 +9,4 @@ mod build;
 mod common;
 mod deploy;
 mod secrets;
+mod serve;
