@@ -142,6 +142,14 @@ pub fn start_build(state: &Shared, sources: &BTreeMap<String, String>) -> Result
     let run = state.store.start_run("build", None, None, None)?;
     state.jobs.begin(run);
     spawn_pipeline(state, move |st| async move {
+        // The build waits for the home's build lock; say so rather than sit silent.
+        if matches!(st.home.lock("build", false), Ok(None)) {
+            let _ = st.store.add_line(
+                run,
+                "pull",
+                "another build of this home is running: waiting for it",
+            );
+        }
         let log = Log::new(vec![Arc::new(RunSink {
             store: st.store.clone(),
             run,

@@ -227,7 +227,7 @@ impl Sse {
     }
 
     /// Every line until the `end` event: `(lines, end)`.
-    fn to_end(&mut self) -> (Vec<Value>, Value) {
+    fn until_end(&mut self) -> (Vec<Value>, Value) {
         let mut lines = Vec::new();
         while let Some((kind, data)) = self.next() {
             match kind.as_str() {
@@ -480,7 +480,7 @@ fn build_through_the_api_while_a_follower_drops_the_log() {
     }
     drop(quitter);
     let mut sse = Sse::open(&s.addr, run);
-    let (lines, end) = sse.to_end();
+    let (lines, end) = sse.until_end();
     assert_eq!(end["status"], "succeeded", "{end}");
     let texts: Vec<&str> = lines.iter().map(|l| l["text"].as_str().unwrap()).collect();
     for want in [
@@ -523,14 +523,14 @@ fn build_through_the_api_while_a_follower_drops_the_log() {
             .all(|s| s["status"] == "done")
     );
     // A finished run's stream is its whole log, then the end.
-    let (again, end) = Sse::open(&s.addr, run).to_end();
+    let (again, end) = Sse::open(&s.addr, run).until_end();
     assert_eq!(
         (again.len(), &end["status"]),
         (lines.len(), &json!("succeeded"))
     );
     // The same sources again: the same release, reused.
     let run2 = start_build(&s);
-    let (_, end) = Sse::open(&s.addr, run2).to_end();
+    let (_, end) = Sse::open(&s.addr, run2).until_end();
     assert_eq!(end["status"], "succeeded");
     assert_eq!(s.get(&format!("/api/runs/{run2}"))["reused"], true);
 }
@@ -662,7 +662,7 @@ fn deploy_through_the_api_and_the_environment_view() {
     let agent = AgentProc::start(&ctx.path().join("agent"), AGENT_TOKEN, &name);
     system(&ctx, &name, 1, "0", &[&agent], stretch_test::free_port());
     let s = Serve::start(&ctx);
-    let (_, end) = Sse::open(&s.addr, start_build(&s)).to_end();
+    let (_, end) = Sse::open(&s.addr, start_build(&s)).until_end();
     assert_eq!(end["status"], "succeeded", "{end}");
     let release = end["release"].as_str().unwrap().to_string();
     let r = s.call(
@@ -672,7 +672,7 @@ fn deploy_through_the_api_and_the_environment_view() {
     );
     assert_eq!(r.status, 202, "{r:?}");
     let run = r.json()["run"].as_i64().unwrap();
-    let (lines, end) = Sse::open(&s.addr, run).to_end();
+    let (lines, end) = Sse::open(&s.addr, run).until_end();
     assert_eq!(end["status"], "succeeded", "{end} {lines:#?}");
     let env = s.get("/api/environments/production");
     assert_eq!(env["release"]["id"], release.as_str(), "{env}");
