@@ -23,19 +23,36 @@ fn template_error(file: &str, text: &str, e: &minijinja::Error) -> Error {
     let help = Some("the variables a template can use are listed in SPEC §6".to_string());
     // The error's range covers the failing lookup (`.missing`); widen it to the whole
     // dotted name so the message says which variable.
-    let widened = e.range().filter(|r| text.get(r.clone()).is_some()).map(|r| {
-        let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.';
-        let start = text[..r.start].rfind(|c: char| !is_name(c)).map_or(0, |i| i + 1);
-        let end = text[r.end..].find(|c: char| !is_name(c)).map_or(text.len(), |i| r.end + i);
-        start..end
-    });
+    let widened = e
+        .range()
+        .filter(|r| text.get(r.clone()).is_some())
+        .map(|r| {
+            let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.';
+            let start = text[..r.start]
+                .rfind(|c: char| !is_name(c))
+                .map_or(0, |i| i + 1);
+            let end = text[r.end..]
+                .find(|c: char| !is_name(c))
+                .map_or(text.len(), |i| r.end + i);
+            start..end
+        });
     if let (ErrorKind::UndefinedError, Some(r)) = (e.kind(), widened) {
-        let column = text[..r.start].rfind('\n').map_or(r.start, |nl| r.start - nl - 1) + 1;
+        let column = text[..r.start]
+            .rfind('\n')
+            .map_or(r.start, |nl| r.start - nl - 1)
+            + 1;
         let message = format!("undefined variable `{}`", text[r].trim());
         return Error::config(file, text, line, column, message, help);
     }
     let detail = e.detail().map(|d| format!(": {d}")).unwrap_or_default();
-    Error::config(file, text, line, 1, format!("template error ({}){detail}", e.kind()), help)
+    Error::config(
+        file,
+        text,
+        line,
+        1,
+        format!("template error ({}){detail}", e.kind()),
+        help,
+    )
 }
 
 /// The application context of one instance (SPEC §6), for container templates.
@@ -78,7 +95,8 @@ pub fn render(file: &str, text: &str, ctx: &serde_json::Value) -> Result<String>
 /// [`render`] with a context built by [`deploy_context`].
 pub fn render_value(file: &str, text: &str, ctx: Value) -> Result<String> {
     let env = environment(UndefinedBehavior::Strict);
-    env.render_str(text, ctx).map_err(|e| template_error(file, text, &e))
+    env.render_str(text, ctx)
+        .map_err(|e| template_error(file, text, &e))
 }
 
 /// `environment` in the deploy context: renders as its name, and has `.name`,
@@ -112,8 +130,15 @@ pub fn deploy_context(
     release: &serde_json::Value,
     existing_release: Option<&serde_json::Value>,
 ) -> Value {
-    let name = environment.get("name").and_then(|n| n.as_str()).unwrap_or_default().to_string();
-    let env = Value::from_object(EnvironmentObject { name, fields: Value::from(Serde(environment)) });
+    let name = environment
+        .get("name")
+        .and_then(|n| n.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let env = Value::from_object(EnvironmentObject {
+        name,
+        fields: Value::from(Serde(environment)),
+    });
     let mut map: std::collections::BTreeMap<String, Value> = std::collections::BTreeMap::new();
     map.insert("environment".into(), env);
     map.insert("services".into(), Value::from(Serde(services)));
@@ -143,8 +168,17 @@ mod tests {
     #[test]
     fn environment_renders_as_its_name() {
         let env = serde_json::json!({"name": "prod", "hosts": {"a": {}}, "groups": {}});
-        let ctx = deploy_context(&env, &serde_json::json!({}), &serde_json::json!({"id": "x"}), None);
-        let out = render_value("c", "{{ environment }} {{ environment.name }} {{ environment.hosts | length }} {{ release.id }}", ctx.clone());
+        let ctx = deploy_context(
+            &env,
+            &serde_json::json!({}),
+            &serde_json::json!({"id": "x"}),
+            None,
+        );
+        let out = render_value(
+            "c",
+            "{{ environment }} {{ environment.name }} {{ environment.hosts | length }} {{ release.id }}",
+            ctx.clone(),
+        );
         assert_eq!(out.unwrap(), "prod prod 1 x");
         assert!(render_value("c", "{{ existing_release.id }}", ctx).is_err());
     }
@@ -157,7 +191,10 @@ mod tests {
             "p: 5\n"
         );
         match render("c.yml", "a: 1\np: {{ nope.x }}\n", &ctx) {
-            Err(Error::Config(c)) => assert_eq!((c.line, c.column, c.message.as_str()), (2, 7, "undefined variable `nope.x`")),
+            Err(Error::Config(c)) => assert_eq!(
+                (c.line, c.column, c.message.as_str()),
+                (2, 7, "undefined variable `nope.x`")
+            ),
             other => panic!("{other:?}"),
         }
         match render("c.yml", "p: {{ services.db.nope }}\n", &ctx) {

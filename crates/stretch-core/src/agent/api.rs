@@ -37,7 +37,10 @@ pub struct GroupKey {
 impl GroupKey {
     /// The URL path of this group: `/v1/groups/{system}/{environment}/{group}`.
     pub fn path(&self) -> String {
-        format!("/v1/groups/{}/{}/{}", self.system, self.environment, self.group)
+        format!(
+            "/v1/groups/{}/{}/{}",
+            self.system, self.environment, self.group
+        )
     }
 }
 

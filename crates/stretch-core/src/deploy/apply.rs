@@ -86,8 +86,19 @@ pub struct ApplyOutcome {
 }
 
 /// Every difference between two JSON documents, as dotted paths.
-pub fn diff(path: &str, old: Option<&serde_json::Value>, new: Option<&serde_json::Value>, out: &mut Vec<Change>) {
-    let join = |k: &str| if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
+pub fn diff(
+    path: &str,
+    old: Option<&serde_json::Value>,
+    new: Option<&serde_json::Value>,
+    out: &mut Vec<Change>,
+) {
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
     match (old, new) {
         (Some(serde_json::Value::Object(a)), Some(serde_json::Value::Object(b))) => {
             for (k, v) in a {
@@ -120,7 +131,16 @@ fn action_for(old: Option<&GroupSpec>, new: Option<&GroupSpec>) -> Option<Action
         (None, Some(_)) => Some(ActionKind::Start),
         (Some(_), None) => Some(ActionKind::Stop),
         (Some(a), Some(b)) => {
-            let shape = |s: &GroupSpec| (s.instances, s.listen, s.port, s.health.clone(), s.image.clone(), s.stop_timeout_ms);
+            let shape = |s: &GroupSpec| {
+                (
+                    s.instances,
+                    s.listen,
+                    s.port,
+                    s.health.clone(),
+                    s.image.clone(),
+                    s.stop_timeout_ms,
+                )
+            };
             if shape(a) != shape(b) {
                 Some(ActionKind::Replace)
             } else if a.config_version != b.config_version || a.reload != b.reload {
@@ -133,8 +153,17 @@ fn action_for(old: Option<&GroupSpec>, new: Option<&GroupSpec>) -> Option<Action
     }
 }
 
+/// A plan, the specs last sent per target, and the specs wanted now.
+type Planned = (Plan, BTreeMap<String, GroupSpec>, Vec<HostGroup>);
+
 /// Compute the plan; `Ok(None)` when the environment was never deployed.
-fn plan(system: &System, home: &Home, store: &Store, env_name: &str, log: &Log) -> Result<Option<(Plan, BTreeMap<String, GroupSpec>, Vec<HostGroup>)>> {
+fn plan(
+    system: &System,
+    home: &Home,
+    store: &Store,
+    env_name: &str,
+    log: &Log,
+) -> Result<Option<Planned>> {
     let env = super::environment(system, env_name)?;
     let Some(record) = store.environment(env_name)? else {
         return Ok(None);
@@ -151,9 +180,21 @@ fn plan(system: &System, home: &Home, store: &Store, env_name: &str, log: &Log) 
     let buffers = Buffers::new(home, env_name);
     buffers.ensure_existing(home, &release, &cfg, log)?;
     // Same release and deploy context as the deploy: only the environment differs.
-    let targets = specs::build(system, env_name, env, &release, existing.as_ref(), &cfg, &buffers.existing_dir(), log)?;
-    let old_specs: BTreeMap<String, GroupSpec> =
-        record.specs.clone().and_then(|s| serde_json::from_value(s).ok()).unwrap_or_default();
+    let targets = specs::build(
+        system,
+        env_name,
+        env,
+        &release,
+        existing.as_ref(),
+        &cfg,
+        &buffers.existing_dir(),
+        log,
+    )?;
+    let old_specs: BTreeMap<String, GroupSpec> = record
+        .specs
+        .clone()
+        .and_then(|s| serde_json::from_value(s).ok())
+        .unwrap_or_default();
 
     let mut changes = Vec::new();
     let new_env = specs::environment_json(env_name, env);
@@ -166,7 +207,16 @@ fn plan(system: &System, home: &Home, store: &Store, env_name: &str, log: &Log) 
         .as_ref()
         .and_then(|a| a.get("hosts"))
         .and_then(|h| h.as_object())
-        .map(|h| h.iter().map(|(k, v)| (k.clone(), v["agent"].as_str().unwrap_or_default().to_string())).collect())
+        .map(|h| {
+            h.iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v["agent"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default();
     let mut ids: Vec<&String> = old_specs.keys().chain(new_by_id.keys()).collect();
     ids.sort();
@@ -174,7 +224,9 @@ fn plan(system: &System, home: &Home, store: &Store, env_name: &str, log: &Log) 
     for id in ids {
         let old = old_specs.get(id);
         let new = new_by_id.get(id).map(|t| &t.spec);
-        let Some(kind) = action_for(old, new) else { continue };
+        let Some(kind) = action_for(old, new) else {
+            continue;
+        };
         let (group, host) = id.split_once('/').unwrap_or((id.as_str(), ""));
         let agent = match new_by_id.get(id) {
             Some(t) => t.agent.clone(),
@@ -195,33 +247,78 @@ fn plan(system: &System, home: &Home, store: &Store, env_name: &str, log: &Log) 
             to_config: new.map(|s| s.config_version.clone()),
         });
     }
-    let plan = Plan { environment: env_name.to_string(), release: Some(release.id.clone()), changes, actions };
+    let plan = Plan {
+        environment: env_name.to_string(),
+        release: Some(release.id.clone()),
+        changes,
+        actions,
+    };
     Ok(Some((plan, old_specs, targets)))
 }
 
 /// Run `apply`: plan, then (unless a dry run) converge every target.
-pub async fn apply(system: &System, home: &Home, store: &Store, req: &ApplyRequest, log: &Log) -> Result<ApplyOutcome> {
+pub async fn apply(
+    system: &System,
+    home: &Home,
+    store: &Store,
+    req: &ApplyRequest,
+    log: &Log,
+) -> Result<ApplyOutcome> {
     let env = super::environment(system, &req.environment)?;
     let token = super::agent_token(system, &req.environment, env)?;
     let nothing = |note: String| ApplyOutcome {
-        plan: Plan { environment: req.environment.clone(), release: None, changes: vec![], actions: vec![] },
+        plan: Plan {
+            environment: req.environment.clone(),
+            release: None,
+            changes: vec![],
+            actions: vec![],
+        },
         run: None,
         applied: false,
         note: Some(note),
     };
     // Planning reads state that a deploy may be changing: take the lock first.
-    let _lock = if req.dry_run { None } else { Some(super::lock::lock(home, &req.environment, "apply", req.wait, log)?) };
-    let Some((plan, old_specs, targets)) = self::plan(system, home, store, &req.environment, log)? else {
-        return Ok(nothing(format!("environment `{}` has never been deployed: nothing to apply", req.environment)));
+    let _lock = if req.dry_run {
+        None
+    } else {
+        Some(super::lock::lock(
+            home,
+            &req.environment,
+            "apply",
+            req.wait,
+            log,
+        )?)
+    };
+    let Some((plan, old_specs, targets)) = self::plan(system, home, store, &req.environment, log)?
+    else {
+        return Ok(nothing(format!(
+            "environment `{}` has never been deployed: nothing to apply",
+            req.environment
+        )));
     };
     if req.dry_run {
-        return Ok(ApplyOutcome { plan, run: None, applied: false, note: Some("dry run: nothing was changed".into()) });
+        return Ok(ApplyOutcome {
+            plan,
+            run: None,
+            applied: false,
+            note: Some("dry run: nothing was changed".into()),
+        });
     }
     let release = plan.release.clone().unwrap_or_default();
     let record = store.environment(&req.environment)?;
-    let run = store.start_run("config", Some(&req.environment), Some(&release), Some(&release))?;
-    let log = log.with(Arc::new(RunSink { store: store.clone(), run }));
-    let result = log.stage("apply", converge(&plan, &old_specs, &targets, &token, &log)).await;
+    let run = store.start_run(
+        "config",
+        Some(&req.environment),
+        Some(&release),
+        Some(&release),
+    )?;
+    let log = log.with(Arc::new(RunSink {
+        store: store.clone(),
+        run,
+    }));
+    let result = log
+        .stage("apply", converge(&plan, &old_specs, &targets, &token, &log))
+        .await;
     let (converged, failures) = match &result {
         Ok(r) => r.clone(),
         Err(_) => (old_specs.clone(), vec![]),
@@ -235,10 +332,19 @@ pub async fn apply(system: &System, home: &Home, store: &Store, req: &ApplyReque
         specs: serde_json::to_value(&converged).ok(),
     })?;
     let outcome = match (&result, failures.is_empty()) {
-        (Ok(_), true) => Ok(ApplyOutcome { plan, run: Some(run), applied: true, note: None }),
+        (Ok(_), true) => Ok(ApplyOutcome {
+            plan,
+            run: Some(run),
+            applied: true,
+            note: None,
+        }),
         (Ok(_), false) => Err(Error::failed(
             "apply",
-            format!("{}; the other hosts converged; run `stretch apply {}` again to retry", failures.join("; "), req.environment),
+            format!(
+                "{}; the other hosts converged; run `stretch apply {}` again to retry",
+                failures.join("; "),
+                req.environment
+            ),
         )),
         (Err(e), _) => Err(Error::failed("apply", e.to_string())),
     };
@@ -268,18 +374,38 @@ async fn converge(
             let client = AgentClient::new(&a.agent, token);
             let r = match (a.kind, new, old) {
                 (ActionKind::Start, Some(spec), _) => match client.put_spec(&spec).await {
-                    Ok(_) => client.switch(&spec.key, &Switch { release_id: spec.release.id.clone(), config_version: spec.config_version.clone() }).await.map(|_| ()),
+                    Ok(_) => client
+                        .switch(
+                            &spec.key,
+                            &Switch {
+                                release_id: spec.release.id.clone(),
+                                config_version: spec.config_version.clone(),
+                            },
+                        )
+                        .await
+                        .map(|_| ()),
                     Err(e) => Err(e),
                 },
                 (ActionKind::Replace, Some(mut spec), _) => {
                     // The image is already on this host: nothing to pull.
                     spec.pull = false;
                     match client.put_spec(&spec).await {
-                        Ok(_) => client.switch(&spec.key, &Switch { release_id: spec.release.id.clone(), config_version: spec.config_version.clone() }).await.map(|_| ()),
+                        Ok(_) => client
+                            .switch(
+                                &spec.key,
+                                &Switch {
+                                    release_id: spec.release.id.clone(),
+                                    config_version: spec.config_version.clone(),
+                                },
+                            )
+                            .await
+                            .map(|_| ()),
                         Err(e) => Err(e),
                     }
                 }
-                (ActionKind::Reload, Some(spec), _) => client.update_config(&spec).await.map(|_| ()),
+                (ActionKind::Reload, Some(spec), _) => {
+                    client.update_config(&spec).await.map(|_| ())
+                }
                 (ActionKind::Stop, _, Some(old)) => client.remove_group(&old.key).await,
                 _ => Ok(()),
             };
@@ -303,7 +429,10 @@ async fn converge(
                     None => specs.remove(&a.target),
                 };
             }
-            Err(e) => failures.push(format!("host `{}` ({}), group `{}`: {e}", a.host, a.agent, a.group)),
+            Err(e) => failures.push(format!(
+                "host `{}` ({}), group `{}`: {e}",
+                a.host, a.agent, a.group
+            )),
         }
     }
     for f in &failures {
@@ -318,11 +447,19 @@ mod tests {
 
     #[test]
     fn diffs() {
-        let old = serde_json::json!({"services": {"a": 1, "b": 2}, "hosts": {"h1": {"agent": "x"}}});
+        let old =
+            serde_json::json!({"services": {"a": 1, "b": 2}, "hosts": {"h1": {"agent": "x"}}});
         let new = serde_json::json!({"services": {"a": 1, "b": 3, "c": 4}, "hosts": {}});
         let mut out = Vec::new();
         diff("", Some(&old), Some(&new), &mut out);
         let summary: Vec<(&str, &str)> = out.iter().map(|c| (c.op, c.path.as_str())).collect();
-        assert_eq!(summary, [("removed", "hosts.h1"), ("changed", "services.b"), ("added", "services.c")]);
+        assert_eq!(
+            summary,
+            [
+                ("removed", "hosts.h1"),
+                ("changed", "services.b"),
+                ("added", "services.c")
+            ]
+        );
     }
 }

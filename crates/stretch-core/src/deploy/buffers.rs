@@ -21,12 +21,17 @@ pub struct Buffers {
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
-    Error::failed("pull release", format!("cannot {what} `{}`: {e}", path.display()))
+    Error::failed(
+        "pull release",
+        format!("cannot {what} `{}`: {e}", path.display()),
+    )
 }
 
 impl Buffers {
     pub fn new(home: &Home, env: &str) -> Buffers {
-        Buffers { dir: super::environment_dir(home, env) }
+        Buffers {
+            dir: super::environment_dir(home, env),
+        }
     }
 
     pub fn new_dir(&self) -> PathBuf {
@@ -43,52 +48,93 @@ impl Buffers {
     }
 
     /// Extract `release` into `dir` (replacing it), verified, with its decrypted files.
-    fn extract(&self, home: &Home, release: &ReleaseRecord, cfg: &ReleaseConfig, buffer: &str) -> Result<()> {
+    fn extract(
+        &self,
+        home: &Home,
+        release: &ReleaseRecord,
+        cfg: &ReleaseConfig,
+        buffer: &str,
+    ) -> Result<()> {
         let dir = self.dir.join(buffer);
         fs::create_dir_all(&self.dir).map_err(|e| io("create", &self.dir, e))?;
         if dir.exists() {
             fs::remove_dir_all(&dir).map_err(|e| io("clean", &dir, e))?;
         }
         let _ = fs::remove_file(self.marker(buffer));
-        archive::extract_archive(&home.archive(&release.id), &dir, Some(&release.archive_hash))
-            .map_err(|e| e.context(&format!("release {}", release.id)))?;
+        archive::extract_archive(
+            &home.archive(&release.id),
+            &dir,
+            Some(&release.archive_hash),
+        )
+        .map_err(|e| e.context(&format!("release {}", release.id)))?;
         for (path, data) in &cfg.files {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(data)
-                .map_err(|e| Error::failed("pull release", format!("decrypted file `{path}` is damaged: {e}")))?;
+                .map_err(|e| {
+                    Error::failed(
+                        "pull release",
+                        format!("decrypted file `{path}` is damaged: {e}"),
+                    )
+                })?;
             let target = dir.join(path);
             if let Some(parent) = target.parent() {
                 fs::create_dir_all(parent).map_err(|e| io("create", parent, e))?;
             }
             write_private(&target, &bytes).map_err(|e| io("write", &target, e))?;
         }
-        fs::write(self.marker(buffer), &release.id).map_err(|e| io("write", &self.marker(buffer), e))?;
+        fs::write(self.marker(buffer), &release.id)
+            .map_err(|e| io("write", &self.marker(buffer), e))?;
         Ok(())
     }
 
     /// Does `buffer` hold exactly `release`?
     fn intact(&self, release: &ReleaseRecord, cfg: &ReleaseConfig, buffer: &str) -> bool {
-        let marked = fs::read_to_string(self.marker(buffer)).map(|s| s.trim() == release.id).unwrap_or(false);
+        let marked = fs::read_to_string(self.marker(buffer))
+            .map(|s| s.trim() == release.id)
+            .unwrap_or(false);
         if !marked {
             return false;
         }
         let skip = |p: &Path| cfg.files.contains_key(&p.to_string_lossy().into_owned());
-        archive::hash_tree(&self.dir.join(buffer), &skip).map(|d| d.hash == release.archive_hash).unwrap_or(false)
+        archive::hash_tree(&self.dir.join(buffer), &skip)
+            .map(|d| d.hash == release.archive_hash)
+            .unwrap_or(false)
     }
 
-    pub fn prepare_new(&self, home: &Home, release: &ReleaseRecord, cfg: &ReleaseConfig, log: &Log) -> Result<()> {
+    pub fn prepare_new(
+        &self,
+        home: &Home,
+        release: &ReleaseRecord,
+        cfg: &ReleaseConfig,
+        log: &Log,
+    ) -> Result<()> {
         self.extract(home, release, cfg, "new")?;
-        log.line(format!("new release buffer: {} ({})", release.name, release.id));
+        log.line(format!(
+            "new release buffer: {} ({})",
+            release.name, release.id
+        ));
         Ok(())
     }
 
-    pub fn ensure_existing(&self, home: &Home, release: &ReleaseRecord, cfg: &ReleaseConfig, log: &Log) -> Result<()> {
+    pub fn ensure_existing(
+        &self,
+        home: &Home,
+        release: &ReleaseRecord,
+        cfg: &ReleaseConfig,
+        log: &Log,
+    ) -> Result<()> {
         if self.intact(release, cfg, "existing") {
-            log.line(format!("existing release buffer: {} ({})", release.name, release.id));
+            log.line(format!(
+                "existing release buffer: {} ({})",
+                release.name, release.id
+            ));
             return Ok(());
         }
         self.extract(home, release, cfg, "existing")?;
-        log.line(format!("existing release buffer was missing or damaged: re-extracted {} from its archive", release.id));
+        log.line(format!(
+            "existing release buffer was missing or damaged: re-extracted {} from its archive",
+            release.id
+        ));
         Ok(())
     }
 
@@ -104,7 +150,8 @@ impl Buffers {
             let _ = fs::rename(self.marker("existing"), self.marker("previous"));
         }
         fs::rename(&new, &existing).map_err(|e| io("move", &new, e))?;
-        fs::rename(self.marker("new"), self.marker("existing")).map_err(|e| io("move", &self.marker("new"), e))?;
+        fs::rename(self.marker("new"), self.marker("existing"))
+            .map_err(|e| io("move", &self.marker("new"), e))?;
         Ok(())
     }
 }

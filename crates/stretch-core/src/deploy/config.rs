@@ -31,9 +31,11 @@ fn resolve_secrets(v: Yaml, secrets: &Yaml, file: &str) -> Result<Yaml> {
     Ok(match v {
         Yaml::Tagged(t) if t.tag == "secret" => {
             let path = t.value.as_str().unwrap_or_default().trim().to_string();
-            lookup(secrets, &path)
-                .cloned()
-                .ok_or_else(|| Error::invalid(format!("{file}: `!secret {path}` is not in the release's secrets")))?
+            lookup(secrets, &path).cloned().ok_or_else(|| {
+                Error::invalid(format!(
+                    "{file}: `!secret {path}` is not in the release's secrets"
+                ))
+            })?
         }
         Yaml::Tagged(mut t) => {
             t.value = resolve_secrets(t.value, secrets, file)?;
@@ -46,7 +48,11 @@ fn resolve_secrets(v: Yaml, secrets: &Yaml, file: &str) -> Result<Yaml> {
             }
             Yaml::Mapping(out)
         }
-        Yaml::Sequence(s) => Yaml::Sequence(s.into_iter().map(|v| resolve_secrets(v, secrets, file)).collect::<Result<_>>()?),
+        Yaml::Sequence(s) => Yaml::Sequence(
+            s.into_iter()
+                .map(|v| resolve_secrets(v, secrets, file))
+                .collect::<Result<_>>()?,
+        ),
         other => other,
     })
 }
@@ -61,20 +67,27 @@ fn render_file(release: &ReleaseConfig, path: &str, ctx: &minijinja::Value) -> R
     if yaml::is_blank(&rendered) {
         return Ok(Yaml::Null);
     }
-    let value: Yaml = serde_yaml_ng::from_str(&rendered).map_err(|e| yaml::error(path, &rendered, &e))?;
+    let value: Yaml =
+        serde_yaml_ng::from_str(&rendered).map_err(|e| yaml::error(path, &rendered, &e))?;
     let secrets: Yaml = match file.secrets.as_ref().and_then(|s| release.secrets.get(s)) {
-        Some(s) => serde_json::from_value(s.clone()).map_err(|e| Error::failed("configuration", e.to_string()))?,
+        Some(s) => serde_json::from_value(s.clone())
+            .map_err(|e| Error::failed("configuration", e.to_string()))?,
         None => Yaml::Null,
     };
     resolve_secrets(value, &secrets, path)
 }
 
 fn to_json(v: Yaml, file: &str) -> Result<serde_json::Value> {
-    serde_json::to_value(&v).map_err(|e| Error::invalid(format!("{file}: configuration is not plain data: {e}")))
+    serde_json::to_value(&v)
+        .map_err(|e| Error::invalid(format!("{file}: configuration is not plain data: {e}")))
 }
 
 /// The configuration tree of `node` for the deploy context `ctx`.
-pub fn node_config(release: &ReleaseConfig, node: &NodeConfig, ctx: &minijinja::Value) -> Result<serde_json::Value> {
+pub fn node_config(
+    release: &ReleaseConfig,
+    node: &NodeConfig,
+    ctx: &minijinja::Value,
+) -> Result<serde_json::Value> {
     let mut tree = serde_json::json!({});
     if let Some(root) = &node.root_config {
         let value = render_file(release, root, ctx)?;
@@ -113,7 +126,15 @@ mod tests {
             nodes: vec![],
             config_files: files
                 .iter()
-                .map(|(p, t, s)| (p.to_string(), ConfigTemplate { template: t.to_string(), secrets: s.map(String::from) }))
+                .map(|(p, t, s)| {
+                    (
+                        p.to_string(),
+                        ConfigTemplate {
+                            template: t.to_string(),
+                            secrets: s.map(String::from),
+                        },
+                    )
+                })
                 .collect(),
             secrets: BTreeMap::from([("secrets.yml".to_string(), secrets)]),
             files: BTreeMap::new(),
@@ -145,7 +166,11 @@ mod tests {
                     "config: {a: 1, m: {x: 1, y: 1}, pw: !secret db.pw}\nlocal_config:\n  - includes: [web]\n    config: {m: {y: 2}}\n  - includes: [api]\n    config: {a: 9}\n",
                     Some("secrets.yml"),
                 ),
-                ("web/config.yml", "m: {z: {{ services.port }}}\nenv: {{ environment }}\n", None),
+                (
+                    "web/config.yml",
+                    "m: {z: {{ services.port }}}\nenv: {{ environment }}\n",
+                    None,
+                ),
             ],
             serde_json::json!({"db": {"pw": "hunter2"}}),
         );
@@ -155,7 +180,8 @@ mod tests {
             &serde_json::json!({"id": "r1"}),
             None,
         );
-        let tree = node_config(&r, &node(Some("config.yml"), Some("web/config.yml")), &ctx).unwrap();
+        let tree =
+            node_config(&r, &node(Some("config.yml"), Some("web/config.yml")), &ctx).unwrap();
         assert_eq!(
             tree,
             serde_json::json!({"a": 1, "m": {"x": 1, "y": 2, "z": 5432}, "pw": "hunter2", "env": "production"})
@@ -164,10 +190,21 @@ mod tests {
 
     #[test]
     fn undefined_variable_names_file_and_variable() {
-        let r = release(&[("web/config.yml", "a: {{ services.nope }}\n", None)], serde_json::json!({}));
-        let ctx = template::deploy_context(&serde_json::json!({"name": "p"}), &serde_json::json!({}), &serde_json::json!({}), None);
+        let r = release(
+            &[("web/config.yml", "a: {{ services.nope }}\n", None)],
+            serde_json::json!({}),
+        );
+        let ctx = template::deploy_context(
+            &serde_json::json!({"name": "p"}),
+            &serde_json::json!({}),
+            &serde_json::json!({}),
+            None,
+        );
         match node_config(&r, &node(None, Some("web/config.yml")), &ctx) {
-            Err(Error::Config(c)) => assert_eq!((c.file.as_str(), c.message.as_str()), ("web/config.yml", "undefined variable `services.nope`")),
+            Err(Error::Config(c)) => assert_eq!(
+                (c.file.as_str(), c.message.as_str()),
+                ("web/config.yml", "undefined variable `services.nope`")
+            ),
             other => panic!("{other:?}"),
         }
     }

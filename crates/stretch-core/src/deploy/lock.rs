@@ -41,7 +41,8 @@ fn pid_alive(pid: u32) -> bool {
 /// fail at once naming the holder.
 pub fn lock(home: &Home, env: &str, what: &str, wait: bool, log: &Log) -> Result<EnvLock> {
     let dir = home.root.join("locks");
-    fs::create_dir_all(&dir).map_err(|e| Error::failed("lock", format!("cannot create `{}`: {e}", dir.display())))?;
+    fs::create_dir_all(&dir)
+        .map_err(|e| Error::failed("lock", format!("cannot create `{}`: {e}", dir.display())))?;
     let path = dir.join(format!("{env}.lock"));
     let mut file = OpenOptions::new()
         .read(true)
@@ -72,22 +73,38 @@ pub fn lock(home: &Home, env: &str, what: &str, wait: bool, log: &Log) -> Result
                 });
             }
             log.line(format!("waiting for the lock of `{env}`, held by {who}"));
-            file.lock().map_err(|e| Error::failed("lock", format!("cannot lock `{}`: {e}", path.display())))?;
+            file.lock().map_err(|e| {
+                Error::failed("lock", format!("cannot lock `{}`: {e}", path.display()))
+            })?;
         }
         Err(fs::TryLockError::Error(e)) => {
-            return Err(Error::failed("lock", format!("cannot lock `{}`: {e}", path.display())));
+            return Err(Error::failed(
+                "lock",
+                format!("cannot lock `{}`: {e}", path.display()),
+            ));
         }
     }
     if let Some(old) = read_holder(&mut file)
         && old.pid != std::process::id()
         && !pid_alive(old.pid)
     {
-        log.line(format!("breaking the stale lock of `{env}` left by {} (pid {}, gone) since {}", old.what, old.pid, old.since));
+        log.line(format!(
+            "breaking the stale lock of `{env}` left by {} (pid {}, gone) since {}",
+            old.what, old.pid, old.since
+        ));
     }
-    let holder = Holder { pid: std::process::id(), what: what.to_string(), since: now_rfc3339() };
+    let holder = Holder {
+        pid: std::process::id(),
+        what: what.to_string(),
+        since: now_rfc3339(),
+    };
     let text = serde_json::to_string(&holder).unwrap_or_default();
-    let written = file.set_len(0).and_then(|()| file.rewind()).and_then(|()| file.write_all(text.as_bytes()));
-    written.map_err(|e| Error::failed("lock", format!("cannot write `{}`: {e}", path.display())))?;
+    let written = file
+        .set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| file.write_all(text.as_bytes()));
+    written
+        .map_err(|e| Error::failed("lock", format!("cannot write `{}`: {e}", path.display())))?;
     Ok(EnvLock { file })
 }
 
@@ -101,7 +118,9 @@ mod tests {
         let home = Home::open(t.path()).unwrap();
         let first = lock(&home, "prod", "deploy of a", false, &Log::null()).unwrap();
         match lock(&home, "prod", "deploy of b", false, &Log::null()) {
-            Err(Error::Failed { message, .. }) => assert!(message.contains("locked by deploy of a (pid"), "{message}"),
+            Err(Error::Failed { message, .. }) => {
+                assert!(message.contains("locked by deploy of a (pid"), "{message}")
+            }
             other => panic!("{:?}", other.err()),
         }
         assert!(lock(&home, "staging", "x", false, &Log::null()).is_ok());

@@ -61,10 +61,19 @@ pub struct DeployOutcome {
 /// The environment named `name` in `system.yml`.
 pub fn environment<'a>(system: &'a System, name: &str) -> Result<&'a Environment> {
     system.spec.environments.get(name).ok_or_else(|| {
-        let known: Vec<&str> = system.spec.environments.keys().map(String::as_str).collect();
+        let known: Vec<&str> = system
+            .spec
+            .environments
+            .keys()
+            .map(String::as_str)
+            .collect();
         Error::invalid_with_help(
             format!("unknown environment `{name}`"),
-            if known.is_empty() { "`system.yml` declares no environments".to_string() } else { format!("environments: {}", known.join(", ")) },
+            if known.is_empty() {
+                "`system.yml` declares no environments".to_string()
+            } else {
+                format!("environments: {}", known.join(", "))
+            },
         )
     })
 }
@@ -76,7 +85,10 @@ pub fn agent_token(system: &System, env_name: &str, env: &Environment) -> Result
         Some(f) => {
             let path = system.dir.join(f);
             std::fs::read_to_string(&path).map_err(|e| {
-                Error::invalid(format!("environment `{env_name}`: cannot read `agent_token_file` `{}`: {e}", path.display()))
+                Error::invalid(format!(
+                    "environment `{env_name}`: cannot read `agent_token_file` `{}`: {e}",
+                    path.display()
+                ))
             })?
         }
         None => std::env::var("STRETCH_AGENT_TOKEN").map_err(|_| {
@@ -88,7 +100,9 @@ pub fn agent_token(system: &System, env_name: &str, env: &Environment) -> Result
     };
     let token = token.trim().to_string();
     if token.is_empty() {
-        return Err(Error::invalid(format!("environment `{env_name}`: the agent token is empty")));
+        return Err(Error::invalid(format!(
+            "environment `{env_name}`: the agent token is empty"
+        )));
     }
     Ok(token)
 }
@@ -96,10 +110,18 @@ pub fn agent_token(system: &System, env_name: &str, env: &Environment) -> Result
 /// Load a release's configuration document.
 pub fn release_config(home: &Home, id: &str) -> Result<ReleaseConfig> {
     let path = home.release_config(id);
-    let data = std::fs::read(&path)
-        .map_err(|e| Error::failed("pull release", format!("cannot read the configuration of release {id}: {e}")))?;
-    serde_json::from_slice(&data)
-        .map_err(|e| Error::failed("pull release", format!("the configuration of release {id} is damaged: {e}")))
+    let data = std::fs::read(&path).map_err(|e| {
+        Error::failed(
+            "pull release",
+            format!("cannot read the configuration of release {id}: {e}"),
+        )
+    })?;
+    serde_json::from_slice(&data).map_err(|e| {
+        Error::failed(
+            "pull release",
+            format!("the configuration of release {id} is damaged: {e}"),
+        )
+    })
 }
 
 /// Everything resolved before anything runs (bad input fails here, recording nothing).
@@ -122,52 +144,97 @@ fn plan(system: &System, store: &Store, req: &DeployRequest) -> Result<Plan> {
     };
     let release = match (&req.release, req.kind) {
         (Some(key), _) => store.find_release(key)?,
-        (None, Kind::Deploy) => store
-            .releases()?
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::invalid_with_help("there are no releases to deploy", "run `stretch build` first"))?,
+        (None, Kind::Deploy) => store.releases()?.into_iter().next().ok_or_else(|| {
+            Error::invalid_with_help(
+                "there are no releases to deploy",
+                "run `stretch build` first",
+            )
+        })?,
         (None, Kind::Rollback) => {
-            let before = previous.as_ref().and_then(|p| p.existing_release.clone()).ok_or_else(|| {
-                Error::invalid(format!("environment `{}` has no earlier release to roll back to", req.environment))
-            })?;
+            let before = previous
+                .as_ref()
+                .and_then(|p| p.existing_release.clone())
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "environment `{}` has no earlier release to roll back to",
+                        req.environment
+                    ))
+                })?;
             store.find_release(&before)?
         }
     };
-    Ok(Plan { env_name: req.environment.clone(), token, release, existing, previous })
+    Ok(Plan {
+        env_name: req.environment.clone(),
+        token,
+        release,
+        existing,
+        previous,
+    })
 }
 
 /// Run the deploy step, recording it (with its log) in the store.
-pub async fn deploy(system: &System, home: &Home, store: &Store, req: &DeployRequest, log: &Log) -> Result<DeployOutcome> {
+pub async fn deploy(
+    system: &System,
+    home: &Home,
+    store: &Store,
+    req: &DeployRequest,
+    log: &Log,
+) -> Result<DeployOutcome> {
     let plan = plan(system, store, req)?;
-    let what = format!("{} of {} ({})", req.kind.as_str(), plan.release.name, plan.release.id);
+    let what = format!(
+        "{} of {} ({})",
+        req.kind.as_str(),
+        plan.release.name,
+        plan.release.id
+    );
     let _lock = lock::lock(home, &plan.env_name, &what, req.wait, log)?;
     // Re-read under the lock: another deploy may have finished while we waited.
-    let plan = if req.wait { self::plan(system, store, req)? } else { plan };
+    let plan = if req.wait {
+        self::plan(system, store, req)?
+    } else {
+        plan
+    };
     let run = store.start_run(
         req.kind.as_str(),
         Some(&plan.env_name),
         Some(&plan.release.id),
         plan.existing.as_ref().map(|r| r.id.as_str()),
     )?;
-    let log = log.with(Arc::new(RunSink { store: store.clone(), run }));
+    let log = log.with(Arc::new(RunSink {
+        store: store.clone(),
+        run,
+    }));
     log.line(format!(
         "{} {} ({}) to `{}`{}",
         req.kind.as_str(),
         plan.release.name,
         plan.release.id,
         plan.env_name,
-        plan.existing.as_ref().map(|x| format!(", replacing {} ({})", x.name, x.id)).unwrap_or_default()
+        plan.existing
+            .as_ref()
+            .map(|x| format!(", replacing {} ({})", x.name, x.id))
+            .unwrap_or_default()
     ));
     let result = execute(system, home, store, req.kind, &plan, &log).await;
     let _ = store.finish_run(run, result.is_ok());
     if let Err(e) = &result {
         let _ = store.add_line(run, "error", &e.to_string());
     }
-    result.map(|()| DeployOutcome { run, release: plan.release, existing: plan.existing })
+    result.map(|()| DeployOutcome {
+        run,
+        release: plan.release,
+        existing: plan.existing,
+    })
 }
 
-async fn execute(system: &System, home: &Home, store: &Store, kind: Kind, plan: &Plan, log: &Log) -> Result<()> {
+async fn execute(
+    system: &System,
+    home: &Home,
+    store: &Store,
+    kind: Kind,
+    plan: &Plan,
+    log: &Log,
+) -> Result<()> {
     let env = environment(system, &plan.env_name)?;
     let buffers = buffers::Buffers::new(home, &plan.env_name);
     let new_config = release_config(home, &plan.release.id)?;
@@ -187,7 +254,11 @@ async fn execute(system: &System, home: &Home, store: &Store, kind: Kind, plan: 
         system: system.name().to_string(),
         environment: Some(plan.env_name.clone()),
         kind: Some(kind.as_str().to_string()),
-        release: ReleaseFacts { id: plan.release.id.clone(), name: plan.release.name.clone(), path: buffers.new_dir() },
+        release: ReleaseFacts {
+            id: plan.release.id.clone(),
+            name: plan.release.name.clone(),
+            path: buffers.new_dir(),
+        },
         existing_release: plan.existing.as_ref().map(|x| ReleaseFacts {
             id: x.id.clone(),
             name: x.name.clone(),
@@ -204,14 +275,30 @@ async fn execute(system: &System, home: &Home, store: &Store, kind: Kind, plan: 
             log.line("no plugins");
             return Ok(());
         }
-        plugin::run_all(&plugin_refs, Hook::PreDeploy, &facts, &buffers.new_dir(), log).await
+        plugin::run_all(
+            &plugin_refs,
+            Hook::PreDeploy,
+            &facts,
+            &buffers.new_dir(),
+            log,
+        )
+        .await
     })
     .await?;
 
     // 3. Configuration, rendered per node; container templates checked per instance.
     let targets = log
         .stage("configuration", async {
-            specs::build(system, &plan.env_name, env, &plan.release, plan.existing.as_ref(), &new_config, &buffers.new_dir(), log)
+            specs::build(
+                system,
+                &plan.env_name,
+                env,
+                &plan.release,
+                plan.existing.as_ref(),
+                &new_config,
+                &buffers.new_dir(),
+                log,
+            )
         })
         .await?;
 
@@ -225,12 +312,17 @@ async fn execute(system: &System, home: &Home, store: &Store, kind: Kind, plan: 
         .and_then(|p| p.specs.clone())
         .and_then(|s| serde_json::from_value(s).ok())
         .unwrap_or_default();
-    log.stage("change release", change_release(env, &targets, &previous_specs, &plan.token, log)).await?;
+    log.stage(
+        "change release",
+        change_release(env, &targets, &previous_specs, &plan.token, log),
+    )
+    .await?;
 
     // 6. Switch buffers, and record where the environment stands.
     log.stage("switch buffers", async {
         buffers.switch()?;
-        let specs: BTreeMap<String, GroupSpec> = targets.iter().map(|t| (t.id(), t.spec.clone())).collect();
+        let specs: BTreeMap<String, GroupSpec> =
+            targets.iter().map(|t| (t.id(), t.spec.clone())).collect();
         store.set_environment(&EnvironmentRecord {
             name: plan.env_name.clone(),
             release: Some(plan.release.id.clone()),
@@ -244,8 +336,14 @@ async fn execute(system: &System, home: &Home, store: &Store, kind: Kind, plan: 
 
     // 7. Post-deploy plugins (after the switch the buffers have swapped places).
     let facts = Facts {
-        release: ReleaseFacts { path: buffers.existing_dir(), ..facts.release.clone() },
-        existing_release: facts.existing_release.clone().map(|x| ReleaseFacts { path: buffers.previous_dir(), ..x }),
+        release: ReleaseFacts {
+            path: buffers.existing_dir(),
+            ..facts.release.clone()
+        },
+        existing_release: facts.existing_release.clone().map(|x| ReleaseFacts {
+            path: buffers.previous_dir(),
+            ..x
+        }),
         ..facts.clone()
     };
     log.stage("post-deploy plugins", async {
@@ -253,7 +351,14 @@ async fn execute(system: &System, home: &Home, store: &Store, kind: Kind, plan: 
             log.line("no plugins");
             return Ok(());
         }
-        plugin::run_all(&plugin_refs, Hook::PostDeploy, &facts, &buffers.existing_dir(), log).await
+        plugin::run_all(
+            &plugin_refs,
+            Hook::PostDeploy,
+            &facts,
+            &buffers.existing_dir(),
+            log,
+        )
+        .await
     })
     .await
 }
@@ -268,14 +373,23 @@ async fn push(targets: &[HostGroup], token: &str, log: &Log) -> Result<()> {
     let mut failures = Vec::new();
     for (t, r) in results {
         match r {
-            Ok(p) => log.line(format!("host `{}` ({}): group `{}` ready, image {}", t.host, t.agent, t.spec.key.group, short(&p.image_id))),
+            Ok(p) => log.line(format!(
+                "host `{}` ({}): group `{}` ready, image {}",
+                t.host,
+                t.agent,
+                t.spec.key.group,
+                short(&p.image_id)
+            )),
             Err(e) => failures.push(format!("host `{}` ({}): {e}", t.host, t.agent)),
         }
     }
     if failures.is_empty() {
         Ok(())
     } else {
-        Err(Error::failed("push", format!("no host was switched; {}", failures.join("; "))))
+        Err(Error::failed(
+            "push",
+            format!("no host was switched; {}", failures.join("; ")),
+        ))
     }
 }
 
@@ -295,21 +409,39 @@ async fn change_release(
 ) -> Result<()> {
     let mut switched: Vec<&HostGroup> = Vec::new();
     for (group_name, group) in &env.groups {
-        let members: Vec<&HostGroup> = targets.iter().filter(|t| &t.spec.key.group == group_name).collect();
-        let batch = group.batch.map(|b| b as usize).unwrap_or_else(|| (members.len() / 2).max(1));
+        let members: Vec<&HostGroup> = targets
+            .iter()
+            .filter(|t| &t.spec.key.group == group_name)
+            .collect();
+        let batch = group
+            .batch
+            .map(|b| b as usize)
+            .unwrap_or_else(|| (members.len() / 2).max(1));
         for (n, chunk) in members.chunks(batch.max(1)).enumerate() {
             let names: Vec<&str> = chunk.iter().map(|t| t.host.as_str()).collect();
-            log.line(format!("group `{group_name}` batch {}: {}", n + 1, names.join(", ")));
+            log.line(format!(
+                "group `{group_name}` batch {}: {}",
+                n + 1,
+                names.join(", ")
+            ));
             let calls = chunk.iter().map(|t| async move {
                 let client = AgentClient::new(&t.agent, token);
-                let req = Switch { release_id: t.spec.release.id.clone(), config_version: t.spec.config_version.clone() };
+                let req = Switch {
+                    release_id: t.spec.release.id.clone(),
+                    config_version: t.spec.config_version.clone(),
+                };
                 (*t, client.switch(&t.spec.key, &req).await)
             });
             let mut failures = Vec::new();
             for (t, r) in futures_util::future::join_all(calls).await {
                 match r {
                     Ok(s) => {
-                        log.line(format!("host `{}`: serving {} with {} instance(s)", t.host, t.spec.release.name, s.instances.len()));
+                        log.line(format!(
+                            "host `{}`: serving {} with {} instance(s)",
+                            t.host,
+                            t.spec.release.name,
+                            s.instances.len()
+                        ));
                         switched.push(t);
                     }
                     Err(e) => failures.push(format!("host `{}` ({}): {e}", t.host, t.agent)),
@@ -319,7 +451,10 @@ async fn change_release(
                 let reverted = switch_back(&switched, previous, token, log).await;
                 return Err(Error::failed(
                     "change release",
-                    format!("{}; rollout stopped, {reverted} switched host(s) switched back", failures.join("; ")),
+                    format!(
+                        "{}; rollout stopped, {reverted} switched host(s) switched back",
+                        failures.join("; ")
+                    ),
                 ));
             }
         }
@@ -328,13 +463,21 @@ async fn change_release(
 }
 
 /// Put every switched host back on its previous spec. Returns how many made it.
-async fn switch_back(switched: &[&HostGroup], previous: &BTreeMap<String, GroupSpec>, token: &str, log: &Log) -> usize {
+async fn switch_back(
+    switched: &[&HostGroup],
+    previous: &BTreeMap<String, GroupSpec>,
+    token: &str,
+    log: &Log,
+) -> usize {
     let calls = switched.iter().map(|t| async move {
         let client = AgentClient::new(&t.agent, token);
         let r = match previous.get(&t.id()) {
             Some(old) => match client.put_spec(old).await {
                 Ok(_) => {
-                    let req = Switch { release_id: old.release.id.clone(), config_version: old.config_version.clone() };
+                    let req = Switch {
+                        release_id: old.release.id.clone(),
+                        config_version: old.config_version.clone(),
+                    };
                     client.switch(&old.key, &req).await.map(|_| ())
                 }
                 Err(e) => Err(e),
@@ -368,5 +511,9 @@ pub fn target_id(group: &str, host: &str) -> String {
 
 /// Used by the agent key of a target.
 pub fn group_key(system: &System, env: &str, group: &str) -> GroupKey {
-    GroupKey { system: system.name().to_string(), environment: env.to_string(), group: group.to_string() }
+    GroupKey {
+        system: system.name().to_string(),
+        environment: env.to_string(),
+        group: group.to_string(),
+    }
 }

@@ -31,7 +31,11 @@ impl HostGroup {
 /// Plugins of a deploy: the system's, then those of the nodes the environment runs.
 pub fn plugins_for(cfg: &ReleaseConfig, nodes: &[&str]) -> Vec<PluginDecl> {
     let mut out: Vec<PluginDecl> = cfg.plugins.iter().map(PluginDecl::from).collect();
-    for n in cfg.nodes.iter().filter(|n| nodes.contains(&n.name.as_str())) {
+    for n in cfg
+        .nodes
+        .iter()
+        .filter(|n| nodes.contains(&n.name.as_str()))
+    {
         out.extend(n.plugins.iter().map(PluginDecl::from));
     }
     out
@@ -39,8 +43,11 @@ pub fn plugins_for(cfg: &ReleaseConfig, nodes: &[&str]) -> Vec<PluginDecl> {
 
 /// The environment as templates see it: `{name, hosts, groups}`.
 pub fn environment_json(name: &str, env: &Environment) -> serde_json::Value {
-    let hosts: serde_json::Map<String, serde_json::Value> =
-        env.hosts.iter().map(|(k, h)| (k.clone(), serde_json::json!({"name": k, "agent": h.agent}))).collect();
+    let hosts: serde_json::Map<String, serde_json::Value> = env
+        .hosts
+        .iter()
+        .map(|(k, h)| (k.clone(), serde_json::json!({"name": k, "agent": h.agent})))
+        .collect();
     let groups: serde_json::Map<String, serde_json::Value> = env
         .groups
         .iter()
@@ -56,7 +63,11 @@ pub fn environment_json(name: &str, env: &Environment) -> serde_json::Value {
 }
 
 pub fn release_ref(r: &ReleaseRecord) -> ReleaseRef {
-    ReleaseRef { id: r.id.clone(), name: r.name.clone(), created_at: r.created_at.clone() }
+    ReleaseRef {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        created_at: r.created_at.clone(),
+    }
 }
 
 /// Every file under `dir`, by path relative to it, as text.
@@ -65,14 +76,24 @@ fn read_templates(dir: &Path) -> Result<BTreeMap<String, String>> {
     if !dir.is_dir() {
         return Ok(out);
     }
-    for entry in walkdir::WalkDir::new(dir).follow_links(false).sort_by_file_name() {
-        let entry = entry.map_err(|e| Error::failed("configuration", format!("cannot read templates: {e}")))?;
+    for entry in walkdir::WalkDir::new(dir)
+        .follow_links(false)
+        .sort_by_file_name()
+    {
+        let entry = entry
+            .map_err(|e| Error::failed("configuration", format!("cannot read templates: {e}")))?;
         if !entry.file_type().is_file() {
             continue;
         }
-        let rel = entry.path().strip_prefix(dir).unwrap_or(entry.path()).to_string_lossy().into_owned();
-        let text = std::fs::read_to_string(entry.path())
-            .map_err(|e| Error::invalid(format!("template `templates/{rel}` is not UTF-8 text: {e}")))?;
+        let rel = entry
+            .path()
+            .strip_prefix(dir)
+            .unwrap_or(entry.path())
+            .to_string_lossy()
+            .into_owned();
+        let text = std::fs::read_to_string(entry.path()).map_err(|e| {
+            Error::invalid(format!("template `templates/{rel}` is not UTF-8 text: {e}"))
+        })?;
         out.insert(rel, text);
     }
     Ok(out)
@@ -92,16 +113,28 @@ pub fn build(
     let release_json = serde_json::to_value(release_ref(release)).unwrap_or_default();
     let existing_json = existing.map(|x| serde_json::to_value(release_ref(x)).unwrap_or_default());
     let services = serde_json::to_value(&env.services).unwrap_or_default();
-    let ctx = template::deploy_context(&environment_json(env_name, env), &services, &release_json, existing_json.as_ref());
+    let ctx = template::deploy_context(
+        &environment_json(env_name, env),
+        &services,
+        &release_json,
+        existing_json.as_ref(),
+    );
     let mut out = Vec::new();
     for (group_name, group) in &env.groups {
-        let node = cfg.nodes.iter().find(|n| n.name == group.node).ok_or_else(|| {
-            let known: Vec<&str> = cfg.nodes.iter().map(|n| n.name.as_str()).collect();
-            Error::invalid_with_help(
-                format!("group `{group_name}` runs node `{}`, which release {} does not have", group.node, release.id),
-                format!("its nodes: {}", known.join(", ")),
-            )
-        })?;
+        let node = cfg
+            .nodes
+            .iter()
+            .find(|n| n.name == group.node)
+            .ok_or_else(|| {
+                let known: Vec<&str> = cfg.nodes.iter().map(|n| n.name.as_str()).collect();
+                Error::invalid_with_help(
+                    format!(
+                        "group `{group_name}` runs node `{}`, which release {} does not have",
+                        group.node, release.id
+                    ),
+                    format!("its nodes: {}", known.join(", ")),
+                )
+            })?;
         if group.listen.is_some() && node.port.is_none() {
             return Err(Error::invalid(format!(
                 "group `{group_name}` has `listen`, but node `{}` declares no `port` in its container.yml",
@@ -111,9 +144,17 @@ pub fn build(
         let config = super::config::node_config(cfg, node, &ctx)?;
         let templates = read_templates(&buffer.join(&node.templates))?;
         let config_version = api::config_version(&config, &templates);
-        log.line(format!("node `{}`: configuration {config_version}, {} template(s)", node.name, templates.len()));
+        log.line(format!(
+            "node `{}`: configuration {config_version}, {} template(s)",
+            node.name,
+            templates.len()
+        ));
         for host in &group.hosts {
-            let agent = env.hosts.get(host).map(|h| h.agent.clone()).unwrap_or_default();
+            let agent = env
+                .hosts
+                .get(host)
+                .map(|h| h.agent.clone())
+                .unwrap_or_default();
             let spec = GroupSpec {
                 key: super::group_key(system, env_name, group_name),
                 host: host.clone(),
@@ -127,7 +168,8 @@ pub fn build(
                 port: node.port,
                 health: HealthSpec {
                     path: node.health.path.clone(),
-                    interval_ms: u64::try_from(node.health.interval.as_millis()).unwrap_or(u64::MAX),
+                    interval_ms: u64::try_from(node.health.interval.as_millis())
+                        .unwrap_or(u64::MAX),
                     timeout_ms: u64::try_from(node.health.timeout.as_millis()).unwrap_or(u64::MAX),
                 },
                 reload: node.reload.clone(),
@@ -140,7 +182,11 @@ pub fn build(
             for index in 0..spec.instances {
                 template::render_templates(&spec.templates, &template::app_context(&spec, index))?;
             }
-            out.push(HostGroup { host: host.clone(), agent, spec });
+            out.push(HostGroup {
+                host: host.clone(),
+                agent,
+                spec,
+            });
         }
     }
     Ok(out)

@@ -59,7 +59,9 @@ impl Identities {
     /// Parses the text of an identity file; `label` names it in errors. Errors give the
     /// line number, never the line itself.
     pub fn parse(label: &str, text: &str) -> Result<Self> {
-        if text.contains("-----BEGIN OPENSSH PRIVATE KEY-----") || text.contains("-----BEGIN RSA PRIVATE KEY-----") {
+        if text.contains("-----BEGIN OPENSSH PRIVATE KEY-----")
+            || text.contains("-----BEGIN RSA PRIVATE KEY-----")
+        {
             return Self::parse_ssh(label, text);
         }
         let mut keys = Vec::new();
@@ -89,17 +91,28 @@ impl Identities {
 
     /// An OpenSSH private key file (as age accepts with `-i ~/.ssh/id_ed25519`).
     fn parse_ssh(label: &str, text: &str) -> Result<Self> {
-        let key = age::ssh::Identity::from_buffer(io::BufReader::new(text.as_bytes()), Some(label.to_string()))
-            .map_err(|_| Error::invalid(format!("identity file `{label}` is not a valid OpenSSH private key")))?;
+        let key = age::ssh::Identity::from_buffer(
+            io::BufReader::new(text.as_bytes()),
+            Some(label.to_string()),
+        )
+        .map_err(|_| {
+            Error::invalid(format!(
+                "identity file `{label}` is not a valid OpenSSH private key"
+            ))
+        })?;
         match key {
-            age::ssh::Identity::Unencrypted(_) => Ok(Identities { label: label.to_string(), keys: Vec::new(), ssh: vec![key] }),
+            age::ssh::Identity::Unencrypted(_) => Ok(Identities {
+                label: label.to_string(),
+                keys: Vec::new(),
+                ssh: vec![key],
+            }),
             age::ssh::Identity::Encrypted(_) => Err(Error::invalid_with_help(
                 format!("the SSH key `{label}` is protected by a passphrase"),
                 "builds are not interactive: use an unencrypted deploy key or an age X25519 identity",
             )),
-            age::ssh::Identity::Unsupported(_) => {
-                Err(Error::invalid(format!("the SSH key `{label}` is of a type age does not support (use ssh-ed25519 or ssh-rsa)")))
-            }
+            age::ssh::Identity::Unsupported(_) => Err(Error::invalid(format!(
+                "the SSH key `{label}` is of a type age does not support (use ssh-ed25519 or ssh-rsa)"
+            ))),
         }
     }
 
@@ -287,9 +300,8 @@ pub fn encrypt_armored(recipients: &[String], plaintext: &[u8]) -> Result<String
 
 pub(crate) fn encrypt_to(recipients: &[AnyRecipient], plaintext: &[u8]) -> Result<String> {
     let fail = |e: &dyn fmt::Display| Error::failed("encrypt", e.to_string());
-    let encryptor =
-        age::Encryptor::with_recipients(recipients.iter().map(AnyRecipient::as_dyn))
-            .map_err(|e| fail(&e))?;
+    let encryptor = age::Encryptor::with_recipients(recipients.iter().map(AnyRecipient::as_dyn))
+        .map_err(|e| fail(&e))?;
     let mut out = Vec::new();
     let armor = ArmoredWriter::wrap_output(&mut out, Format::AsciiArmor).map_err(|e| fail(&e))?;
     let mut writer = encryptor.wrap_output(armor).map_err(|e| fail(&e))?;

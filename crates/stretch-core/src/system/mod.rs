@@ -213,9 +213,14 @@ impl System {
                     }
                 }
                 if let Some(port) = group.listen {
-                    let clash = env.groups.iter().take_while(|(n, _)| *n != group_name).find(|(_, g)| {
-                        g.listen == Some(port) && g.hosts.iter().any(|h| group.hosts.contains(h))
-                    });
+                    let clash = env
+                        .groups
+                        .iter()
+                        .take_while(|(n, _)| *n != group_name)
+                        .find(|(_, g)| {
+                            g.listen == Some(port)
+                                && g.hosts.iter().any(|h| group.hosts.contains(h))
+                        });
                     if let Some((other, _)) = clash {
                         return Err(self.error_at(
                             &format!("{group_name}:"),
@@ -344,7 +349,9 @@ mod tests {
             "5:17 environments.p.hosts.a: unknown field `agnet`, expected `agent`"
         );
         assert_eq!(
-            message("system: shop\nsources: [{path: .}]\nenvironments:\n  p:\n    hosts: {a: {agent: x}, b: {agent: y}}\n    groups:\n      web: {node: web, hosts: [a], listen: 80}\n      api: {node: api, hosts: [b, a], listen: 80}\n"),
+            message(
+                "system: shop\nsources: [{path: .}]\nenvironments:\n  p:\n    hosts: {a: {agent: x}, b: {agent: y}}\n    groups:\n      web: {node: web, hosts: [a], listen: 80}\n      api: {node: api, hosts: [b, a], listen: 80}\n"
+            ),
             "8:7 groups `web` and `api` of environment `p` share a host and both listen on port 80"
         );
     }

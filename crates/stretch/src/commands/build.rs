@@ -3,10 +3,10 @@
 use stretch_core::build::{self, BuildOptions};
 use stretch_core::deploy::{self, DeployRequest, Kind};
 use stretch_core::home::Home;
-use stretch_core::store::Store;
-use stretch_core::system::System;
 use stretch_core::log::Log;
 use stretch_core::store::RunSink;
+use stretch_core::store::Store;
+use stretch_core::system::System;
 use stretch_core::{Error, Result};
 
 use crate::cli::BuildArgs;
@@ -79,7 +79,13 @@ pub async fn run(args: BuildArgs, settings: &Settings, printer: &Printer) -> Res
 }
 
 /// Deploy a new release to every `auto_deploy` environment not already running it.
-async fn auto_deploy(system: &System, home: &Home, store: &Store, id: &str, printer: &Printer) -> Result<()> {
+async fn auto_deploy(
+    system: &System,
+    home: &Home,
+    store: &Store,
+    id: &str,
+    printer: &Printer,
+) -> Result<()> {
     for (name, env) in &system.spec.environments {
         if !env.auto_deploy {
             continue;
@@ -89,7 +95,12 @@ async fn auto_deploy(system: &System, home: &Home, store: &Store, id: &str, prin
             continue;
         }
         printer.info(format!("auto_deploy: deploying {id} to `{name}`"));
-        let req = DeployRequest { environment: name.clone(), release: Some(id.to_string()), kind: Kind::Deploy, wait: true };
+        let req = DeployRequest {
+            environment: name.clone(),
+            release: Some(id.to_string()),
+            kind: Kind::Deploy,
+            wait: true,
+        };
         let log = Log::new(vec![printer.progress()]);
         deploy::deploy(system, home, store, &req, &log).await?;
         if !printer.json {

@@ -1,19 +1,29 @@
 //! `stretch deploy`, `stretch rollback` and `stretch status`.
 
+use stretch_core::Result;
 use stretch_core::agent::client::AgentClient;
 use stretch_core::deploy::apply::{ActionKind, ApplyRequest};
 use stretch_core::deploy::{self, DeployRequest, Kind};
 use stretch_core::log::Log;
-use stretch_core::Result;
 
 use crate::cli::DeployArgs;
 use crate::printer::Printer;
 use crate::settings::Settings;
 
-pub async fn deploy(args: DeployArgs, kind: Kind, settings: &Settings, printer: &Printer) -> Result<()> {
+pub async fn deploy(
+    args: DeployArgs,
+    kind: Kind,
+    settings: &Settings,
+    printer: &Printer,
+) -> Result<()> {
     let system = super::load_system(settings)?;
     let (home, store) = super::open_home(settings)?;
-    let req = DeployRequest { environment: args.environment, release: args.release, kind, wait: args.wait };
+    let req = DeployRequest {
+        environment: args.environment,
+        release: args.release,
+        kind,
+        wait: args.wait,
+    };
     let log = Log::new(vec![printer.progress()]);
     let outcome = deploy::deploy(&system, &home, &store, &req, &log).await?;
     let r = &outcome.release;
@@ -26,15 +36,35 @@ pub async fn deploy(args: DeployArgs, kind: Kind, settings: &Settings, printer: 
             "existing_release": outcome.existing.as_ref().map(|x| serde_json::json!({"id": x.id, "name": x.name})),
         }));
     } else {
-        printer.out(format!("{} {} ({}) is live on `{}`", if kind == Kind::Rollback { "rolled back:" } else { "deployed:" }, r.name, r.id, req.environment));
+        printer.out(format!(
+            "{} {} ({}) is live on `{}`",
+            if kind == Kind::Rollback {
+                "rolled back:"
+            } else {
+                "deployed:"
+            },
+            r.name,
+            r.id,
+            req.environment
+        ));
     }
     Ok(())
 }
 
-pub async fn apply(env: &str, dry_run: bool, wait: bool, settings: &Settings, printer: &Printer) -> Result<()> {
+pub async fn apply(
+    env: &str,
+    dry_run: bool,
+    wait: bool,
+    settings: &Settings,
+    printer: &Printer,
+) -> Result<()> {
     let system = super::load_system(settings)?;
     let (home, store) = super::open_home(settings)?;
-    let req = ApplyRequest { environment: env.to_string(), dry_run, wait };
+    let req = ApplyRequest {
+        environment: env.to_string(),
+        dry_run,
+        wait,
+    };
     // The plan is printed before anything changes; progress follows.
     let log = Log::new(vec![printer.progress()]);
     let outcome = deploy::apply::apply(&system, &home, &store, &req, &log).await?;
@@ -50,11 +80,17 @@ pub async fn apply(env: &str, dry_run: bool, wait: bool, settings: &Settings, pr
         printer.out("no changes in its definition");
     }
     for c in &plan.changes {
-        let show = |v: &Option<serde_json::Value>| v.as_ref().map(|v| v.to_string()).unwrap_or_default();
+        let show =
+            |v: &Option<serde_json::Value>| v.as_ref().map(|v| v.to_string()).unwrap_or_default();
         match c.op {
             "added" => printer.out(format!("  + {}: {}", c.path, show(&c.new))),
             "removed" => printer.out(format!("  - {}: {}", c.path, show(&c.old))),
-            _ => printer.out(format!("  ~ {}: {} -> {}", c.path, show(&c.old), show(&c.new))),
+            _ => printer.out(format!(
+                "  ~ {}: {} -> {}",
+                c.path,
+                show(&c.old),
+                show(&c.new)
+            )),
         }
     }
     if !plan.actions.is_empty() {
@@ -64,7 +100,14 @@ pub async fn apply(env: &str, dry_run: bool, wait: bool, settings: &Settings, pr
         let (sign, what) = match a.kind {
             ActionKind::Start => ("+", "start (pull the running release's image)".to_string()),
             ActionKind::Stop => ("-", "stop".to_string()),
-            ActionKind::Reload => ("~", format!("reload configuration {} -> {}", a.from_config.as_deref().unwrap_or("-"), a.to_config.as_deref().unwrap_or("-"))),
+            ActionKind::Reload => (
+                "~",
+                format!(
+                    "reload configuration {} -> {}",
+                    a.from_config.as_deref().unwrap_or("-"),
+                    a.to_config.as_deref().unwrap_or("-")
+                ),
+            ),
             ActionKind::Replace => ("~", "replace instances (same image)".to_string()),
         };
         printer.out(format!("  {sign} {:<20} {what}", a.target));
@@ -72,7 +115,10 @@ pub async fn apply(env: &str, dry_run: bool, wait: bool, settings: &Settings, pr
     if let Some(note) = &outcome.note {
         printer.info(note);
     } else if outcome.applied {
-        printer.out(format!("applied: `{env}` converged ({} action(s))", plan.actions.len()));
+        printer.out(format!(
+            "applied: `{env}` converged ({} action(s))",
+            plan.actions.len()
+        ));
     }
     Ok(())
 }
@@ -81,7 +127,10 @@ pub async fn status(env_name: &str, settings: &Settings, printer: &Printer) -> R
     let system = super::load_system(settings)?;
     let env = deploy::environment(&system, env_name)?;
     let token = deploy::agent_token(&system, env_name, env)?;
-    let record = super::open_store_if_any(settings)?.map(|s| s.environment(env_name)).transpose()?.flatten();
+    let record = super::open_store_if_any(settings)?
+        .map(|s| s.environment(env_name))
+        .transpose()?
+        .flatten();
     let release = record.as_ref().and_then(|r| r.release.clone());
     let mut hosts = Vec::new();
     for (host, h) in &env.hosts {
@@ -93,7 +142,11 @@ pub async fn status(env_name: &str, settings: &Settings, printer: &Printer) -> R
             .filter(|(_, g)| g.hosts.contains(host))
             .map(|(name, g)| {
                 let found = state.as_ref().ok().and_then(|s| {
-                    s.groups.iter().find(|x| x.key.system == system.name() && x.key.environment == env_name && &x.key.group == name)
+                    s.groups.iter().find(|x| {
+                        x.key.system == system.name()
+                            && x.key.environment == env_name
+                            && &x.key.group == name
+                    })
                 });
                 serde_json::json!({
                     "group": name,
@@ -114,13 +167,26 @@ pub async fn status(env_name: &str, settings: &Settings, printer: &Printer) -> R
         }));
     }
     if printer.json {
-        printer.json(&serde_json::json!({"environment": env_name, "release": release, "hosts": hosts}));
+        printer.json(
+            &serde_json::json!({"environment": env_name, "release": release, "hosts": hosts}),
+        );
         return Ok(());
     }
-    printer.out(format!("environment `{env_name}`: release {}", release.as_deref().unwrap_or("(never deployed)")));
+    printer.out(format!(
+        "environment `{env_name}`: release {}",
+        release.as_deref().unwrap_or("(never deployed)")
+    ));
     for h in &hosts {
-        let reach = if h["reachable"] == true { "reachable".to_string() } else { format!("UNREACHABLE ({})", h["error"].as_str().unwrap_or("")) };
-        printer.out(format!("  host {} ({}): {reach}", h["host"].as_str().unwrap_or(""), h["agent"].as_str().unwrap_or("")));
+        let reach = if h["reachable"] == true {
+            "reachable".to_string()
+        } else {
+            format!("UNREACHABLE ({})", h["error"].as_str().unwrap_or(""))
+        };
+        printer.out(format!(
+            "  host {} ({}): {reach}",
+            h["host"].as_str().unwrap_or(""),
+            h["agent"].as_str().unwrap_or("")
+        ));
         for g in h["groups"].as_array().into_iter().flatten() {
             printer.out(format!(
                 "    group {:<12} node {:<10} release {:<22} config {:<14} instances {} {}",
@@ -129,7 +195,11 @@ pub async fn status(env_name: &str, settings: &Settings, printer: &Printer) -> R
                 g["release"].as_str().unwrap_or("-"),
                 g["config_version"].as_str().unwrap_or("-"),
                 g["instances"],
-                if g["healthy"] == true { "healthy" } else { "NOT HEALTHY" },
+                if g["healthy"] == true {
+                    "healthy"
+                } else {
+                    "NOT HEALTHY"
+                },
             ));
         }
     }

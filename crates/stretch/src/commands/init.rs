@@ -31,17 +31,24 @@ const FILES: &[(&str, &str)] = example![
 /// A fresh random token, hex.
 fn token() -> Result<String> {
     let mut buf = [0u8; 24];
-    let mut f = std::fs::File::open("/dev/urandom").map_err(|e| Error::failed("init", format!("no randomness: {e}")))?;
-    std::io::Read::read_exact(&mut f, &mut buf).map_err(|e| Error::failed("init", format!("no randomness: {e}")))?;
+    let mut f = std::fs::File::open("/dev/urandom")
+        .map_err(|e| Error::failed("init", format!("no randomness: {e}")))?;
+    std::io::Read::read_exact(&mut f, &mut buf)
+        .map_err(|e| Error::failed("init", format!("no randomness: {e}")))?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 pub fn run(dir: Option<PathBuf>, printer: &Printer) -> Result<()> {
     let dir = dir.unwrap_or_else(|| PathBuf::from("."));
     if dir.join("system.yml").exists() {
-        return Err(Error::invalid(format!("`{}` already exists: not overwriting it", dir.join("system.yml").display())));
+        return Err(Error::invalid(format!(
+            "`{}` already exists: not overwriting it",
+            dir.join("system.yml").display()
+        )));
     }
-    let io = |p: &Path, e: std::io::Error| Error::invalid(format!("cannot write `{}`: {e}", p.display()));
+    let io = |p: &Path, e: std::io::Error| {
+        Error::invalid(format!("cannot write `{}`: {e}", p.display()))
+    };
     for (rel, text) in FILES {
         let path = dir.join(rel);
         if let Some(parent) = path.parent() {

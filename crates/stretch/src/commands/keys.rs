@@ -1,6 +1,6 @@
 //! `stretch keys generate`: a new age identity, in `age-keygen`'s format.
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use stretch_core::{Result, secrets};
 
@@ -19,7 +19,7 @@ pub fn run(command: KeysCommand, printer: &Printer) -> Result<()> {
     }
 }
 
-fn generate_to(path: &PathBuf, printer: &Printer) -> Result<()> {
+fn generate_to(path: &Path, printer: &Printer) -> Result<()> {
     let recipient = secrets::write_new_identity(path)?;
     print_recipient(&recipient, printer);
     Ok(())

@@ -9,7 +9,10 @@ use super::deploy::{Hammer, World};
 
 /// Rewrite system.yml: `hosts` are agent indexes; `groups` is YAML for the groups map.
 fn system(w: &World, greeting: &str, hosts: &[usize], groups: &str) {
-    let hosts: String = hosts.iter().map(|i| format!("      h{i}: {{agent: {}}}\n", w.agents[*i].addr)).collect();
+    let hosts: String = hosts
+        .iter()
+        .map(|i| format!("      h{i}: {{agent: {}}}\n", w.agents[*i].addr))
+        .collect();
     w.ctx.write(
         "system.yml",
         format!(
@@ -20,7 +23,10 @@ fn system(w: &World, greeting: &str, hosts: &[usize], groups: &str) {
 }
 
 fn web(w: &World, hosts: &str, extra: &str) -> String {
-    format!("      web: {{node: web, hosts: [{hosts}], listen: {}{extra}}}\n", w.listen)
+    format!(
+        "      web: {{node: web, hosts: [{hosts}], listen: {}{extra}}}\n",
+        w.listen
+    )
 }
 
 /// A world whose node reloads by copying its rendered page into place.
@@ -30,12 +36,17 @@ fn reloading_world(prefix: &str, hosts: usize) -> World {
         "app/container.yml",
         "port: 8080\nhealth: {path: /health.txt, interval: 100ms, timeout: 8s}\nstop_timeout: 1s\nreload: [sh, -c, 'grep -qx ok /stretch/templates/mode && cp /stretch/templates/index.html /www/']\n",
     );
-    w.ctx.write("app/templates/mode.jinja", "{% if config.greeting == 'fail-reload' %}broken{% else %}ok{% endif %}\n");
+    w.ctx.write(
+        "app/templates/mode.jinja",
+        "{% if config.greeting == 'fail-reload' %}broken{% else %}ok{% endif %}\n",
+    );
     w
 }
 
 fn page(w: &World, i: usize) -> String {
-    http_get(&w.proxy(i), "/index.html").map(|(_, b)| b).unwrap_or_else(|e| e)
+    http_get(&w.proxy(i), "/index.html")
+        .map(|(_, b)| b)
+        .unwrap_or_else(|e| e)
 }
 
 fn containers(w: &World) -> Vec<String> {
@@ -57,10 +68,19 @@ fn apply_converges_services_hosts_groups_and_instances() {
 
     // A service value: the plan shows it, a dry run changes nothing.
     system(&w, "hi", &[0, 1], &web(&w, "h0, h1", ""));
-    let plan = w.ctx.run(&["apply", "production", "--dry-run", "--json"]).ok().json();
+    let plan = w
+        .ctx
+        .run(&["apply", "production", "--dry-run", "--json"])
+        .ok()
+        .json();
     assert_eq!(plan["plan"]["changes"][0]["path"], "services.greeting");
     assert_eq!(plan["plan"]["changes"][0]["new"], "hi");
-    let kinds: Vec<&str> = plan["plan"]["actions"].as_array().unwrap().iter().map(|a| a["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = plan["plan"]["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, ["reload", "reload"]);
     assert_eq!(page(&w, 0), format!("release {r1} hello on h0\n"));
 
@@ -69,8 +89,16 @@ fn apply_converges_services_hosts_groups_and_instances() {
     let hammer = Hammer::start(vec![w.proxy(0), w.proxy(1)]);
     let out = w.ctx.run(&["apply", "production"]).ok();
     let (requests, failures, _) = hammer.finish();
-    assert!(failures.is_empty(), "{} of {requests} failed", failures.len());
-    assert!(out.stdout.contains("~ services.greeting: \"hello\" -> \"hi\""), "{out}");
+    assert!(
+        failures.is_empty(),
+        "{} of {requests} failed",
+        failures.len()
+    );
+    assert!(
+        out.stdout
+            .contains("~ services.greeting: \"hello\" -> \"hi\""),
+        "{out}"
+    );
     for i in 0..2 {
         assert_eq!(page(&w, i), format!("release {r1} hi on h{i}\n"));
     }
@@ -88,26 +116,50 @@ fn apply_converges_services_hosts_groups_and_instances() {
     assert_eq!(page(&w, 2), format!("release {r1} hi on h2\n"));
 
     // Two instances per host: replaced without downtime, same image.
-    system(&w, "hi", &[0, 1, 2], &web(&w, "h0, h1, h2", ", instances: 2"));
+    system(
+        &w,
+        "hi",
+        &[0, 1, 2],
+        &web(&w, "h0, h1, h2", ", instances: 2"),
+    );
     let hammer = Hammer::start(vec![w.proxy(0)]);
     w.ctx.run(&["apply", "production"]).ok();
     let (requests, failures, _) = hammer.finish();
-    assert!(failures.is_empty(), "{} of {requests} failed", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {requests} failed",
+        failures.len()
+    );
     assert_eq!(containers(&w).len(), 6);
 
     // A host leaves, and a second group comes on h0.
     let api_port = stretch_test::free_port();
-    let groups = format!("{}      api: {{node: web, hosts: [h0], listen: {api_port}}}\n", web(&w, "h0, h2", ", instances: 2"));
+    let groups = format!(
+        "{}      api: {{node: web, hosts: [h0], listen: {api_port}}}\n",
+        web(&w, "h0, h2", ", instances: 2")
+    );
     system(&w, "hi", &[0, 1, 2], &groups);
     let out = w.ctx.run(&["apply", "production"]).ok();
-    assert!(out.stdout.contains("- web/h1") && out.stdout.contains("+ api/h0"), "{out}");
-    assert!(http_get(&w.proxy(1), "/index.html").is_err(), "h1's proxy must be closed");
+    assert!(
+        out.stdout.contains("- web/h1") && out.stdout.contains("+ api/h0"),
+        "{out}"
+    );
+    assert!(
+        http_get(&w.proxy(1), "/index.html").is_err(),
+        "h1's proxy must be closed"
+    );
     let api = format!("{}:{api_port}", w.agents[0].proxy_ip);
-    assert_eq!(http_get(&api, "/index.html"), Ok((200, format!("release {r1} hi on h0\n"))));
+    assert_eq!(
+        http_get(&api, "/index.html"),
+        Ok((200, format!("release {r1} hi on h0\n")))
+    );
     // …and goes again.
     system(&w, "hi", &[0, 1, 2], &web(&w, "h0, h2", ", instances: 2"));
     w.ctx.run(&["apply", "production"]).ok();
-    assert!(http_get(&api, "/index.html").is_err(), "api's proxy must be closed");
+    assert!(
+        http_get(&api, "/index.html").is_err(),
+        "api's proxy must be closed"
+    );
     assert_eq!(containers(&w).len(), 4);
 
     // A rollback later keeps the current service values (services are unversioned).
@@ -123,9 +175,16 @@ fn apply_on_a_never_deployed_environment_does_nothing() {
     system(&w, "hello", &[0], &web(&w, "h0", ""));
     w.build();
     let out = w.ctx.run(&["apply", "production"]).ok();
-    assert!(out.stderr.contains("has never been deployed: nothing to apply"), "{out}");
+    assert!(
+        out.stderr
+            .contains("has never been deployed: nothing to apply"),
+        "{out}"
+    );
     assert!(containers(&w).is_empty());
-    assert_eq!(w.ctx.run(&["history", "production", "--json"]).ok().json(), serde_json::json!([]));
+    assert_eq!(
+        w.ctx.run(&["history", "production", "--json"]).ok().json(),
+        serde_json::json!([])
+    );
 }
 
 #[test]
@@ -134,15 +193,31 @@ fn apply_bad_definitions() {
     system(&w, "hello", &[0, 1], &web(&w, "h0, h1", ""));
     w.build();
     w.ctx.run(&["deploy", "production"]).ok();
-    let groups = format!("{}      jobs: {{node: cron, hosts: [h0]}}\n", web(&w, "h0, h1", ""));
+    let groups = format!(
+        "{}      jobs: {{node: cron, hosts: [h0]}}\n",
+        web(&w, "h0, h1", "")
+    );
     system(&w, "hello", &[0, 1], &groups);
-    w.ctx.run(&["apply", "production"]).fails(2, &["group `jobs` runs node `cron`", "does not have"]);
-    let groups = format!("{}      ghost: {{node: web, hosts: [h9]}}\n", web(&w, "h0, h1", ""));
+    w.ctx
+        .run(&["apply", "production"])
+        .fails(2, &["group `jobs` runs node `cron`", "does not have"]);
+    let groups = format!(
+        "{}      ghost: {{node: web, hosts: [h9]}}\n",
+        web(&w, "h0, h1", "")
+    );
     system(&w, "hello", &[0, 1], &groups);
-    w.ctx.run(&["apply", "production"]).fails(2, &["system.yml", "group `ghost`", "unknown host `h9`"]);
-    let groups = format!("{}      api: {{node: web, hosts: [h1], listen: {}}}\n", web(&w, "h0, h1", ""), w.listen);
+    w.ctx
+        .run(&["apply", "production"])
+        .fails(2, &["system.yml", "group `ghost`", "unknown host `h9`"]);
+    let groups = format!(
+        "{}      api: {{node: web, hosts: [h1], listen: {}}}\n",
+        web(&w, "h0, h1", ""),
+        w.listen
+    );
     system(&w, "hello", &[0, 1], &groups);
-    w.ctx.run(&["apply", "production"]).fails(2, &["system.yml", "both listen on port"]);
+    w.ctx
+        .run(&["apply", "production"])
+        .fails(2, &["system.yml", "both listen on port"]);
 }
 
 #[test]
@@ -154,28 +229,53 @@ fn failing_reload_and_unreachable_agent() {
 
     // A reload that fails: that host keeps its old configuration, the command fails.
     system(&w, "fail-reload", &[0, 1], &web(&w, "h0, h1", ""));
-    w.ctx.run(&["apply", "production"]).fails(1, &["apply failed", "host `h0`", "host `h1`"]);
+    w.ctx
+        .run(&["apply", "production"])
+        .fails(1, &["apply failed", "host `h0`", "host `h1`"]);
     for i in 0..2 {
         assert_eq!(page(&w, i), format!("release {r1} hello on h{i}\n"));
     }
     for c in AgentProc::containers(&w.system) {
         let config = stretch_test::docker(&["exec", &c, "cat", "/stretch/config.json"]);
-        assert!(config.contains("hello") && !config.contains("fail-reload"), "old config not restored: {config}");
+        assert!(
+            config.contains("hello") && !config.contains("fail-reload"),
+            "old config not restored: {config}"
+        );
     }
 
     // An agent down during apply: the others converge; re-running converges it.
     w.agents[1].kill();
     system(&w, "bonjour", &[0, 1], &web(&w, "h0, h1", ""));
-    w.ctx.run(&["apply", "production"]).fails(1, &["host `h1`", &w.agents[1].addr, "run `stretch apply production` again"]);
+    w.ctx.run(&["apply", "production"]).fails(
+        1,
+        &[
+            "host `h1`",
+            &w.agents[1].addr,
+            "run `stretch apply production` again",
+        ],
+    );
     assert_eq!(page(&w, 0), format!("release {r1} bonjour on h0\n"));
     w.agents[1].restart();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while page(&w, 1) != format!("release {r1} hello on h1\n") {
-        assert!(std::time::Instant::now() < deadline, "h1 does not serve after restart: {}", page(&w, 1));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "h1 does not serve after restart: {}",
+            page(&w, 1)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let plan = w.ctx.run(&["apply", "production", "--dry-run", "--json"]).ok().json();
-    let targets: Vec<&str> = plan["plan"]["actions"].as_array().unwrap().iter().map(|a| a["target"].as_str().unwrap()).collect();
+    let plan = w
+        .ctx
+        .run(&["apply", "production", "--dry-run", "--json"])
+        .ok()
+        .json();
+    let targets: Vec<&str> = plan["plan"]["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["target"].as_str().unwrap())
+        .collect();
     assert_eq!(targets, ["web/h1"]);
     w.ctx.run(&["apply", "production"]).ok();
     assert_eq!(page(&w, 1), format!("release {r1} bonjour on h1\n"));

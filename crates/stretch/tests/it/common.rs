@@ -182,7 +182,13 @@ impl AgentProc {
 
     fn spawn(&mut self) {
         let child = Command::new(env!("CARGO_BIN_EXE_stretch"))
-            .args(["agent", "--listen", &self.addr, "--proxy-bind", &self.proxy_ip])
+            .args([
+                "agent",
+                "--listen",
+                &self.addr,
+                "--proxy-bind",
+                &self.proxy_ip,
+            ])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--token-file")
@@ -194,7 +200,11 @@ impl AgentProc {
         self.child = Some(child);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while std::net::TcpStream::connect(&self.addr).is_err() {
-            assert!(std::time::Instant::now() < deadline, "agent at {} did not come up", self.addr);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent at {} did not come up",
+                self.addr
+            );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
@@ -215,7 +225,13 @@ impl AgentProc {
 
     /// Ids of the running containers of this test's system.
     pub fn containers(system: &str) -> Vec<String> {
-        let out = stretch_test::docker(&["ps", "-q", "--no-trunc", "--filter", &format!("label=stretch.system={system}")]);
+        let out = stretch_test::docker(&[
+            "ps",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            &format!("label=stretch.system={system}"),
+        ]);
         out.lines().map(String::from).collect()
     }
 }
@@ -224,12 +240,23 @@ impl Drop for AgentProc {
     fn drop(&mut self) {
         self.kill();
         let out = Command::new("docker")
-            .args(["ps", "-aq", "--filter", &format!("label=stretch.system={}", self.system)])
+            .args([
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=stretch.system={}", self.system),
+            ])
             .output();
         if let Ok(out) = out {
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(String::from)
+                .collect();
             if !ids.is_empty() {
-                let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+                let _ = Command::new("docker")
+                    .args(["rm", "-f"])
+                    .args(&ids)
+                    .output();
             }
         }
     }
@@ -239,11 +266,23 @@ impl Drop for AgentProc {
 pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).map_err(|e| e.to_string())?;
-    let status = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| format!("bad response: {buf:?}"))?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad response: {buf:?}"))?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }

@@ -28,15 +28,27 @@ impl World {
         let images = image_cleanup(&system);
         let registry = use_registry.then(Registry::start);
         let ctx = Ctx::new();
-        let agents: Vec<AgentProc> =
-            (0..hosts).map(|i| AgentProc::start(&ctx.path().join(format!("agent{i}")), TOKEN, &system)).collect();
+        let agents: Vec<AgentProc> = (0..hosts)
+            .map(|i| AgentProc::start(&ctx.path().join(format!("agent{i}")), TOKEN, &system))
+            .collect();
         let listen = stretch_test::free_port();
-        let w = World { ctx, system, agents, listen, _registry: None, _images: images };
-        let reg = registry.as_ref().map(|r| r.addr.clone()).unwrap_or_else(|| "local".into());
+        let w = World {
+            ctx,
+            system,
+            agents,
+            listen,
+            _registry: None,
+            _images: images,
+        };
+        let reg = registry
+            .as_ref()
+            .map(|r| r.addr.clone())
+            .unwrap_or_else(|| "local".into());
         w.write_system(&reg, "batch: 1", "");
         w.ctx.write("token", TOKEN);
         w.ctx.write("app/stretch.yml", "name: web\n");
-        w.ctx.write("app/config.yml", "greeting: \"{{ services.greeting }}\"\n");
+        w.ctx
+            .write("app/config.yml", "greeting: \"{{ services.greeting }}\"\n");
         w.ctx.write("app/container.yml", "port: 8080\nhealth: {path: /health.txt, interval: 100ms, timeout: 8s}\nstop_timeout: 2s\n");
         w.ctx.write(
             "app/Dockerfile",
@@ -48,13 +60,24 @@ impl World {
         w.ctx.write("app/www/health.txt", "ok\n");
         w.ctx.write("app/www/delay", "0\n");
         w.ctx.write("app/www/version.txt", "1\n");
-        w.ctx.write("app/templates/index.html.jinja", "release {{ release.id }} {{ config.greeting }} on {{ host.name }}\n");
+        w.ctx.write(
+            "app/templates/index.html.jinja",
+            "release {{ release.id }} {{ config.greeting }} on {{ host.name }}\n",
+        );
         w.ctx.write("app/templates/mode.jinja", "ok\n");
-        World { _registry: registry, ..w }
+        World {
+            _registry: registry,
+            ..w
+        }
     }
 
     pub fn write_system(&self, registry: &str, group_extra: &str, env_extra: &str) {
-        let hosts: String = self.agents.iter().enumerate().map(|(i, a)| format!("      h{i}: {{agent: {}}}\n", a.addr)).collect();
+        let hosts: String = self
+            .agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("      h{i}: {{agent: {}}}\n", a.addr))
+            .collect();
         let names: Vec<String> = (0..self.agents.len()).map(|i| format!("h{i}")).collect();
         self.ctx.write(
             "system.yml",
@@ -68,7 +91,10 @@ impl World {
     }
 
     pub fn build(&self) -> String {
-        self.ctx.run(&["build", "--json"]).ok().json()["id"].as_str().unwrap().to_string()
+        self.ctx.run(&["build", "--json"]).ok().json()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     /// The next release: bump a file and build.
@@ -95,10 +121,13 @@ impl World {
     }
 }
 
-/// Hammers every host's proxy until stopped: (requests, failures, bodies seen).
+/// What a hammer saw: requests, failures, distinct bodies.
+pub type Tally = (u64, Vec<String>, std::collections::BTreeSet<String>);
+
+/// Hammers every host's proxy until stopped.
 pub struct Hammer {
     stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<(u64, Vec<String>, std::collections::BTreeSet<String>)>>,
+    threads: Vec<std::thread::JoinHandle<Tally>>,
 }
 
 impl Hammer {
@@ -109,7 +138,8 @@ impl Hammer {
             .map(|addr| {
                 let stop = stop.clone();
                 std::thread::spawn(move || {
-                    let (mut n, mut failures, mut bodies) = (0u64, Vec::new(), std::collections::BTreeSet::new());
+                    let (mut n, mut failures, mut bodies) =
+                        (0u64, Vec::new(), std::collections::BTreeSet::new());
                     while !stop.load(Ordering::Relaxed) {
                         n += 1;
                         match http_get(&addr, "/index.html") {
@@ -126,7 +156,7 @@ impl Hammer {
         Hammer { stop, threads }
     }
 
-    pub fn finish(self) -> (u64, Vec<String>, std::collections::BTreeSet<String>) {
+    pub fn finish(self) -> Tally {
         self.stop.store(true, Ordering::Relaxed);
         let mut total = (0, Vec::new(), std::collections::BTreeSet::new());
         for t in self.threads {
@@ -158,11 +188,25 @@ fn deploy_and_rollback_three_hosts_without_downtime() {
     let (requests, failures, bodies) = hammer.finish();
     w.assert_serving(&r1);
 
-    eprintln!("zero downtime: {requests} requests, {} failed, {} distinct bodies", failures.len(), bodies.len());
-    assert!(failures.is_empty(), "{} failed requests, e.g. {:?}", failures.len(), &failures[..failures.len().min(5)]);
-    let allowed: std::collections::BTreeSet<String> =
-        (0..3).flat_map(|i| [w.body(&r1, i), w.body(&r2, i)]).collect();
-    assert!(bodies.is_subset(&allowed), "unexpected bodies: {:?}", bodies.difference(&allowed).collect::<Vec<_>>());
+    eprintln!(
+        "zero downtime: {requests} requests, {} failed, {} distinct bodies",
+        failures.len(),
+        bodies.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed requests, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let allowed: std::collections::BTreeSet<String> = (0..3)
+        .flat_map(|i| [w.body(&r1, i), w.body(&r2, i)])
+        .collect();
+    assert!(
+        bodies.is_subset(&allowed),
+        "unexpected bodies: {:?}",
+        bodies.difference(&allowed).collect::<Vec<_>>()
+    );
     assert!(requests > 100, "only {requests} requests");
 
     // Status and history.
@@ -180,13 +224,31 @@ fn deploy_and_rollback_three_hosts_without_downtime() {
         .iter()
         .map(|h| (h["kind"].as_str().unwrap(), h["status"].as_str().unwrap()))
         .collect();
-    assert_eq!(kinds, [("rollback", "succeeded"), ("deploy", "succeeded"), ("deploy", "succeeded")]);
+    assert_eq!(
+        kinds,
+        [
+            ("rollback", "succeeded"),
+            ("deploy", "succeeded"),
+            ("deploy", "succeeded")
+        ]
+    );
     assert_eq!(history[0]["existing_release"], r2.as_str());
     // The deploy log is kept, stage by stage.
     let id = history[1]["id"].to_string();
     let log = w.ctx.run(&["logs", &id]).ok();
-    for stage in ["pull release", "pre-deploy plugins", "configuration", "push", "change release", "switch buffers", "post-deploy plugins"] {
-        assert!(log.stdout.contains(&format!("[{stage}] ==> {stage}")), "{stage} missing:\n{log}");
+    for stage in [
+        "pull release",
+        "pre-deploy plugins",
+        "configuration",
+        "push",
+        "change release",
+        "switch buffers",
+        "post-deploy plugins",
+    ] {
+        assert!(
+            log.stdout.contains(&format!("[{stage}] ==> {stage}")),
+            "{stage} missing:\n{log}"
+        );
     }
 }
 
@@ -194,9 +256,15 @@ fn deploy_and_rollback_three_hosts_without_downtime() {
 fn unknown_environment_or_release() {
     let w = World::new("unknown", 1, false);
     w.build();
-    w.ctx.run(&["deploy", "staging"]).fails(2, &["unknown environment `staging`", "production"]);
-    w.ctx.run(&["deploy", "production", "no-such-release"]).fails(2, &["unknown release `no-such-release`"]);
-    w.ctx.run(&["rollback", "production"]).fails(2, &["no earlier release to roll back to"]);
+    w.ctx
+        .run(&["deploy", "staging"])
+        .fails(2, &["unknown environment `staging`", "production"]);
+    w.ctx
+        .run(&["deploy", "production", "no-such-release"])
+        .fails(2, &["unknown release `no-such-release`"]);
+    w.ctx
+        .run(&["rollback", "production"])
+        .fails(2, &["no earlier release to roll back to"]);
     let history = w.ctx.run(&["history", "production", "--json"]).ok().json();
     assert_eq!(history, serde_json::json!([]));
 }
@@ -209,10 +277,18 @@ fn unreachable_agent_fails_before_switching() {
     let r2 = w.next_release(2);
     // Host h1's agent is gone: nothing is switched anywhere.
     let dead = format!("127.0.0.1:{}", stretch_test::free_port());
-    let text = std::fs::read_to_string(w.ctx.path().join("system.yml")).unwrap().replace(&w.agents[1].addr, &dead);
+    let text = std::fs::read_to_string(w.ctx.path().join("system.yml"))
+        .unwrap()
+        .replace(&w.agents[1].addr, &dead);
     w.ctx.write("system.yml", text);
-    w.ctx.run(&["deploy", "production", &r2]).fails(1, &["push failed", "no host was switched", "host `h1`", &dead]);
-    assert_eq!(http_get(&w.proxy(0), "/index.html"), Ok((200, w.body(&r1, 0))));
+    w.ctx.run(&["deploy", "production", &r2]).fails(
+        1,
+        &["push failed", "no host was switched", "host `h1`", &dead],
+    );
+    assert_eq!(
+        http_get(&w.proxy(0), "/index.html"),
+        Ok((200, w.body(&r1, 0)))
+    );
     let status = w.ctx.run(&["status", "production", "--json"]).ok().json();
     assert_eq!(status["release"], r1.as_str());
     assert_eq!(status["hosts"][1]["reachable"], false);
@@ -223,10 +299,15 @@ fn wrong_token_changes_nothing() {
     let w = World::new("token", 1, false);
     w.build();
     w.ctx.write("token", "not-the-token");
-    w.ctx.run(&["deploy", "production"]).fails(1, &["host `h0`", "rejected the token"]);
+    w.ctx
+        .run(&["deploy", "production"])
+        .fails(1, &["host `h0`", "rejected the token"]);
     w.ctx.write("token", TOKEN);
     let status = w.ctx.run(&["status", "production", "--json"]).ok().json();
-    assert_eq!(status["hosts"][0]["groups"][0]["release"], serde_json::Value::Null);
+    assert_eq!(
+        status["hosts"][0]["groups"][0]["release"],
+        serde_json::Value::Null
+    );
     assert!(AgentProc::containers(&w.system).is_empty());
 }
 
@@ -236,13 +317,26 @@ fn unhealthy_release_switches_back_and_keeps_serving() {
     let r1 = w.build();
     w.ctx.run(&["deploy", "production"]).ok();
     // r2 never becomes healthy on h1 only: h0 switches, h1 fails, h0 goes back.
-    w.ctx.write("app/templates/mode.jinja", "{% if host.name == 'h1' %}broken{% else %}ok{% endif %}\n");
-    w.ctx.write("app/container.yml", "port: 8080\nhealth: {path: /health.txt, interval: 100ms, timeout: 2s}\nstop_timeout: 1s\n");
+    w.ctx.write(
+        "app/templates/mode.jinja",
+        "{% if host.name == 'h1' %}broken{% else %}ok{% endif %}\n",
+    );
+    w.ctx.write(
+        "app/container.yml",
+        "port: 8080\nhealth: {path: /health.txt, interval: 100ms, timeout: 2s}\nstop_timeout: 1s\n",
+    );
     let r2 = w.build();
     let hammer = Hammer::start(vec![w.proxy(0), w.proxy(1)]);
-    w.ctx.run(&["deploy", "production", &r2]).fails(1, &["change release failed", "host `h1`", "switched back"]);
+    w.ctx
+        .run(&["deploy", "production", &r2])
+        .fails(1, &["change release failed", "host `h1`", "switched back"]);
     let (requests, failures, _) = hammer.finish();
-    assert!(failures.is_empty(), "{} of {requests} failed: {:?}", failures.len(), &failures[..failures.len().min(3)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {requests} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
     w.assert_serving(&r1);
     let status = w.ctx.run(&["status", "production", "--json"]).ok().json();
     assert_eq!(status["release"], r1.as_str());
@@ -258,7 +352,14 @@ fn failing_pre_deploy_plugin_touches_no_host() {
     w.ctx.write("app/stretch.yml", "name: web\nplugins:\n  exec: {pre_deploy: 'echo checking $STRETCH_ENVIRONMENT $STRETCH_KIND; exit 5'}\n");
     let r2 = w.build();
     let before = AgentProc::containers(&w.system);
-    w.ctx.run(&["deploy", "production", &r2]).fails(1, &["pre_deploy plugins failed", "exited with status 5", "checking production deploy"]);
+    w.ctx.run(&["deploy", "production", &r2]).fails(
+        1,
+        &[
+            "pre_deploy plugins failed",
+            "exited with status 5",
+            "checking production deploy",
+        ],
+    );
     assert_eq!(AgentProc::containers(&w.system), before);
     w.assert_serving(&r1);
 }
@@ -266,13 +367,25 @@ fn failing_pre_deploy_plugin_touches_no_host() {
 #[test]
 fn undefined_template_variable_names_file_and_variable() {
     let w = World::new("undef", 1, false);
-    w.ctx.write("app/config.yml", "greeting: \"{{ services.nope }}\"\n");
+    w.ctx
+        .write("app/config.yml", "greeting: \"{{ services.nope }}\"\n");
     w.build();
-    w.ctx.run(&["deploy", "production"]).fails(2, &["config.yml", "undefined variable `services.nope`"]);
+    w.ctx
+        .run(&["deploy", "production"])
+        .fails(2, &["config.yml", "undefined variable `services.nope`"]);
     w.ctx.write("app/config.yml", "greeting: hi\n");
-    w.ctx.write("app/templates/index.html.jinja", "{{ config.missing.deeper }}\n");
+    w.ctx.write(
+        "app/templates/index.html.jinja",
+        "{{ config.missing.deeper }}\n",
+    );
     w.build();
-    w.ctx.run(&["deploy", "production"]).fails(2, &["templates/index.html.jinja", "undefined variable `config.missing.deeper`"]);
+    w.ctx.run(&["deploy", "production"]).fails(
+        2,
+        &[
+            "templates/index.html.jinja",
+            "undefined variable `config.missing.deeper`",
+        ],
+    );
     assert!(AgentProc::containers(&w.system).is_empty());
 }
 
@@ -294,15 +407,26 @@ fn two_deploys_at_once_and_agent_killed_mid_deploy() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     // A second deploy fails at once, naming the holder.
-    w.ctx.run(&["deploy", "production", &r1]).fails(1, &["environment `production` is locked by deploy of", "since"]);
+    w.ctx.run(&["deploy", "production", &r1]).fails(
+        1,
+        &["environment `production` is locked by deploy of", "since"],
+    );
     // Kill the agent mid-switch; the deploy fails; after a restart the host serves r1.
     w.agents[0].kill();
     let out = slow.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     w.agents[0].restart();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while http_get(&w.proxy(0), "/index.html") != Ok((200, w.body(&r1, 0))) {
-        assert!(std::time::Instant::now() < deadline, "h0 does not serve r1 after restart");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "h0 does not serve r1 after restart"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let status = w.ctx.run(&["status", "production", "--json"]).ok().json();
@@ -333,7 +457,8 @@ fn plugins_migrations_and_auto_deploy() {
         "app/stretch.yml",
         "name: web\nplugins:\n  - migrations: {path: migrations, up: 'echo up $STRETCH_MIGRATIONS_TARGET >> $LOG', down: 'echo down to $STRETCH_MIGRATIONS_TARGET with $(ls | tail -n 1) >> $LOG'}\n  - audit: {level: 1}\n",
     );
-    w.ctx.write("app/migrations/0001-init.sql", "create table t;\n");
+    w.ctx
+        .write("app/migrations/0001-init.sql", "create table t;\n");
     let audit = w.ctx.write(
         "app/plugins/audit",
         "#!/bin/sh\nin=$(cat)\necho \"$STRETCH_HOOK ${STRETCH_KIND:-none} ${STRETCH_ENVIRONMENT:-none} $STRETCH_RELEASE_ID ${STRETCH_EXISTING_RELEASE_ID:-none}\" >> \"$LOG\"\necho \"$in\" > \"$LOG.$STRETCH_HOOK.json\"\n",
@@ -344,7 +469,8 @@ fn plugins_migrations_and_auto_deploy() {
     let out = w.ctx.run(&["build", "--json"]).ok();
     let r1 = out.json()["id"].as_str().unwrap().to_string();
     w.assert_serving(&r1);
-    w.ctx.write("app/migrations/0002-more.sql", "alter table t;\n");
+    w.ctx
+        .write("app/migrations/0002-more.sql", "alter table t;\n");
     let r2 = w.build();
     w.assert_serving(&r2);
     w.ctx.run(&["rollback", "production"]).ok();
@@ -368,7 +494,10 @@ fn plugins_migrations_and_auto_deploy() {
             format!("post_deploy rollback production {r1} {r2}").as_str(),
         ]
     );
-    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{}.post_deploy.json", log.display())).unwrap()).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{}.post_deploy.json", log.display())).unwrap(),
+    )
+    .unwrap();
     assert_eq!(doc["hook"], "post_deploy");
     assert_eq!(doc["plugin"], "audit");
     assert_eq!(doc["options"], serde_json::json!({"level": 1}));

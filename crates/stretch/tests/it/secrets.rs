@@ -160,8 +160,19 @@ fn ssh_keys_work_as_age_allows() {
     assert!(st.success());
     let public = std::fs::read_to_string(ctx.path().join("id_ed25519.pub")).unwrap();
     ctx.write("secrets.yml", "db:\n  password: hunter2\n");
-    ctx.run(&["secrets", "encrypt", "secrets.yml", "-r", public.trim()]).ok();
-    let shown = ctx.run(&["secrets", "show", "secrets.yml", "-i", "id_ed25519", "--json"]).ok().json();
+    ctx.run(&["secrets", "encrypt", "secrets.yml", "-r", public.trim()])
+        .ok();
+    let shown = ctx
+        .run(&[
+            "secrets",
+            "show",
+            "secrets.yml",
+            "-i",
+            "id_ed25519",
+            "--json",
+        ])
+        .ok()
+        .json();
     assert_eq!(shown, serde_json::json!({"db": {"password": "hunter2"}}));
     // The age CLI decrypts with the same SSH key what stretch encrypted to it…
     let text = std::fs::read_to_string(ctx.path().join("secrets.yml")).unwrap();
@@ -174,15 +185,25 @@ fn ssh_keys_work_as_age_allows() {
         .collect();
     ctx.write("leaf.age", armored);
     let dec = age(&["-d", "-i", "id_ed25519", "leaf.age"], ctx.path());
-    assert!(dec.status.success(), "{}", String::from_utf8_lossy(&dec.stderr));
+    assert!(
+        dec.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dec.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&dec.stdout), "hunter2");
     // …and stretch decrypts an `*.age`-style file the age CLI encrypted to it.
     ctx.write("plain.txt", "from-age");
     let enc = age(&["-a", "-R", "id_ed25519.pub", "plain.txt"], ctx.path());
     assert!(enc.status.success());
-    let indented: String = String::from_utf8_lossy(&enc.stdout).lines().map(|l| format!("  {l}\n")).collect();
+    let indented: String = String::from_utf8_lossy(&enc.stdout)
+        .lines()
+        .map(|l| format!("  {l}\n"))
+        .collect();
     ctx.write("cli.yml", format!("token: |\n{indented}"));
-    let shown = ctx.run(&["secrets", "show", "cli.yml", "-i", "id_ed25519", "--json"]).ok().json();
+    let shown = ctx
+        .run(&["secrets", "show", "cli.yml", "-i", "id_ed25519", "--json"])
+        .ok()
+        .json();
     assert_eq!(shown, serde_json::json!({"token": "from-age"}));
     // A passphrase-protected key is refused clearly.
     let st = Command::new("ssh-keygen")
@@ -191,5 +212,6 @@ fn ssh_keys_work_as_age_allows() {
         .status()
         .unwrap();
     assert!(st.success());
-    ctx.run(&["secrets", "show", "cli.yml", "-i", "locked"]).fails(2, &["protected by a passphrase"]);
+    ctx.run(&["secrets", "show", "cli.yml", "-i", "locked"])
+        .fails(2, &["protected by a passphrase"]);
 }
