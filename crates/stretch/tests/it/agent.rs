@@ -1128,10 +1128,15 @@ async fn failing_instances_leave_the_rotation_and_come_back() {
 
     // One instance starts answering 404: after two failed checks it gets no traffic.
     exec(&ids[0], "mv /www/index.html /www/gone.html");
-    std::thread::sleep(Duration::from_millis(600));
-    let state = client.state().await.unwrap();
-    let group = &state.groups[0];
-    assert!(!group.healthy, "{group:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let group = loop {
+        let group = client.state().await.unwrap().groups.remove(0);
+        if !group.healthy {
+            break group;
+        }
+        assert!(Instant::now() < deadline, "{group:?}\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let sick: Vec<_> = group.instances.iter().filter(|i| !i.healthy).collect();
     assert_eq!(sick.len(), 1, "{group:?}");
     assert_eq!(sick[0].container, ids[0]);
@@ -1141,15 +1146,26 @@ async fn failing_instances_leave_the_rotation_and_come_back() {
 
     // Both sick: nothing to send traffic to.
     exec(&ids[1], "mv /www/index.html /www/gone.html");
-    std::thread::sleep(Duration::from_millis(600));
-    assert_eq!(get(&proxy).map(|r| r.0), Ok(503));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match get(&proxy) {
+            Ok((503, _)) => break,
+            Ok((200 | 404, _)) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // Recovered: back in the rotation.
     for id in &ids {
         exec(id, "mv /www/gone.html /www/index.html");
     }
-    std::thread::sleep(Duration::from_millis(400));
-    assert!(client.state().await.unwrap().groups[0].healthy);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !client.state().await.unwrap().groups[0].healthy {
+        assert!(Instant::now() < deadline, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(get_ok(&proxy), "v1");
     assert!(agent.log().contains("left the rotation"), "{}", agent.log());
 
