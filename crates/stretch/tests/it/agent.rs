@@ -251,6 +251,19 @@ fn app_image(images: &mut ImageGuard, tag: &str, text: &str) {
     );
 }
 
+/// Like [`app_image`], for an app that takes a second to start listening (as real apps
+/// do): traffic sent to it before it is healthy would fail.
+fn slow_app_image(images: &mut ImageGuard, tag: &str, text: &str) {
+    build_image(
+        images,
+        tag,
+        &format!(
+            "RUN mkdir -p /www && printf '{text}' > /www/index.html\n\
+             CMD [\"sh\", \"-c\", \"sleep 1; exec httpd -f -p 8080 -h /www\"]"
+        ),
+    );
+}
+
 fn spec(system: &str, image: &str, release: &str, listen: Option<u16>) -> GroupSpec {
     let mut s = GroupSpec {
         key: GroupKey {
@@ -610,7 +623,7 @@ async fn switch_without_downtime_rollback_and_delete() {
     let mut images = ImageGuard::new();
     let (v1, v2) = (format!("{system}:v1"), format!("{system}:v2"));
     app_image(&mut images, &v1, "v1");
-    app_image(&mut images, &v2, "v2");
+    slow_app_image(&mut images, &v2, "v2");
     let agent = Agent::start();
     let client = agent.client();
     let listen = free_port();
