@@ -2,11 +2,15 @@
 //!
 //! Generates (once, cached under `target/bench-data/`) a tree of STRETCH_BENCH_FILES files
 //! (default 10,000) holding STRETCH_BENCH_MB megabytes (default 1024), half random bytes
-//! and half log-like text, then times each side STRETCH_BENCH_RUNS times (default 3), interleaved, and prints medians,
-//! throughput, output sizes and our peak RSS.
+//! and half log-like text, then times each side STRETCH_BENCH_RUNS times (default 3),
+//! interleaved, and prints medians of wall and CPU time, throughput, output sizes and
+//! peak RSS.
 //!
 //! Run: `cargo bench -p stretch-core --bench archive`
 //! (quick: `STRETCH_BENCH_MB=64 STRETCH_BENCH_FILES=1000 cargo bench -p stretch-core --bench archive`)
+
+// A benchmark panics loudly on any failure; that is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
@@ -41,7 +45,10 @@ fn main() {
         hashing.cpu.push(cpu_secs() - cpu);
     }
 
-    let has_zstd = Command::new("zstd").arg("--version").output().is_ok_and(|o| o.status.success());
+    let has_zstd = Command::new("zstd")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     let time_bin = Path::new("/usr/bin/time").exists();
     let (mut ours, mut theirs) = (Runs::default(), Runs::default());
     let mut bytes = 0;
@@ -75,8 +82,14 @@ fn main() {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
             // GNU time: user and system seconds of sh, tar and zstd, and their largest RSS.
             let stderr = String::from_utf8_lossy(&o.stderr);
-            if let Some(line) = stderr.lines().find_map(|l| l.strip_prefix("stretch-bench ")) {
-                let f: Vec<f64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            if let Some(line) = stderr
+                .lines()
+                .find_map(|l| l.strip_prefix("stretch-bench "))
+            {
+                let f: Vec<f64> = line
+                    .split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
                 if let [user, sys, rss_kb] = f[..] {
                     theirs.cpu.push(user + sys);
                     theirs.rss_kb = theirs.rss_kb.max(rss_kb as u64);
@@ -90,8 +103,14 @@ fn main() {
     let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let content_mb = bytes as f64 / MB as f64;
     println!();
-    println!("tree: {files} files, {content_mb:.0} MB of content ({}), {cores} cores", tree.display());
-    println!("median of {runs} interleaved runs; load average {}", load.split_whitespace().next().unwrap_or("?"));
+    println!(
+        "tree: {files} files, {content_mb:.0} MB of content ({}), {cores} cores",
+        tree.display()
+    );
+    println!(
+        "median of {runs} interleaved runs; load average {}",
+        load.split_whitespace().next().unwrap_or("?")
+    );
     println!(
         "{:<30} {:>8} {:>7} {:>7} {:>10} {:>12}",
         "", "wall s", "MB/s", "CPU s", "output MB", "peak RSS MB"
@@ -99,10 +118,23 @@ fn main() {
     let mb = |b: u64| format!("{:.1}", b as f64 / MB as f64);
     let row = |name: &str, r: &mut Runs, out: Option<&Path>| {
         let wall = median(&mut r.wall);
-        let cpu = if r.cpu.is_empty() { "-".to_string() } else { format!("{:.2}", median(&mut r.cpu)) };
-        let size = out.and_then(|p| fs::metadata(p).ok()).map_or("-".to_string(), |m| mb(m.len()));
-        let rss = if r.rss_kb == 0 { "-".to_string() } else { mb(r.rss_kb * 1024) };
-        println!("{name:<30} {wall:>8.3} {:>7.0} {cpu:>7} {size:>10} {rss:>12}", content_mb / wall);
+        let cpu = if r.cpu.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.2}", median(&mut r.cpu))
+        };
+        let size = out
+            .and_then(|p| fs::metadata(p).ok())
+            .map_or("-".to_string(), |m| mb(m.len()));
+        let rss = if r.rss_kb == 0 {
+            "-".to_string()
+        } else {
+            mb(r.rss_kb * 1024)
+        };
+        println!(
+            "{name:<30} {wall:>8.3} {:>7.0} {cpu:>7} {size:>10} {rss:>12}",
+            content_mb / wall
+        );
     };
     row("stretch write_archive", &mut ours, Some(&ours_out));
     if has_zstd {
@@ -112,7 +144,9 @@ fn main() {
     }
     row("stretch hash_tree (no output)", &mut hashing, None);
     println!("MB/s: content MB / wall s. CPU s: user + system of all threads and processes.");
-    println!("Our peak RSS is this process's VmHWM (hash_tree runs included); theirs the largest of tar, zstd.");
+    println!(
+        "Our peak RSS is this process's VmHWM (hash_tree runs included); theirs the largest of tar, zstd."
+    );
 }
 
 #[derive(Default)]
@@ -127,7 +161,12 @@ fn cpu_secs() -> f64 {
     let stat = fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     f.iter().sum::<u64>() as f64 / clock_ticks()
 }
 
@@ -142,7 +181,10 @@ fn clock_ticks() -> f64 {
 }
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -153,7 +195,10 @@ fn median(v: &mut [f64]) -> f64 {
 /// The cargo target folder: the bench runs as `target/<profile>/deps/archive-<hash>`.
 fn bench_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.ancestors().nth(3).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("target"))
+    exe.ancestors()
+        .nth(3)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("target"))
 }
 
 /// Peak resident set size of this process, in KiB.
@@ -190,7 +235,10 @@ fn ensure_tree(data: &Path, mb: u64, files: u64) -> PathBuf {
     if done.exists() {
         return tree;
     }
-    eprintln!("generating {mb} MB in {files} files under {} ...", tree.display());
+    eprintln!(
+        "generating {mb} MB in {files} files under {} ...",
+        tree.display()
+    );
     let _ = fs::remove_dir_all(&base);
     fs::create_dir_all(&tree).unwrap();
     let mut rng = Rng(0x5eed_cafe_f00d_d00d);
@@ -200,7 +248,11 @@ fn ensure_tree(data: &Path, mb: u64, files: u64) -> PathBuf {
     let raw: Vec<f64> = (0..files)
         .map(|i| {
             let u = rng.below(1 << 20) as f64 / (1 << 20) as f64;
-            if i % 50 == 49 { 0.0 } else { (256f64.ln() + u * 16384f64.ln()).exp() }
+            if i % 50 == 49 {
+                0.0
+            } else {
+                (256f64.ln() + u * 16384f64.ln()).exp()
+            }
         })
         .collect();
     let scale = (mb * MB) as f64 / raw.iter().sum::<f64>();
@@ -235,20 +287,35 @@ fn ensure_tree(data: &Path, mb: u64, files: u64) -> PathBuf {
             left -= n as u64;
         }
         w.flush().unwrap();
-        if random { random_bytes += size } else { text_bytes += size }
+        if random {
+            random_bytes += size
+        } else {
+            text_bytes += size
+        }
         if i % 10 == 3 {
             fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
         }
     }
     File::create(&done).unwrap();
-    eprintln!("generated: {} MB random, {} MB text", random_bytes / MB, text_bytes / MB);
+    eprintln!(
+        "generated: {} MB random, {} MB text",
+        random_bytes / MB,
+        text_bytes / MB
+    );
     tree
 }
 
 /// A plausible application log line: fixed words, varying numbers and ids.
 fn log_line(rng: &mut Rng) -> String {
     const LEVELS: [&str; 4] = ["INFO", "INFO", "WARN", "DEBUG"];
-    const PATHS: [&str; 6] = ["/api/v1/orders", "/api/v1/users", "/health", "/static/app.js", "/login", "/cart"];
+    const PATHS: [&str; 6] = [
+        "/api/v1/orders",
+        "/api/v1/users",
+        "/health",
+        "/static/app.js",
+        "/login",
+        "/cart",
+    ];
     const STATUS: [u16; 5] = [200, 200, 200, 304, 404];
     let r = rng.next();
     format!(

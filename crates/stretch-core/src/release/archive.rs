@@ -2,8 +2,9 @@
 //! times, owners and modes, identified by the blake3 hash of the uncompressed tar.
 //!
 //! The same tree gives the same bytes on every run and machine, so the hash can name a
-//! release (SPEC §5 step 3). Files are streamed in large chunks, never loaded whole;
-//! hashing happens on the writer side so the archive is read from disk only once.
+//! release (SPEC §5 step 3). Files are streamed in 1 MiB chunks, never loaded whole:
+//! one thread reads the tree and hashes the tar stream while another feeds zstd's
+//! workers, so the tree is read once and compression does not wait on reads.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -44,14 +45,15 @@ pub struct Digest {
 pub fn write_archive(root: &Path, out: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<Digest> {
     // Walk first: a tree we cannot archive fails before anything is created.
     let items = scan(root, skip)?;
-    let name = out
-        .file_name()
-        .ok_or_else(|| Error::invalid(format!("archive path `{}` has no file name", out.display())))?;
+    let name = out.file_name().ok_or_else(|| {
+        Error::invalid(format!("archive path `{}` has no file name", out.display()))
+    })?;
     let dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let write_err = |e: io::Error| Error::failed(STAGE, format!("cannot write `{}`: {e}", out.display()));
+    let write_err =
+        |e: io::Error| Error::failed(STAGE, format!("cannot write `{}`: {e}", out.display()));
 
     let mut prefix = std::ffi::OsString::from(".");
     prefix.push(name);
@@ -64,9 +66,27 @@ pub fn write_archive(root: &Path, out: &Path, skip: &dyn Fn(&Path) -> bool) -> R
     // Owner-only: the tree may hold configuration nobody else should read.
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o600)).map_err(write_err)?;
 
-    let writer = BufWriter::with_capacity(CHUNK, tmp.as_file());
-    let (writer, digest) = compress_tree(root, &items, writer, workers())?;
-    writer.into_inner().map_err(|e| write_err(e.into_error()))?;
+    let syncing = tmp.as_file().try_clone().map_err(write_err)?;
+    let (tick, ticks) = mpsc::sync_channel::<()>(1);
+    let digest = std::thread::scope(|s| {
+        // Flush written data to disk while compression goes on, so the final fsync below
+        // has little left to wait for. Errors here resurface in that fsync.
+        s.spawn(move || {
+            for () in ticks {
+                let _ = syncing.sync_data();
+            }
+        });
+        let progress = Progress {
+            file: tmp.as_file(),
+            unsynced: 0,
+            tick,
+        };
+        let writer = BufWriter::with_capacity(CHUNK, progress);
+        let (writer, digest) = compress_tree(root, &items, writer, workers())?;
+        // Dropping the writer hangs up on the syncer thread.
+        writer.into_inner().map_err(|e| write_err(e.into_error()))?;
+        Ok::<_, Error>(digest)
+    })?;
     tmp.as_file().sync_all().map_err(write_err)?;
     tmp.persist(out).map_err(|e| write_err(e.error))?;
     // Make the rename itself durable; failing here changes nothing for the caller.
@@ -74,6 +94,33 @@ pub fn write_archive(root: &Path, out: &Path, skip: &dyn Fn(&Path) -> bool) -> R
         let _ = d.sync_all();
     }
     Ok(digest)
+}
+
+/// Start writeback after this many bytes of output; see [`write_archive`].
+const SYNC_EVERY: u64 = 32 << 20;
+
+/// Writes to the archive file, asking the syncer thread to flush every [`SYNC_EVERY`].
+struct Progress<'a> {
+    file: &'a File,
+    unsynced: u64,
+    tick: mpsc::SyncSender<()>,
+}
+
+impl Write for Progress<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.unsynced += n as u64;
+        if self.unsynced >= SYNC_EVERY {
+            self.unsynced = 0;
+            // If the syncer is still busy, its current flush will cover these bytes too.
+            let _ = self.tick.try_send(());
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
 }
 
 /// The digest [`write_archive`] would return for the same tree, without writing anything.
@@ -91,7 +138,12 @@ pub fn hash_tree(root: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<Digest> {
 /// A `dest` created here is owner-only (0700), like the archive; an existing empty
 /// `dest` keeps its mode.
 pub fn extract_archive(archive: &Path, dest: &Path, expected: Option<&str>) -> Result<Digest> {
-    let dest_err = |e: io::Error| Error::failed(STAGE, format!("cannot extract into `{}`: {e}", dest.display()));
+    let dest_err = |e: io::Error| {
+        Error::failed(
+            STAGE,
+            format!("cannot extract into `{}`: {e}", dest.display()),
+        )
+    };
     let keep_mode = match fs::symlink_metadata(dest) {
         Ok(m) if m.is_dir() => {
             if fs::read_dir(dest).map_err(dest_err)?.next().is_some() {
@@ -113,12 +165,19 @@ pub fn extract_archive(archive: &Path, dest: &Path, expected: Option<&str>) -> R
     };
     let file = File::open(archive).map_err(|e| {
         let msg = format!("cannot open archive `{}`: {e}", archive.display());
-        if e.kind() == io::ErrorKind::NotFound { Error::invalid(msg) } else { Error::failed(STAGE, msg) }
+        if e.kind() == io::ErrorKind::NotFound {
+            Error::invalid(msg)
+        } else {
+            Error::failed(STAGE, msg)
+        }
     })?;
 
-    let name = dest
-        .file_name()
-        .ok_or_else(|| Error::invalid(format!("cannot extract into `{}`: no folder name", dest.display())))?;
+    let name = dest.file_name().ok_or_else(|| {
+        Error::invalid(format!(
+            "cannot extract into `{}`: no folder name",
+            dest.display()
+        ))
+    })?;
     let parent = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -127,10 +186,17 @@ pub fn extract_archive(archive: &Path, dest: &Path, expected: Option<&str>) -> R
     let mut prefix = std::ffi::OsString::from(".");
     prefix.push(name);
     prefix.push(".extract-");
-    let tmp = tempfile::Builder::new().prefix(&prefix).tempdir_in(parent).map_err(dest_err)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .tempdir_in(parent)
+        .map_err(dest_err)?;
 
-    let decoder = zstd::stream::read::Decoder::new(file)
-        .map_err(|e| Error::failed(STAGE, format!("cannot read archive `{}`: {e}", archive.display())))?;
+    let decoder = zstd::stream::read::Decoder::new(file).map_err(|e| {
+        Error::failed(
+            STAGE,
+            format!("cannot read archive `{}`: {e}", archive.display()),
+        )
+    })?;
     // Hash below the buffer so every byte the decoder yields is hashed exactly once.
     let reader = BufReader::with_capacity(CHUNK, HashingReader::new(decoder));
     let mut tar = tar::Archive::new(reader);
@@ -145,14 +211,23 @@ pub fn extract_archive(archive: &Path, dest: &Path, expected: Option<&str>) -> R
     let unpacked = unpacked.and_then(|d| io::copy(&mut reader, &mut io::sink()).map(|_| d));
     let hashing = reader.into_inner();
     let corrupted = |detail: String| {
-        Error::failed(STAGE, format!("archive `{}` was tampered with or corrupted ({detail})", archive.display()))
+        Error::failed(
+            STAGE,
+            format!(
+                "archive `{}` was tampered with or corrupted ({detail})",
+                archive.display()
+            ),
+        )
     };
     let (files, bytes) = match unpacked {
         Ok(counts) => counts,
         // An error from the decoder means the compressed bytes are bad, not the disk.
         Err(e) if hashing.read_failed => return Err(corrupted(e.to_string())),
         Err(e) => {
-            return Err(Error::failed(STAGE, format!("cannot extract `{}`: {e}", archive.display())));
+            return Err(Error::failed(
+                STAGE,
+                format!("cannot extract `{}`: {e}", archive.display()),
+            ));
         }
     };
     let hash = hashing.hasher.finalize().to_hex().to_string();
@@ -204,22 +279,42 @@ fn unpack<R: Read>(tar: &mut tar::Archive<R>, dir: &Path) -> io::Result<(u64, u6
     Ok((files, bytes))
 }
 
-/// The number of zstd workers: all cores. zstd's output does not depend on it (for 1 or
-/// more workers), so archives stay identical across machines.
+/// zstd job size; see [`compress_tree`].
+const JOB_SIZE: u32 = 1 << 20;
+
+/// Most zstd workers used: 8 compress faster than one thread reads and hashes, and the
+/// cap keeps peak memory bounded (~45 MB) on big machines.
+const MAX_WORKERS: usize = 8;
+
+/// The number of zstd workers: all cores, up to [`MAX_WORKERS`]. zstd's output does not
+/// depend on it (for 1 or more workers), so archives stay identical across machines.
 fn workers() -> u32 {
-    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    u32::try_from(cores.min(MAX_WORKERS)).unwrap_or(1)
 }
 
 /// Compress the tar of `items` into `out` with `workers` zstd threads.
 ///
 /// Reading and hashing run on this thread while another feeds zstd, so the workers are
 /// not left idle while a file is read (zstd only hands out input in whole jobs).
-fn compress_tree<W: Write + Send>(root: &Path, items: &[Item], out: W, workers: u32) -> Result<(W, Digest)> {
-    let zerr = |e: io::Error| Error::failed(STAGE, format!("cannot start the zstd compressor: {e}"));
+fn compress_tree<W: Write + Send>(
+    root: &Path,
+    items: &[Item],
+    out: W,
+    workers: u32,
+) -> Result<(W, Digest)> {
+    let zerr =
+        |e: io::Error| Error::failed(STAGE, format!("cannot start the zstd compressor: {e}"));
     let mut encoder = zstd::stream::write::Encoder::new(out, LEVEL).map_err(zerr)?;
     encoder.multithread(workers).map_err(zerr)?;
     // Like the zstd CLI: a frame checksum catches corruption before the tar is parsed.
     encoder.include_checksum(true).map_err(zerr)?;
+    // Fixed (the output depends on it): 1 MiB jobs instead of zstd's 8 MiB default for
+    // level 3 cost ~0.15% in size but measured ~30% less CPU (a job stays in cache) and
+    // keep memory at ~3 MB per worker instead of ~25.
+    encoder
+        .set_parameter(zstd::zstd_safe::CParameter::JobSize(JOB_SIZE))
+        .map_err(zerr)?;
 
     let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(QUEUE);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
@@ -233,7 +328,11 @@ fn compress_tree<W: Write + Send>(root: &Path, items: &[Item], out: W, workers: 
             }
             encoder.finish()
         });
-        let pipe = Pipe { buf: Vec::with_capacity(CHUNK), full: full_tx, free: free_rx };
+        let pipe = Pipe {
+            buf: Vec::with_capacity(CHUNK),
+            full: full_tx,
+            free: free_rx,
+        };
         // `close` hands over the last partial buffer and hangs up, which ends the loop above.
         let produced = write_tar(root, items, pipe).and_then(|(pipe, digest)| {
             pipe.close()
@@ -263,7 +362,10 @@ struct Pipe {
 
 impl Pipe {
     fn send(&mut self) -> io::Result<()> {
-        let next = self.free.try_recv().unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+        let next = self
+            .free
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
         let full = std::mem::replace(&mut self.buf, next);
         self.full
             .send(full)
@@ -271,7 +373,11 @@ impl Pipe {
     }
 
     fn close(mut self) -> io::Result<()> {
-        if self.buf.is_empty() { Ok(()) } else { self.send() }
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            self.send()
+        }
     }
 }
 
@@ -308,10 +414,24 @@ struct Item {
 fn scan(root: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<Vec<Item>> {
     match fs::metadata(root) {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(Error::invalid(format!("`{}` is not a folder", root.display()))),
-        Err(e) => return Err(Error::invalid(format!("cannot read `{}`: {e}", root.display()))),
+        Ok(_) => {
+            return Err(Error::invalid(format!(
+                "`{}` is not a folder",
+                root.display()
+            )));
+        }
+        Err(e) => {
+            return Err(Error::invalid(format!(
+                "cannot read `{}`: {e}",
+                root.display()
+            )));
+        }
     }
-    let rel = |p: &Path| p.strip_prefix(root).map(Path::to_path_buf).unwrap_or_default();
+    let rel = |p: &Path| {
+        p.strip_prefix(root)
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    };
     let mut items = Vec::new();
     let walk = walkdir::WalkDir::new(root)
         .min_depth(1)
@@ -320,8 +440,14 @@ fn scan(root: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<Vec<Item>> {
         .filter_entry(|e| !skip(&rel(e.path())));
     for entry in walk {
         let entry = entry.map_err(|e| {
-            let path = e.path().map(|p| rel(p).display().to_string()).unwrap_or_default();
-            Error::failed(STAGE, format!("cannot read `{path}` in `{}`: {e}", root.display()))
+            let path = e
+                .path()
+                .map(|p| rel(p).display().to_string())
+                .unwrap_or_default();
+            Error::failed(
+                STAGE,
+                format!("cannot read `{path}` in `{}`: {e}", root.display()),
+            )
         })?;
         let ft = entry.file_type();
         let kind = if ft.is_dir() {
@@ -336,10 +462,18 @@ fn scan(root: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<Vec<Item>> {
                 rel(entry.path()).display()
             )));
         };
-        items.push(Item { rel: rel(entry.path()), kind });
+        items.push(Item {
+            rel: rel(entry.path()),
+            kind,
+        });
     }
     // Byte-wise order of the whole path, independent of the file system's listing order.
-    items.sort_unstable_by(|a, b| a.rel.as_os_str().as_bytes().cmp(b.rel.as_os_str().as_bytes()));
+    items.sort_unstable_by(|a, b| {
+        a.rel
+            .as_os_str()
+            .as_bytes()
+            .cmp(b.rel.as_os_str().as_bytes())
+    });
     Ok(items)
 }
 
@@ -349,11 +483,15 @@ fn write_tar<W: Write>(root: &Path, items: &[Item], out: W) -> Result<(W, Digest
     let mut buf = vec![0u8; CHUNK];
     let (mut files, mut bytes) = (0u64, 0u64);
     let write_err = |rel: &Path, e: io::Error| {
-        Error::failed(STAGE, format!("cannot write `{}` into the archive: {e}", rel.display()))
+        Error::failed(
+            STAGE,
+            format!("cannot write `{}` into the archive: {e}", rel.display()),
+        )
     };
     for item in items {
         let path = root.join(&item.rel);
-        let read_err = |e: io::Error| Error::failed(STAGE, format!("cannot read `{}`: {e}", path.display()));
+        let read_err =
+            |e: io::Error| Error::failed(STAGE, format!("cannot read `{}`: {e}", path.display()));
         // A GNU header with every field we do not set left zero: uid/gid 0, no owner names.
         let mut header = Header::new_gnu();
         header.set_uid(0);
@@ -386,7 +524,11 @@ fn write_tar<W: Write>(root: &Path, items: &[Item], out: W) -> Result<(W, Digest
                 }
                 let size = meta.len();
                 header.set_entry_type(EntryType::Regular);
-                header.set_mode(if meta.permissions().mode() & 0o111 != 0 { 0o755 } else { 0o644 });
+                header.set_mode(if meta.permissions().mode() & 0o111 != 0 {
+                    0o755
+                } else {
+                    0o644
+                });
                 header.set_size(size);
                 // The builder writes the header (and a GNU long-name entry if needed)
                 // given no data; the body is then streamed in large chunks, which the
@@ -408,7 +550,8 @@ fn write_tar<W: Write>(root: &Path, items: &[Item], out: W) -> Result<(W, Digest
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => return Err(read_err(e)),
                     };
-                    sink.write_all(&buf[..n]).map_err(|e| write_err(&item.rel, e))?;
+                    sink.write_all(&buf[..n])
+                        .map_err(|e| write_err(&item.rel, e))?;
                     left -= n as u64;
                 }
                 // Pad the body to a whole 512-byte block, as tar requires.
@@ -435,7 +578,10 @@ struct HashingWriter<W> {
 
 impl<W> HashingWriter<W> {
     fn new(inner: W) -> Self {
-        Self { inner, hasher: blake3::Hasher::new() }
+        Self {
+            inner,
+            hasher: blake3::Hasher::new(),
+        }
     }
 }
 
@@ -460,7 +606,11 @@ struct HashingReader<R> {
 
 impl<R> HashingReader<R> {
     fn new(inner: R) -> Self {
-        Self { inner, hasher: blake3::Hasher::new(), read_failed: false }
+        Self {
+            inner,
+            hasher: blake3::Hasher::new(),
+            read_failed: false,
+        }
     }
 }
 
@@ -513,7 +663,11 @@ mod tests {
         write(r, "app/main.py", b"print('hi')\n");
         write(r, "app/run.sh", b"#!/bin/sh\necho run\n");
         chmod(&r.join("app/run.sh"), 0o750);
-        write(r, "app-data/z.bin", &(0..=255u8).cycle().take(70_000).collect::<Vec<_>>());
+        write(
+            r,
+            "app-data/z.bin",
+            &(0..=255u8).cycle().take(70_000).collect::<Vec<_>>(),
+        );
         write(r, "empty.txt", b"");
         write(r, LONG, b"deep\n");
         fs::create_dir_all(r.join("logs/empty")).unwrap();
@@ -564,8 +718,14 @@ mod tests {
         let path = out.path().join("r.tar.zst");
         fs::write(&path, b"old").unwrap();
         write_archive(tree.path(), &path, &no_skip).unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        let names: Vec<_> = fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let names: Vec<_> = fs::read_dir(out.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("r.tar.zst")]);
     }
 
@@ -575,12 +735,17 @@ mod tests {
         let out = TempDir::new().unwrap();
         let path = out.path().join("r.tar.zst");
         write_archive(tree.path(), &path, &no_skip).unwrap();
-        let mut ar = tar::Archive::new(zstd::stream::read::Decoder::new(File::open(&path).unwrap()).unwrap());
+        let mut ar = tar::Archive::new(
+            zstd::stream::read::Decoder::new(File::open(&path).unwrap()).unwrap(),
+        );
         let mut paths = Vec::new();
         for e in ar.entries().unwrap() {
             let e = e.unwrap();
             let h = e.header();
-            assert_eq!((h.mtime().unwrap(), h.uid().unwrap(), h.gid().unwrap()), (0, 0, 0));
+            assert_eq!(
+                (h.mtime().unwrap(), h.uid().unwrap(), h.gid().unwrap()),
+                (0, 0, 0)
+            );
             assert_eq!(h.username_bytes(), Some(&b""[..]));
             assert_eq!(h.groupname_bytes(), Some(&b""[..]));
             let mode = h.mode().unwrap();
@@ -608,7 +773,9 @@ mod tests {
         type Change = fn(&Path);
         let changes: [(&str, Change); 7] = [
             ("byte", |r| write(r, "app/main.py", b"print('hI')\n")),
-            ("rename", |r| fs::rename(r.join("README.md"), r.join("README.txt")).unwrap()),
+            ("rename", |r| {
+                fs::rename(r.join("README.md"), r.join("README.txt")).unwrap()
+            }),
             ("chmod +x", |r| chmod(&r.join("README.md"), 0o744)),
             ("chmod -x", |r| chmod(&r.join("app/run.sh"), 0o640)),
             ("empty dir", |r| fs::create_dir(r.join("app/new")).unwrap()),
@@ -632,7 +799,12 @@ mod tests {
         let copied = copy(tree.path());
         let r = copied.path();
         let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
-        File::options().write(true).open(r.join("README.md")).unwrap().set_modified(old).unwrap();
+        File::options()
+            .write(true)
+            .open(r.join("README.md"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
         chmod(&r.join("README.md"), 0o600);
         chmod(&r.join("app/run.sh"), 0o700);
         chmod(&r.join("app"), 0o700);
@@ -669,20 +841,41 @@ mod tests {
         assert_eq!(fs::read(dest.join("README.md")).unwrap(), b"hello\n");
         assert_eq!(fs::read(dest.join(LONG)).unwrap(), b"deep\n");
         assert_eq!(fs::read(dest.join("app-data/z.bin")).unwrap().len(), 70_000);
-        let mode = |p: &str| fs::symlink_metadata(dest.join(p)).unwrap().permissions().mode() & 0o777;
+        let mode = |p: &str| {
+            fs::symlink_metadata(dest.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
         assert_eq!(mode("app/run.sh"), 0o755);
         assert_eq!(mode("app/main.py"), 0o644);
         assert_eq!(mode("logs/empty"), 0o755);
-        assert_eq!(fs::read_link(dest.join("main-link")).unwrap(), Path::new("app/main.py"));
-        assert_eq!(fs::read_link(dest.join("app/long-link")).unwrap().as_os_str().len(), 153);
-        assert_eq!(fs::metadata(&dest).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::read_link(dest.join("main-link")).unwrap(),
+            Path::new("app/main.py")
+        );
+        assert_eq!(
+            fs::read_link(dest.join("app/long-link"))
+                .unwrap()
+                .as_os_str()
+                .len(),
+            153
+        );
+        assert_eq!(
+            fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
 
         // An existing empty folder works too, and keeps its mode; no expected hash is fine.
         let empty = out.path().join("empty");
         fs::create_dir(&empty).unwrap();
         chmod(&empty, 0o750);
         assert_eq!(extract_archive(&path, &empty, None).unwrap(), written);
-        assert_eq!(fs::metadata(&empty).unwrap().permissions().mode() & 0o777, 0o750);
+        assert_eq!(
+            fs::metadata(&empty).unwrap().permissions().mode() & 0o777,
+            0o750
+        );
         assert_eq!(hash(&empty), written.hash);
     }
 
@@ -707,7 +900,9 @@ mod tests {
             bad[at] ^= 0x01;
             fs::write(&path, &bad).unwrap();
             let dest = out.path().join("dest");
-            let err = extract_archive(&path, &dest, Some(&written.hash)).unwrap_err().to_string();
+            let err = extract_archive(&path, &dest, Some(&written.hash))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("was tampered with or corrupted"), "{err}");
             assert!(!dest.exists());
             assert!(leftovers(out.path(), "r.tar.zst").is_empty());
@@ -727,7 +922,10 @@ mod tests {
         assert_eq!(err.exit_code(), 1);
         let err = err.to_string();
         assert!(
-            err.contains(&format!("was tampered with or corrupted (expected {}, found {})", written.hash, other.hash)),
+            err.contains(&format!(
+                "was tampered with or corrupted (expected {}, found {})",
+                written.hash, other.hash
+            )),
             "{err}"
         );
         assert!(!dest.exists());
@@ -760,7 +958,12 @@ mod tests {
         write(&full, "x", b"x");
         let err = extract_archive(&path, &full, None).unwrap_err();
         assert_eq!(err.exit_code(), 2, "{err}");
-        let err = extract_archive(&out.path().join("missing.tar.zst"), &out.path().join("d"), None).unwrap_err();
+        let err = extract_archive(
+            &out.path().join("missing.tar.zst"),
+            &out.path().join("d"),
+            None,
+        )
+        .unwrap_err();
         assert_eq!(err.exit_code(), 2, "{err}");
         let err = hash_tree(&out.path().join("nope"), &no_skip).unwrap_err();
         assert_eq!(err.exit_code(), 2, "{err}");
@@ -769,10 +972,13 @@ mod tests {
     #[test]
     fn sockets_are_refused_by_name() {
         let tree = sample();
-        let _sock = std::os::unix::net::UnixListener::bind(tree.path().join("app/ctl.sock")).unwrap();
+        let _sock =
+            std::os::unix::net::UnixListener::bind(tree.path().join("app/ctl.sock")).unwrap();
         let out = TempDir::new().unwrap();
         let path = out.path().join("r.tar.zst");
-        let err = write_archive(tree.path(), &path, &no_skip).unwrap_err().to_string();
+        let err = write_archive(tree.path(), &path, &no_skip)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("app/ctl.sock"), "{err}");
         assert!(!path.exists());
         assert!(hash_tree(tree.path(), &|p| p.ends_with("ctl.sock")).is_ok());

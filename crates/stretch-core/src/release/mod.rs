@@ -1,5 +1,5 @@
 //! Releases: the deterministic archive of a build's tree and the memorable names of releases.
 
 pub mod archive;
-pub mod name;
 pub mod config;
+pub mod name;

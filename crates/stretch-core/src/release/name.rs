@@ -4,19 +4,18 @@
 /// Short, pleasant adjectives; 128 of them so 7 bits pick one.
 const ADJECTIVES: [&str; 128] = [
     "able", "agile", "amber", "ample", "apt", "azure", "bold", "brave", "breezy", "bright",
-    "brisk", "calm", "candid", "cheerful", "cheery", "clean", "clear", "clever", "cosmic",
-    "cozy", "crimson", "crisp", "curious", "dapper", "daring", "dashing", "dazzling", "deft",
-    "eager", "early", "easy", "elegant", "epic", "fair", "fancy", "fast", "fearless", "fine",
-    "firm", "fleet", "fluent", "frank", "free", "fresh", "friendly", "gallant", "gentle",
-    "giant", "glad", "golden", "good", "graceful", "grand", "happy", "hardy", "hearty",
-    "honest", "humble", "jazzy", "jolly", "jovial", "joyful", "keen", "kind", "lively", "loyal",
-    "lucid", "lucky", "magic", "mellow", "merry", "mighty", "modest", "neat", "nimble", "noble",
-    "novel", "patient", "peppy", "placid", "plucky", "polite", "proud", "quick", "quiet",
-    "rapid", "ready", "regal", "robust", "rosy", "royal", "rustic", "sage", "savvy", "serene",
-    "sharp", "shiny", "silent", "silver", "simple", "sleek", "smart", "smooth", "snappy",
-    "snug", "solid", "sonic", "spry", "steady", "stellar", "sturdy", "sunny", "super", "sure",
-    "swift", "tender", "tidy", "tough", "trusty", "upbeat", "valiant", "vivid", "warm", "wise",
-    "witty", "young", "zany", "zesty",
+    "brisk", "calm", "candid", "cheerful", "cheery", "clean", "clear", "clever", "cosmic", "cozy",
+    "crimson", "crisp", "curious", "dapper", "daring", "dashing", "dazzling", "deft", "eager",
+    "early", "easy", "elegant", "epic", "fair", "fancy", "fast", "fearless", "fine", "firm",
+    "fleet", "fluent", "frank", "free", "fresh", "friendly", "gallant", "gentle", "giant", "glad",
+    "golden", "good", "graceful", "grand", "happy", "hardy", "hearty", "honest", "humble", "jazzy",
+    "jolly", "jovial", "joyful", "keen", "kind", "lively", "loyal", "lucid", "lucky", "magic",
+    "mellow", "merry", "mighty", "modest", "neat", "nimble", "noble", "novel", "patient", "peppy",
+    "placid", "plucky", "polite", "proud", "quick", "quiet", "rapid", "ready", "regal", "robust",
+    "rosy", "royal", "rustic", "sage", "savvy", "serene", "sharp", "shiny", "silent", "silver",
+    "simple", "sleek", "smart", "smooth", "snappy", "snug", "solid", "sonic", "spry", "steady",
+    "stellar", "sturdy", "sunny", "super", "sure", "swift", "tender", "tidy", "tough", "trusty",
+    "upbeat", "valiant", "vivid", "warm", "wise", "witty", "young", "zany", "zesty",
 ];
 
 /// Animals; 128 of them so 7 bits pick one.
@@ -24,17 +23,16 @@ const ANIMALS: [&str; 128] = [
     "alpaca", "ant", "ape", "badger", "bear", "beaver", "bee", "bison", "bobcat", "buffalo",
     "camel", "canary", "caribou", "cat", "cheetah", "chipmunk", "condor", "cougar", "cow",
     "coyote", "crab", "crane", "crow", "deer", "dingo", "dolphin", "donkey", "dove", "duck",
-    "eagle", "egret", "elk", "emu", "falcon", "ferret", "finch", "fox", "frog", "gazelle",
-    "gecko", "gerbil", "gibbon", "giraffe", "gnu", "goat", "goose", "gopher", "gorilla",
-    "grouse", "hamster", "hare", "hawk", "hedgehog", "heron", "hippo", "horse", "ibis",
-    "iguana", "impala", "jackal", "jaguar", "jay", "kangaroo", "kestrel", "kiwi", "koala",
-    "lark", "lemur", "leopard", "lion", "llama", "lobster", "lynx", "macaw", "magpie",
-    "mallard", "manatee", "marmot", "marten", "meerkat", "mink", "moose", "mouse", "narwhal",
-    "newt", "ocelot", "octopus", "orca", "oriole", "osprey", "ostrich", "otter", "owl", "ox",
-    "panda", "panther", "parrot", "pelican", "penguin", "pony", "puffin", "puma", "quail",
-    "rabbit", "raccoon", "raven", "robin", "salmon", "seal", "shark", "sheep", "sloth",
-    "sparrow", "stork", "swan", "tapir", "tiger", "toucan", "trout", "turtle", "walrus",
-    "weasel", "whale", "wolf", "wombat", "wren", "yak", "zebra",
+    "eagle", "egret", "elk", "emu", "falcon", "ferret", "finch", "fox", "frog", "gazelle", "gecko",
+    "gerbil", "gibbon", "giraffe", "gnu", "goat", "goose", "gopher", "gorilla", "grouse",
+    "hamster", "hare", "hawk", "hedgehog", "heron", "hippo", "horse", "ibis", "iguana", "impala",
+    "jackal", "jaguar", "jay", "kangaroo", "kestrel", "kiwi", "koala", "lark", "lemur", "leopard",
+    "lion", "llama", "lobster", "lynx", "macaw", "magpie", "mallard", "manatee", "marmot",
+    "marten", "meerkat", "mink", "moose", "mouse", "narwhal", "newt", "ocelot", "octopus", "orca",
+    "oriole", "osprey", "ostrich", "otter", "owl", "ox", "panda", "panther", "parrot", "pelican",
+    "penguin", "pony", "puffin", "puma", "quail", "rabbit", "raccoon", "raven", "robin", "salmon",
+    "seal", "shark", "sheep", "sloth", "sparrow", "stork", "swan", "tapir", "tiger", "toucan",
+    "trout", "turtle", "walrus", "weasel", "whale", "wolf", "wombat", "wren", "yak", "zebra",
 ];
 
 /// The memorable name of the release `id_hex`, e.g. `brave-otter`; if `taken(name)`,
@@ -73,7 +71,10 @@ mod tests {
             let set: HashSet<_> = list.iter().collect();
             assert_eq!(set.len(), 128, "duplicate word");
             for w in list.iter() {
-                assert!(w.len() <= 8 && w.bytes().all(|b| b.is_ascii_lowercase()), "{w}");
+                assert!(
+                    w.len() <= 8 && w.bytes().all(|b| b.is_ascii_lowercase()),
+                    "{w}"
+                );
             }
         }
     }
@@ -85,13 +86,18 @@ mod tests {
         let name = memorable(id, &free);
         assert_eq!(name, memorable(id, &free));
         let (adj, animal) = name.split_once('-').unwrap();
-        assert!(ADJECTIVES.contains(&adj) && ANIMALS.contains(&animal), "{name}");
+        assert!(
+            ADJECTIVES.contains(&adj) && ANIMALS.contains(&animal),
+            "{name}"
+        );
     }
 
     #[test]
     fn names_spread_over_ids() {
         let free = |_: &str| false;
-        let names: HashSet<_> = (0..200).map(|i| memorable(&format!("{i:064x}"), &free)).collect();
+        let names: HashSet<_> = (0..200)
+            .map(|i| memorable(&format!("{i:064x}"), &free))
+            .collect();
         // 200 ids over 16,384 pairs: a handful of collisions at most.
         assert!(names.len() > 190, "{}", names.len());
     }
@@ -101,7 +107,10 @@ mod tests {
         let id = "abc123";
         let base = memorable(id, &|_| false);
         let taken = [base.clone(), format!("{base}-2")];
-        assert_eq!(memorable(id, &|n| taken.iter().any(|t| t == n)), format!("{base}-3"));
+        assert_eq!(
+            memorable(id, &|n| taken.iter().any(|t| t == n)),
+            format!("{base}-3")
+        );
         assert_eq!(memorable(id, &|n| n == base), format!("{base}-2"));
     }
 
