@@ -1,17 +1,13 @@
 //! The JSON API under `/api/` (described by `openapi.json`, served at
 //! `/api/openapi.json`), and the log stream: `GET /api/runs/{id}/logs?follow=1` sends
-//! Server-Sent Events read from the store by `seq`, so runs started by the CLI in
-//! another process stream as well as the server's own.
+//! Server-Sent Events (see `feed`).
 
-use std::collections::{BTreeMap, VecDeque};
-use std::convert::Infallible;
-use std::time::Duration;
+use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
@@ -20,9 +16,6 @@ use stretch_core::deploy::Kind;
 
 use super::jobs::{self, Started};
 use super::{Shared, view};
-
-/// How often a follower looks for new lines when the last look found none.
-const POLL: Duration = Duration::from_millis(100);
 
 /// An error answer: `{"error": message, "help": …}` with a status that says what kind.
 #[derive(Debug)]
@@ -181,18 +174,25 @@ fn unknown_run(id: i64) -> ApiError {
 
 /// One run with its timeline and whole log. A build that turned out to be bad input
 /// is not in the history; the server still says why, to whoever started it.
-pub async fn run(State(st): State<Shared>, Path(id): Path<i64>) -> ApiResult {
+#[derive(serde::Serialize)]
+struct RunDetail<'a> {
+    #[serde(flatten)]
+    run: serde_json::Value,
+    log: &'a [stretch_core::store::LogLine],
+}
+
+pub async fn run(State(st): State<Shared>, Path(id): Path<i64>) -> ApiResult<Response> {
     match st.reader.run(id)? {
         Some(run) => {
             let lines = st.reader.log(id, 0)?;
-            let mut body = view::run_json(&run, &lines, st.jobs.outcome(id).as_ref());
-            body["log"] = json!(lines);
-            Ok(Json(body))
+            let run = view::run_json(&run, &lines, st.jobs.outcome(id).as_ref());
+            // Serialized straight from the lines: a long log never becomes a JSON tree.
+            Ok(Json(RunDetail { run, log: &lines }).into_response())
         }
         None => match st.jobs.outcome(id) {
             Some(o) => Ok(Json(json!({
                 "id": id, "kind": "build", "status": o.status, "error": o.error, "help": o.help, "stages": [], "log": [],
-            }))),
+            })).into_response()),
             None => Err(unknown_run(id)),
         },
     }
@@ -228,93 +228,11 @@ pub async fn logs(
     let follow = q.follow.as_deref().is_some_and(|f| f == "1" || f == "true");
     if !follow {
         return match st.reader.log(id, after) {
-            Ok(lines) => Json(json!(lines)).into_response(),
+            Ok(lines) => Json(lines).into_response(),
             Err(e) => ApiError::from(e).into_response(),
         };
     }
-    let start = Follow {
-        st,
-        run: id,
-        after,
-        queue: VecDeque::new(),
-        ended: false,
-        idle: false,
-    };
-    let stream = futures_util::stream::unfold(start, next_event);
-    Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response()
-}
-
-/// A follower's place in a run's log. Dropped with the connection when a client goes
-/// away; the run itself never depends on it.
-struct Follow {
-    st: Shared,
-    run: i64,
-    after: i64,
-    queue: VecDeque<Event>,
-    ended: bool,
-    idle: bool,
-}
-
-async fn next_event(mut f: Follow) -> Option<(Result<Event, Infallible>, Follow)> {
-    loop {
-        if let Some(e) = f.queue.pop_front() {
-            return Some((Ok(e), f));
-        }
-        if f.ended {
-            return None;
-        }
-        if f.idle {
-            tokio::time::sleep(POLL).await;
-        }
-        let (st, run, after) = (f.st.clone(), f.run, f.after);
-        // The status is read before the lines: a run seen finished has all its lines.
-        let read = tokio::task::spawn_blocking(move || -> stretch_core::Result<_> {
-            let record = st.reader.run(run)?;
-            let lines = st.reader.log(run, after)?;
-            Ok((record, lines))
-        })
-        .await;
-        match read {
-            Ok(Ok((_, lines))) if !lines.is_empty() => {
-                f.idle = false;
-                for l in lines {
-                    f.after = l.seq;
-                    let data = serde_json::to_string(&l).unwrap_or_default();
-                    f.queue.push_back(
-                        Event::default()
-                            .event("line")
-                            .id(l.seq.to_string())
-                            .data(data),
-                    );
-                }
-            }
-            Ok(Ok((Some(r), _))) if r.status == "running" => f.idle = true,
-            Ok(Ok((record, _))) => {
-                let outcome = f.st.jobs.outcome(run);
-                let release = record.as_ref().and_then(|r| r.release.clone());
-                let status = record
-                    .map(|r| r.status)
-                    .or_else(|| outcome.as_ref().map(|o| o.status.clone()));
-                let body = json!({
-                    "status": status.unwrap_or_else(|| "unknown".into()),
-                    "release": release,
-                    "error": outcome.as_ref().and_then(|o| o.error.clone()),
-                });
-                f.queue
-                    .push_back(Event::default().event("end").data(body.to_string()));
-                f.ended = true;
-            }
-            Ok(Err(e)) => {
-                let body = json!({"status": "unknown", "error": e.to_string()});
-                f.queue
-                    .push_back(Event::default().event("end").data(body.to_string()));
-                f.ended = true;
-            }
-            Err(_) => return None,
-        }
-    }
+    super::feed::follow(&st, id, after)
 }
 
 /// The answer to a started job: 202 with the run, or 200 when it ended at once.

@@ -1,7 +1,7 @@
 //! Builds, deploys, rollbacks and applies started through the server. Each runs on a
-//! blocking thread of its own (a build waits on the home's build lock with a blocking
-//! `flock`), driving its future with the runtime's handle, so the async workers that
-//! answer requests and stream logs are never held up.
+//! thread of its own with its own single-threaded runtime (a build waits on the home's
+//! build lock with a blocking `flock`, and stores every log line synchronously), so the
+//! workers that answer requests and stream logs are never held up.
 //!
 //! A build's run is recorded here before it starts, so its id is known at once. Deploys
 //! (and applies) record their own run once they hold the environment's lock; a sink
@@ -122,15 +122,29 @@ impl Jobs {
     }
 }
 
-/// Run `f` on a blocking thread of its own, driven by the runtime.
+/// Run `f` on a thread of its own with a runtime of its own: a pipeline's busy tasks
+/// (a plugin printing 100,000 lines, each stored synchronously) must not share the
+/// workers that answer requests and stream logs.
 fn spawn_pipeline<F, Fut>(state: &Shared, f: F)
 where
     F: FnOnce(Shared) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()>,
 {
     let st = state.clone();
-    let handle = state.runtime.clone();
-    tokio::task::spawn_blocking(move || handle.block_on(f(st)));
+    let spawned = std::thread::Builder::new()
+        .name("stretch-job".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(f(st)),
+                Err(e) => eprintln!("stretch serve: cannot start a job's runtime: {e}"),
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("stretch serve: cannot start a job's thread: {e}");
+    }
 }
 
 /// Start a build: its run id at once. `sources` overrides git refs (`--source`).

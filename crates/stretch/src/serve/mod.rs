@@ -3,11 +3,13 @@
 //!
 //! * `auth` — tokens, login sessions, protection against cross-site requests;
 //! * `jobs` — builds, deploys, rollbacks and applies run in the background;
-//! * `api` — the JSON API under `/api/` and the log stream (Server-Sent Events);
+//! * `api` — the JSON API under `/api/`;
+//! * `feed` — live log streams (Server-Sent Events), one store reader per followed run;
 //! * `pages` — the HTML pages (minijinja templates, a little plain JS for the live log).
 
 mod api;
 mod auth;
+mod feed;
 mod jobs;
 mod pages;
 mod view;
@@ -44,8 +46,8 @@ pub struct AppState {
     pub identity: Option<PathBuf>,
     pub auth: auth::Auth,
     pub jobs: jobs::Jobs,
+    pub feeds: feed::Feeds,
     pub pages: pages::Pages,
-    pub runtime: tokio::runtime::Handle,
 }
 
 pub type Shared = Arc<AppState>;
@@ -107,8 +109,8 @@ pub async fn serve(opts: Options) -> Result<()> {
         identity: opts.identity,
         auth: auth::Auth::new(&opts.tokens),
         jobs: jobs::Jobs::default(),
+        feeds: feed::Feeds::default(),
         pages: pages::Pages::new()?,
-        runtime: tokio::runtime::Handle::current(),
     });
     eprintln!("stretch serve: listening on http://{addr}");
     let app = router(state.clone());
@@ -116,13 +118,10 @@ pub async fn serve(opts: Options) -> Result<()> {
         r = axum::serve(listener, app) => r.map_err(|e| Error::failed("serve", e.to_string()))?,
         () = shutdown_signal() => {}
     }
-    // Runs still going are cut short with the process: say so in their history.
+    // Runs still going (on their own threads) end with the process: say so in their
+    // history.
     let cut = state.jobs.interrupt_all(&state.store);
-    eprintln!("stretch serve: stopped");
-    if cut > 0 {
-        // Pipeline threads hold blocking calls that would keep the runtime alive.
-        std::process::exit(0);
-    }
+    eprintln!("stretch serve: stopped ({cut} run(s) interrupted)");
     Ok(())
 }
 

@@ -316,3 +316,45 @@ fn parse_sources(text: &str) -> Result<BTreeMap<String, String>> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_escape_what_they_show() {
+        let pages = Pages::new().unwrap();
+        let evil = "<script>alert(1)</script>";
+        let run = serde_json::json!({
+            "id": 7, "kind": "build", "status": "running", "started_at": "2026-01-01T00:00:00.000Z",
+            "release": evil, "error": null, "stages": [{"name": evil, "status": "running", "elapsed": null, "started_at": ""}],
+        });
+        let lines = [stretch_core::store::LogLine {
+            seq: 1,
+            at: "2026-01-01T00:00:00.000Z".into(),
+            stage: evil.into(),
+            text: evil.into(),
+        }];
+        let html = pages.render(
+            "run.html",
+            context! { run => Value::from(Serde(&run)), lines => Value::from(Serde(&lines[..])), skipped => 0, after => 1, running => true, csrf => evil },
+        );
+        assert!(!html.0.contains(evil), "{}", html.0);
+        assert!(
+            html.0
+                .contains("&lt;script&gt;alert(1)&lt;&#x2f;script&gt;"),
+            "{}",
+            html.0
+        );
+        assert!(html.0.contains("data-running=\"true\""));
+        assert!(pages.login(Some(evil)).0.contains("&lt;script&gt;"));
+    }
+
+    #[test]
+    fn build_sources() {
+        let s = parse_sources("app=v1, lib=main").unwrap();
+        assert_eq!(s.get("app").map(String::as_str), Some("v1"));
+        assert!(parse_sources("app").is_err());
+        assert!(parse_sources("").unwrap().is_empty());
+    }
+}

@@ -182,11 +182,16 @@ struct Sse {
 
 impl Sse {
     fn open(addr: &str, run: i64) -> Sse {
+        Sse::open_after(addr, run, 0)
+    }
+
+    /// Follow from after seq `after`, as a reconnecting client does.
+    fn open_after(addr: &str, run: i64, after: i64) -> Sse {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
         write!(
             s,
-            "GET /api/runs/{run}/logs?follow=1 HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nAccept: text/event-stream\r\n\r\n"
+            "GET /api/runs/{run}/logs?follow=1&after={after} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nAccept: text/event-stream\r\n\r\n"
         )
         .unwrap();
         let mut reader = BufReader::new(s);
@@ -522,6 +527,10 @@ fn build_through_the_api_while_a_follower_drops_the_log() {
             .iter()
             .all(|s| s["status"] == "done")
     );
+    // A client resuming after a seq gets the rest only.
+    let (rest, _) = Sse::open_after(&s.addr, run, 5).until_end();
+    assert_eq!(rest[0]["seq"], 6);
+    assert_eq!(rest.len(), lines.len() - 5);
     // A finished run's stream is its whole log, then the end.
     let (again, end) = Sse::open(&s.addr, run).until_end();
     assert_eq!(
@@ -533,6 +542,31 @@ fn build_through_the_api_while_a_follower_drops_the_log() {
     let (_, end) = Sse::open(&s.addr, run2).until_end();
     assert_eq!(end["status"], "succeeded");
     assert_eq!(s.get(&format!("/api/runs/{run2}"))["reused"], true);
+}
+
+#[test]
+fn a_run_started_by_the_cli_streams_through_the_server() {
+    let ctx = Ctx::new();
+    let name = unique("srv-clirun");
+    let _images = image_cleanup(&name);
+    system(&ctx, &name, 30, "0.05", &[], stretch_test::free_port());
+    let s = Serve::start(&ctx);
+    std::thread::scope(|scope| {
+        let build = scope.spawn(|| ctx.run(&["build"]));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let run = loop {
+            if let Some(id) = s.get("/api/history")[0]["id"].as_i64() {
+                break id;
+            }
+            assert!(Instant::now() < deadline, "the CLI's run never showed up");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let (lines, end) = Sse::open(&s.addr, run).until_end();
+        assert_eq!(end["status"], "succeeded", "{end}");
+        let texts: Vec<&str> = lines.iter().map(|l| l["text"].as_str().unwrap()).collect();
+        assert!(texts.contains(&"plugin line 30"), "{texts:#?}");
+        build.join().unwrap().ok();
+    });
 }
 
 #[test]
