@@ -52,48 +52,27 @@ fn main() {
     let time_bin = Path::new("/usr/bin/time").exists();
     let (mut ours, mut theirs) = (Runs::default(), Runs::default());
     let mut bytes = 0;
-    for _ in 0..runs {
-        let _ = fs::remove_file(&ours_out);
-        let (t, cpu) = (Instant::now(), cpu_secs());
-        let d = write_archive(&tree, &ours_out, &no_skip).unwrap();
-        ours.wall.push(t.elapsed().as_secs_f64());
-        ours.cpu.push(cpu_secs() - cpu);
-        bytes = d.bytes;
-
-        if has_zstd {
-            let _ = fs::remove_file(&theirs_out);
-            let script = format!(
-                "tar -cf - -C '{}' tree | zstd -T0 -3 -q -o '{}'",
-                tree.parent().unwrap().display(),
-                theirs_out.display()
-            );
-            let mut cmd = if time_bin {
-                let mut c = Command::new("/usr/bin/time");
-                c.args(["-f", "stretch-bench %U %S %M", "sh", "-c", &script]);
-                c
-            } else {
-                let mut c = Command::new("sh");
-                c.args(["-c", &script]);
-                c
-            };
-            let t = Instant::now();
-            let o = cmd.output().unwrap();
-            theirs.wall.push(t.elapsed().as_secs_f64());
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            // GNU time: user and system seconds of sh, tar and zstd, and their largest RSS.
-            let stderr = String::from_utf8_lossy(&o.stderr);
-            if let Some(line) = stderr
-                .lines()
-                .find_map(|l| l.strip_prefix("stretch-bench "))
-            {
-                let f: Vec<f64> = line
-                    .split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect();
-                if let [user, sys, rss_kb] = f[..] {
-                    theirs.cpu.push(user + sys);
-                    theirs.rss_kb = theirs.rss_kb.max(rss_kb as u64);
-                }
+    let script = format!(
+        "tar -cf - -C '{}' tree | zstd -T0 -3 -q -o '{}'",
+        tree.parent().unwrap().display(),
+        theirs_out.display()
+    );
+    for round in 0..runs {
+        // Alternate who goes first, so neither side always inherits the other's effects.
+        for ours_turn in [round % 2 == 0, round % 2 == 1] {
+            if ours_turn {
+                let _ = fs::remove_file(&ours_out);
+                let (t, cpu) = (Instant::now(), cpu_secs());
+                let d = write_archive(&tree, &ours_out, &no_skip).unwrap();
+                ours.wall.push(t.elapsed().as_secs_f64());
+                ours.cpu.push(cpu_secs() - cpu);
+                bytes = d.bytes;
+            } else if has_zstd {
+                let _ = fs::remove_file(&theirs_out);
+                theirs.run(&script, time_bin);
+                // tar | zstd does not fsync: flush its output untimed, so its writeback
+                // does not compete with the next run's.
+                File::open(&theirs_out).unwrap().sync_all().unwrap();
             }
         }
     }
@@ -108,7 +87,7 @@ fn main() {
         tree.display()
     );
     println!(
-        "median of {runs} interleaved runs; load average {}",
+        "median of {runs} interleaved runs (order alternating); load average {}",
         load.split_whitespace().next().unwrap_or("?")
     );
     println!(
@@ -154,6 +133,40 @@ struct Runs {
     wall: Vec<f64>,
     cpu: Vec<f64>,
     rss_kb: u64,
+}
+
+impl Runs {
+    /// Time `sh -c script`, with CPU time and peak RSS from GNU time when available.
+    fn run(&mut self, script: &str, time_bin: bool) {
+        let mut cmd = if time_bin {
+            let mut c = Command::new("/usr/bin/time");
+            c.args(["-f", "stretch-bench %U %S %M", "sh", "-c", script]);
+            c
+        } else {
+            let mut c = Command::new("sh");
+            c.args(["-c", script]);
+            c
+        };
+        let t = Instant::now();
+        let o = cmd.output().unwrap();
+        self.wall.push(t.elapsed().as_secs_f64());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // GNU time: user and system seconds of sh, tar and zstd, and their largest RSS.
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        if let Some(line) = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("stretch-bench "))
+        {
+            let f: Vec<f64> = line
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            if let [user, sys, rss_kb] = f[..] {
+                self.cpu.push(user + sys);
+                self.rss_kb = self.rss_kb.max(rss_kb as u64);
+            }
+        }
+    }
 }
 
 /// User + system CPU seconds used so far by this process, all threads included.
