@@ -270,7 +270,7 @@ fn system(ctx: &Ctx, name: &str, lines: u32, delay: &str, agents: &[&AgentProc],
     ctx.write(
         "system.yml",
         format!(
-            "system: {name}\nregistry: local\nsources:\n  - path: ./app\nenvironments:\n  production:\n    agent_token_file: ./agent-token\n    hosts:\n{hosts}    groups:\n      web: {{node: web, hosts: [{names}], listen: {listen}}}\n"
+            "system: {name}\nregistry: local\nsources:\n  - path: ./app\nenvironments:\n  production:\n    agent_token_file: ./agent-token\n    services: {{db: {{password: hunter2-secret}}}}\n    hosts:\n{hosts}    groups:\n      web: {{node: web, hosts: [{names}], listen: {listen}}}\n"
         ),
     );
     ctx.write("agent-token", AGENT_TOKEN);
@@ -344,6 +344,11 @@ fn tokens_sessions_and_cross_site_requests() {
     );
     let sys = s.get("/api/system");
     assert_eq!(sys["system"], name.as_str());
+    // Services (they may hold passwords) and tokens never leave the server.
+    assert!(
+        !sys.to_string().contains("hunter2") && !sys.to_string().contains(AGENT_TOKEN),
+        "{sys}"
+    );
     assert_eq!(
         sys["environments"][0]["hosts"][0]["reachable"], false,
         "{sys}"
@@ -384,6 +389,7 @@ fn tokens_sessions_and_cross_site_requests() {
     let page = request(&s.addr, "GET", "/", &[("Cookie", &cookie)], None);
     assert_eq!(page.status, 200);
     assert!(page.body.contains(&name));
+    assert!(!page.body.contains("hunter2") && !page.body.contains(AGENT_TOKEN));
     let csrf = page
         .body
         .split("name=\"csrf\" value=\"")
