@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::buffers::Buffers;
 use super::specs::{self, HostGroup};
-use crate::agent::api::{GroupSpec, Switch};
+use crate::agent::api::GroupSpec;
 use crate::agent::client::AgentClient;
 use crate::home::Home;
 use crate::log::Log;
@@ -373,35 +373,11 @@ async fn converge(
         async move {
             let client = AgentClient::new(&a.agent, token);
             let r = match (a.kind, new, old) {
-                (ActionKind::Start, Some(spec), _) => match client.put_spec(&spec).await {
-                    Ok(_) => client
-                        .switch(
-                            &spec.key,
-                            &Switch {
-                                release_id: spec.release.id.clone(),
-                                config_version: spec.config_version.clone(),
-                            },
-                        )
-                        .await
-                        .map(|_| ()),
-                    Err(e) => Err(e),
-                },
+                (ActionKind::Start, Some(spec), _) => super::put_and_switch(&client, &spec).await,
                 (ActionKind::Replace, Some(mut spec), _) => {
                     // The image is already on this host: nothing to pull.
                     spec.pull = false;
-                    match client.put_spec(&spec).await {
-                        Ok(_) => client
-                            .switch(
-                                &spec.key,
-                                &Switch {
-                                    release_id: spec.release.id.clone(),
-                                    config_version: spec.config_version.clone(),
-                                },
-                            )
-                            .await
-                            .map(|_| ()),
-                        Err(e) => Err(e),
-                    }
+                    super::put_and_switch(&client, &spec).await
                 }
                 (ActionKind::Reload, Some(spec), _) => {
                     client.update_config(&spec).await.map(|_| ())

@@ -472,16 +472,7 @@ async fn switch_back(
     let calls = switched.iter().map(|t| async move {
         let client = AgentClient::new(&t.agent, token);
         let r = match previous.get(&t.id()) {
-            Some(old) => match client.put_spec(old).await {
-                Ok(_) => {
-                    let req = Switch {
-                        release_id: old.release.id.clone(),
-                        config_version: old.config_version.clone(),
-                    };
-                    client.switch(&old.key, &req).await.map(|_| ())
-                }
-                Err(e) => Err(e),
-            },
+            Some(old) => put_and_switch(&client, old).await,
             None => client.remove_group(&t.spec.key).await,
         };
         (*t, r)
@@ -497,6 +488,19 @@ async fn switch_back(
         }
     }
     ok
+}
+
+/// Send `spec` to an agent and make it current there.
+pub(crate) async fn put_and_switch(
+    client: &AgentClient,
+    spec: &GroupSpec,
+) -> std::result::Result<(), crate::agent::client::AgentError> {
+    client.put_spec(spec).await?;
+    let req = Switch {
+        release_id: spec.release.id.clone(),
+        config_version: spec.config_version.clone(),
+    };
+    client.switch(&spec.key, &req).await.map(|_| ())
 }
 
 /// The folder of an environment's buffers.
