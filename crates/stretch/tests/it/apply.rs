@@ -91,8 +91,9 @@ fn apply_converges_services_hosts_groups_and_instances() {
     let (requests, failures, _) = hammer.finish();
     assert!(
         failures.is_empty(),
-        "{} of {requests} failed",
-        failures.len()
+        "{} of {requests} failed, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
     );
     assert!(
         out.stdout
@@ -127,8 +128,9 @@ fn apply_converges_services_hosts_groups_and_instances() {
     let (requests, failures, _) = hammer.finish();
     assert!(
         failures.is_empty(),
-        "{} of {requests} failed",
-        failures.len()
+        "{} of {requests} failed, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
     );
     assert_eq!(containers(&w).len(), 6);
 
