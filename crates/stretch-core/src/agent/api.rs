@@ -81,6 +81,9 @@ pub struct GroupSpec {
     pub health: HealthSpec,
     /// Run inside running instances after a config-only update.
     pub reload: Option<Vec<String>>,
+    /// Or: sent to each running instance's main process (`SIGHUP`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_signal: Option<String>,
     pub stop_timeout_ms: Option<u64>,
     /// The node's configuration tree, written to `/stretch/config.json`.
     pub config: serde_json::Value,

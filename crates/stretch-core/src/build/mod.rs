@@ -233,6 +233,7 @@ fn release_config(system: &System, d: &Decrypted) -> ReleaseConfig {
                 port: c.port,
                 health: c.health.clone(),
                 reload: c.reload.clone(),
+                reload_signal: c.reload_signal.clone(),
                 stop_timeout_ms: c
                     .stop_timeout
                     .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),

@@ -143,7 +143,10 @@ fn action_for(old: Option<&GroupSpec>, new: Option<&GroupSpec>) -> Option<Action
             };
             if shape(a) != shape(b) {
                 Some(ActionKind::Replace)
-            } else if a.config_version != b.config_version || a.reload != b.reload {
+            } else if a.config_version != b.config_version
+                || a.reload != b.reload
+                || a.reload_signal != b.reload_signal
+            {
                 Some(ActionKind::Reload)
             } else {
                 None

@@ -149,6 +149,7 @@ mod tests {
             port: None,
             health: Default::default(),
             reload: None,
+            reload_signal: None,
             stop_timeout_ms: None,
             templates: "web/templates".into(),
             plugins: vec![],

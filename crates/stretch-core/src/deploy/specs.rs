@@ -173,6 +173,7 @@ pub fn build(
                     timeout_ms: u64::try_from(node.health.timeout.as_millis()).unwrap_or(u64::MAX),
                 },
                 reload: node.reload.clone(),
+                reload_signal: node.reload_signal.clone(),
                 stop_timeout_ms: node.stop_timeout_ms,
                 config: config.clone(),
                 config_version: config_version.clone(),

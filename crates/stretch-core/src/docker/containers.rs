@@ -17,8 +17,8 @@ use bollard::models::{
     RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, ListContainersOptions,
-    LogsOptions, RemoveContainerOptions, StopContainerOptions,
+    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, KillContainerOptions,
+    ListContainersOptions, LogsOptions, RemoveContainerOptions, StopContainerOptions,
 };
 use futures_util::StreamExt;
 
@@ -196,6 +196,17 @@ impl Docker {
             }) => Ok(()),
             Err(e) => Err(docker_error(format!("stopping container {id}"), &e)),
         }
+    }
+
+    /// Send `signal` (`SIGHUP`, …) to a running container's main process.
+    pub async fn signal(&self, id: &str, signal: &str) -> Result<()> {
+        let options = KillContainerOptions {
+            signal: signal.to_string(),
+        };
+        self.inner
+            .kill_container(id, Some(options))
+            .await
+            .map_err(|e| docker_error(format!("sending {signal} to container {id}"), &e))
     }
 
     /// Remove a container, stopping it first if it runs (`force`). Absent is fine.

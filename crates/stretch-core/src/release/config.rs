@@ -50,6 +50,8 @@ pub struct NodeConfig {
     pub port: Option<u16>,
     pub health: crate::system::project::Health,
     pub reload: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_signal: Option<String>,
     pub stop_timeout_ms: Option<u64>,
     /// Folder of the container templates in the tree (may not exist).
     pub templates: String,

@@ -53,6 +53,8 @@ pub struct Container {
     pub port: Option<u16>,
     pub health: Health,
     pub reload: Option<Vec<String>>,
+    /// A signal (`SIGHUP`, …) sent to the main process instead of running `reload`.
+    pub reload_signal: Option<String>,
     pub stop_timeout: Option<Duration>,
 }
 
@@ -64,6 +66,21 @@ pub struct Health {
     pub interval: Duration,
     #[serde(with = "millis")]
     pub timeout: Duration,
+}
+
+/// Signals `reload_signal` accepts: the ones apps reload on (nginx, haproxy, Apache's
+/// graceful restart…); stopping signals are refused, a reload must not end the app.
+pub const RELOAD_SIGNALS: [&str; 3] = ["SIGHUP", "SIGUSR1", "SIGUSR2"];
+
+/// `hup`, `HUP` or `SIGHUP` → `SIGHUP`, if it is one of [`RELOAD_SIGNALS`].
+pub fn signal_name(name: &str) -> Option<String> {
+    let upper = name.trim().to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    RELOAD_SIGNALS.contains(&full.as_str()).then_some(full)
 }
 
 mod millis {
@@ -136,6 +153,7 @@ struct ContainerFile {
     port: Option<u16>,
     health: Option<HealthFile>,
     reload: Option<Vec<String>>,
+    reload_signal: Option<String>,
     stop_timeout: Option<String>,
 }
 
@@ -420,6 +438,25 @@ impl Loader<'_> {
                 "`reload` must be a non-empty list of arguments".into(),
             ));
         }
+        let reload_signal = match &spec.reload_signal {
+            None => None,
+            Some(_) if spec.reload.is_some() => {
+                return Err(at(
+                    "reload_signal",
+                    "`reload` and `reload_signal` exclude each other: declare one way to reload"
+                        .into(),
+                ));
+            }
+            Some(name) => Some(signal_name(name).ok_or_else(|| {
+                at(
+                    "reload_signal",
+                    format!(
+                        "`reload_signal: {name}` is not a signal (expected one of {})",
+                        RELOAD_SIGNALS.join(", ")
+                    ),
+                )
+            })?),
+        };
         let container = Container {
             file: file.to_string(),
             dir,
@@ -429,6 +466,7 @@ impl Loader<'_> {
             port: spec.port,
             health,
             reload: spec.reload.clone(),
+            reload_signal,
             stop_timeout: duration("stop_timeout", &spec.stop_timeout)?,
         };
         self.containers.push(container);
@@ -924,6 +962,33 @@ mod tests {
             ]),
             "container.yml:1:10 `interval: soon` is not a duration (expected e.g. `500ms`, `1s`, `2m`)"
         );
+        assert_eq!(
+            err(&[
+                ("stretch.yml", "name: web\n"),
+                ("container.yml", "reload: [x]\nreload_signal: HUP\n"),
+                DF
+            ]),
+            "container.yml:2:1 `reload` and `reload_signal` exclude each other: declare one way to reload"
+        );
+        assert!(
+            err(&[
+                ("stretch.yml", "name: web\n"),
+                ("container.yml", "reload_signal: KILL\n"),
+                DF
+            ])
+            .starts_with(
+                "container.yml:1:1 `reload_signal: KILL` is not a signal (expected one of SIGHUP"
+            )
+        );
+    }
+
+    #[test]
+    fn signal_names() {
+        assert_eq!(signal_name("hup").as_deref(), Some("SIGHUP"));
+        assert_eq!(signal_name("SIGUSR2").as_deref(), Some("SIGUSR2"));
+        assert_eq!(signal_name(" usr1 ").as_deref(), Some("SIGUSR1"));
+        assert_eq!(signal_name("TERM"), None);
+        assert_eq!(signal_name("9"), None);
     }
 
     #[cfg(unix)]

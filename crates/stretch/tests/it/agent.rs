@@ -290,6 +290,7 @@ fn spec(system: &str, image: &str, release: &str, listen: Option<u16>) -> GroupS
             timeout_ms: 15_000,
         },
         reload: None,
+        reload_signal: None,
         stop_timeout_ms: Some(2_000),
         config: json!({}),
         config_version: String::new(),

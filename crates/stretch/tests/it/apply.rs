@@ -172,6 +172,42 @@ fn apply_converges_services_hosts_groups_and_instances() {
 }
 
 #[test]
+fn reload_signal_reloads_in_place() {
+    let w = World::new("sigreload", 1, false);
+    w.ctx.write(
+        "app/container.yml",
+        "port: 8080\nhealth: {path: /health.txt, interval: 100ms, timeout: 8s}\nstop_timeout: 1s\nreload_signal: hup\n",
+    );
+    // The app copies its rendered page into place at start and on SIGHUP.
+    w.ctx.write(
+        "app/Dockerfile",
+        format!(
+            "{}COPY www/ /www/\nCMD [\"sh\", \"-c\", \"cp /stretch/templates/index.html /www/; httpd -f -p 8080 -h /www & p=$!; trap 'cp /stretch/templates/index.html /www/' HUP; trap 'kill $p; exit 0' TERM; while kill -0 $p; do wait $p; done\"]\n",
+            from_base(&w.system)
+        ),
+    );
+    system(&w, "hello", &[0], &web(&w, "h0", ""));
+    let r1 = w.build();
+    w.ctx.run(&["deploy", "production"]).ok();
+    assert_eq!(page(&w, 0), format!("release {r1} hello on h0\n"));
+
+    let before = containers(&w);
+    system(&w, "hi", &[0], &web(&w, "h0", ""));
+    let hammer = Hammer::start(vec![w.proxy(0)]);
+    let out = w.ctx.run(&["apply", "production"]).ok();
+    let (requests, failures, _) = hammer.finish();
+    assert!(
+        failures.is_empty(),
+        "{} of {requests} failed, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(out.stdout.contains("~ web/h0"), "{out}");
+    assert_eq!(page(&w, 0), format!("release {r1} hi on h0\n"));
+    assert_eq!(containers(&w), before, "a signal reload keeps the instance");
+}
+
+#[test]
 fn apply_on_a_never_deployed_environment_does_nothing() {
     let w = reloading_world("neverdep", 1);
     system(&w, "hello", &[0], &web(&w, "h0", ""));

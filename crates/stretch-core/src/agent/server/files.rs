@@ -161,6 +161,7 @@ mod tests {
                 timeout_ms: 1000,
             },
             reload: None,
+            reload_signal: None,
             stop_timeout_ms: None,
             config: serde_json::json!({"greeting": "hi"}),
             config_version: "v".into(),

@@ -23,8 +23,8 @@ use crate::docker::Docker;
 use crate::log::Log;
 use crate::{Error, Result};
 
-/// How long old instances may take to finish their requests when the node declares no
-/// `stop_timeout`.
+/// How long old instances may take to finish their requests (longer if the node's
+/// `stop_timeout` is longer).
 const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 
 /// Stopped instances of this many releases are kept per group for fast rollbacks.
@@ -361,11 +361,15 @@ impl Agent {
         self.commit(record.clone())?;
 
         // 5. Drain and stop the old instances, then forget the oldest kept ones.
+        // Not bounded by `stop_timeout`: that is how long the app takes to stop, and a
+        // request slowed by a busy host must not be cut because the app stops fast.
         let bound = old
             .current
             .as_ref()
             .and_then(|c| c.stop_timeout_ms)
-            .map_or(DEFAULT_DRAIN, Duration::from_millis);
+            .map_or(DEFAULT_DRAIN, |t| {
+                DEFAULT_DRAIN.max(Duration::from_millis(t))
+            });
         if !drain(&old_set, bound).await {
             self.say(
                 &key,
@@ -422,7 +426,7 @@ impl Agent {
         if current == spec && record.instances.len() == spec.instances as usize {
             return Ok(self.status(&key).await);
         }
-        let reloadable = spec.reload.is_some()
+        let reloadable = (spec.reload.is_some() || spec.reload_signal.is_some())
             && current.instances == spec.instances
             && current.port == spec.port
             && current.listen == spec.listen
@@ -448,8 +452,9 @@ impl Agent {
         self.docker.pull(&spec.image, &self.log).await.map(|_| ())
     }
 
-    /// Rewrite every instance's files and run `reload` in it. If one fails, every
-    /// instance gets its old files back (and those already reloaded reload again).
+    /// Rewrite every instance's files and reload it (`reload` run in it, or
+    /// `reload_signal` sent to it). If one fails, every instance gets its old files back
+    /// (and those already reloaded reload again).
     async fn reload(
         &self,
         mut record: GroupRecord,
@@ -457,37 +462,18 @@ impl Agent {
         spec: GroupSpec,
     ) -> ApiResult<()> {
         let key = spec.key.clone();
-        let command = spec.reload.clone().unwrap_or_default();
         let mut touched: Vec<&InstanceRecord> = Vec::new();
         let mut reloaded: Vec<&InstanceRecord> = Vec::new();
         let mut failure = None;
         for inst in &record.instances {
             touched.push(inst);
             let dir = self.data.instance_dir(&inst.name);
-            if let Err(e) = files::write_instance(&dir, &spec, inst.index) {
-                failure = Some(e);
-                break;
-            }
-            match self.docker.exec(&inst.container, &command).await {
-                Ok(out) if out.exit_code == 0 => reloaded.push(inst),
-                Ok(out) => {
-                    let output = if out.output.is_empty() {
-                        String::new()
-                    } else {
-                        format!(":\n  {}", out.output.replace('\n', "\n  "))
-                    };
-                    failure = Some(Error::failed(
-                        "reload",
-                        format!(
-                            "`{}` in instance {} ({}) exited with {}{output}",
-                            command.join(" "),
-                            inst.index,
-                            inst.name,
-                            out.exit_code
-                        ),
-                    ));
-                    break;
-                }
+            let done = match files::write_instance(&dir, &spec, inst.index) {
+                Ok(()) => self.reload_one(inst, &spec).await,
+                Err(e) => Err(e),
+            };
+            match done {
+                Ok(()) => reloaded.push(inst),
                 Err(e) => {
                     failure = Some(e);
                     break;
@@ -502,10 +488,8 @@ impl Agent {
                     self.say(&key, format!("restoring {}: {e}", inst.name));
                 }
             }
-            if let Some(cmd) = &old.reload {
-                for inst in &reloaded {
-                    let _ = self.docker.exec(&inst.container, cmd).await;
-                }
+            for inst in &reloaded {
+                let _ = self.reload_one(inst, old).await;
             }
             return Err(e.into());
         }
@@ -526,6 +510,36 @@ impl Agent {
         record.current = Some(spec);
         self.commit(record)?;
         Ok(())
+    }
+
+    /// Reload one instance as `spec` says: its `reload_signal` sent, or its `reload`
+    /// command run (a non-zero exit fails, with the command's output).
+    async fn reload_one(&self, inst: &InstanceRecord, spec: &GroupSpec) -> Result<()> {
+        if let Some(signal) = &spec.reload_signal {
+            return self.docker.signal(&inst.container, signal).await;
+        }
+        let Some(command) = &spec.reload else {
+            return Ok(());
+        };
+        let out = self.docker.exec(&inst.container, command).await?;
+        if out.exit_code == 0 {
+            return Ok(());
+        }
+        let output = if out.output.is_empty() {
+            String::new()
+        } else {
+            format!(":\n  {}", out.output.replace('\n', "\n  "))
+        };
+        Err(Error::failed(
+            "reload",
+            format!(
+                "`{}` in instance {} ({}) exited with {}{output}",
+                command.join(" "),
+                inst.index,
+                inst.name,
+                out.exit_code
+            ),
+        ))
     }
 
     // -----------------------------------------------------------------------------------
