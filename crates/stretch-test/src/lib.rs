@@ -218,7 +218,8 @@ fn import_base_image(reference: &str) {
     ]);
 }
 
-/// Removes images by reference (`docker rmi -f`) when dropped, even if the test failed.
+/// Removes images by reference (`docker rmi -f`) when dropped, even if the test failed,
+/// and the untagged images left by rebuilding those references.
 #[derive(Debug, Default)]
 pub struct ImageGuard(pub Vec<String>);
 
@@ -241,6 +242,9 @@ impl Drop for ImageGuard {
         let mut args = vec!["rmi", "-f"];
         args.extend(self.0.iter().map(String::as_str));
         docker_quiet(&args);
+        for reference in &self.0 {
+            remove_dangling_layers(reference);
+        }
     }
 }
 
@@ -256,7 +260,8 @@ impl Drop for PrefixGuard {
 
 /// Removes every local image whose repository starts with `prefix`, or has a path
 /// component starting with it after a registry host (`127.0.0.1:5000/PREFIX…/web`).
-/// Pass a name from [`unique`] so that nothing of another test matches.
+/// Pass a name from [`unique`] so that nothing of another test matches. Untagged layers
+/// left by its builds go too.
 pub fn remove_images_matching(prefix: &str) {
     assert!(
         !prefix.is_empty(),
@@ -281,6 +286,47 @@ pub fn remove_images_matching(prefix: &str) {
     if !refs.is_empty() {
         let mut args = vec!["rmi", "-f"];
         args.extend(refs.iter().map(String::as_str));
+        docker_quiet(&args);
+    }
+    remove_dangling_layers(prefix);
+}
+
+/// Untagged images left by a test's builds (a failed step keeps the layers before it;
+/// the images tests build directly are tagged by their system): built on the test
+/// base image with `STRETCH_TEST=PREFIX…` (see the integration tests' `from_base`).
+fn remove_dangling_layers(prefix: &str) {
+    // Quietly: this runs in guards, maybe while a failed test unwinds.
+    let Ok(listed) = Command::new("docker")
+        .args(["images", "-q", "--no-trunc", "--filter", "dangling=true"])
+        .args(["--filter", "label=stretch-test=base"])
+        .output()
+    else {
+        return;
+    };
+    let ids = String::from_utf8_lossy(&listed.stdout).into_owned();
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    if ids.is_empty() {
+        return;
+    }
+    let mut args = vec![
+        "image",
+        "inspect",
+        "--format",
+        "{{.Id}}{{range .Config.Env}} {{.}}{{end}}",
+    ];
+    args.extend(&ids);
+    let Some(listing) = Command::new("docker").args(&args).output().ok() else {
+        return;
+    };
+    let needle = format!("STRETCH_TEST={}", prefix.trim_end_matches('/'));
+    let ours: Vec<String> = String::from_utf8_lossy(&listing.stdout)
+        .lines()
+        .filter(|l| l.split_whitespace().skip(1).any(|e| e.starts_with(&needle)))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    if !ours.is_empty() {
+        let mut args = vec!["rmi", "-f"];
+        args.extend(ours.iter().map(String::as_str));
         docker_quiet(&args);
     }
 }

@@ -620,8 +620,9 @@ async fn wrong_or_missing_token_is_401_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switch_without_downtime_rollback_and_delete() {
     let system = unique("agent-switch");
-    let containers = Containers(system.clone());
     let mut images = ImageGuard::new();
+    // Declared after the images: dropped first, so the images are no longer in use.
+    let containers = Containers(system.clone());
     let (v1, v2) = (format!("{system}:v1"), format!("{system}:v2"));
     app_image(&mut images, &v1, "v1");
     slow_app_image(&mut images, &v2, "v2");
@@ -736,8 +737,9 @@ async fn switch_without_downtime_rollback_and_delete() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unhealthy_release_fails_and_the_old_one_keeps_serving() {
     let system = unique("agent-unhealthy");
-    let containers = Containers(system.clone());
     let mut images = ImageGuard::new();
+    // Declared after the images: dropped first, so the images are no longer in use.
+    let containers = Containers(system.clone());
     let (good, hangs, dies) = (
         format!("{system}:good"),
         format!("{system}:hangs"),
@@ -810,8 +812,9 @@ async fn unhealthy_release_fails_and_the_old_one_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn templates_and_config_are_mounted_read_only() {
     let system = unique("agent-files");
-    let containers = Containers(system.clone());
     let mut images = ImageGuard::new();
+    // Declared after the images: dropped first, so the images are no longer in use.
+    let containers = Containers(system.clone());
     let web = format!("{system}:web");
     let worker = format!("{system}:worker");
     app_image(&mut images, &web, "web");
@@ -916,8 +919,9 @@ async fn templates_and_config_are_mounted_read_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_readopts_without_touching_and_removes_orphans() {
     let system = unique("agent-restart");
-    let containers = Containers(system.clone());
     let mut images = ImageGuard::new();
+    // Declared after the images: dropped first, so the images are no longer in use.
+    let containers = Containers(system.clone());
     let v1 = format!("{system}:v1");
     app_image(&mut images, &v1, "v1");
     let mut agent = Agent::start();
@@ -1019,8 +1023,9 @@ async fn restart_readopts_without_touching_and_removes_orphans() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_updates_reload_or_replace() {
     let system = unique("agent-config");
-    let containers = Containers(system.clone());
     let mut images = ImageGuard::new();
+    // Declared after the images: dropped first, so the images are no longer in use.
+    let containers = Containers(system.clone());
     let app = format!("{system}:app");
     // Serves the rendered template; `reload` copies it again.
     build_image(
@@ -1127,8 +1132,9 @@ async fn config_updates_reload_or_replace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_instances_leave_the_rotation_and_come_back() {
     let system = unique("agent-rotation");
-    let containers = Containers(system.clone());
     let mut images = ImageGuard::new();
+    // Declared after the images: dropped first, so the images are no longer in use.
+    let containers = Containers(system.clone());
     let v1 = format!("{system}:v1");
     app_image(&mut images, &v1, "v1");
     let agent = Agent::start();
@@ -1201,9 +1207,10 @@ async fn failing_instances_leave_the_rotation_and_come_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_pulls_the_image_from_its_registry() {
     let system = unique("agent-pull");
+    let mut images = ImageGuard::new();
+    // Declared after the images: dropped first, so the images are no longer in use.
     let _containers = Containers(system.clone());
     let registry = stretch_test::Registry::start();
-    let mut images = ImageGuard::new();
     let local = format!("{system}:v1");
     app_image(&mut images, &local, "v1");
     let remote = format!("{}/{system}/web:r1", registry.addr);
