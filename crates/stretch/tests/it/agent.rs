@@ -617,6 +617,57 @@ async fn wrong_or_missing_token_is_401_and_changes_nothing() {
     );
 }
 
+/// An image whose `/cgi-bin/slow` answers `slow TEXT` after 6 s.
+fn slow_request_image(images: &mut ImageGuard, tag: &str, text: &str) {
+    build_image(
+        images,
+        tag,
+        &format!(
+            "RUN mkdir -p /www/cgi-bin && echo {text} > /www/index.html\n\
+             RUN printf '#!/bin/sh\\nsleep 6\\necho Content-Type: text/plain\\necho\\necho slow {text}\\n' \
+             > /www/cgi-bin/slow && chmod +x /www/cgi-bin/slow\n\
+             CMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]"
+        ),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_finishes_before_its_instance_stops() {
+    let system = unique("agent-slow");
+    let mut images = ImageGuard::new();
+    // Declared after the images: dropped first, so the images are no longer in use.
+    let _containers = Containers(system.clone());
+    let (v1, v2) = (format!("{system}:v1"), format!("{system}:v2"));
+    slow_request_image(&mut images, &v1, "v1");
+    slow_request_image(&mut images, &v2, "v2");
+    let agent = Agent::start();
+    let client = agent.client();
+    let listen = free_port();
+    let proxy = agent.proxy(listen);
+    // The app stops fast (1 s): that must not cut a request still being answered.
+    let mut one = spec(&system, &v1, "r1", Some(listen));
+    one.stop_timeout_ms = Some(1_000);
+    deploy(&client, &one, &agent).await;
+    assert_eq!(get_ok(&proxy), "v1\n");
+
+    let slow = {
+        let proxy = proxy.clone();
+        std::thread::spawn(move || stretch_test::http_get(&proxy, "/cgi-bin/slow"))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let mut two = spec(&system, &v2, "r2", Some(listen));
+    two.stop_timeout_ms = Some(1_000);
+    deploy(&client, &two, &agent).await;
+    assert_eq!(get_ok(&proxy), "v2\n");
+    let answer = slow.join().unwrap().map_err(|e| e.to_string());
+    assert_eq!(
+        answer,
+        Ok((200, "slow v1\n".to_string())),
+        "{}",
+        agent.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switch_without_downtime_rollback_and_delete() {
     let system = unique("agent-switch");
