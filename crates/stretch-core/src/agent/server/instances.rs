@@ -19,6 +19,10 @@ const LOG_TAIL: usize = 20;
 /// Default `docker stop` grace period when the node declares no `stop_timeout`.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The first pause between health checks of a starting instance; it doubles up to the
+/// node's `interval`.
+const STARTING_PAUSE: Duration = Duration::from_millis(50);
+
 /// The labels every container of a group carries (SPEC §8, plus ours).
 pub fn labels(agent_id: &str, spec: &GroupSpec, index: u32) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -178,6 +182,9 @@ impl Instances<'_> {
     ) -> Result<()> {
         let interval = Duration::from_millis(spec.health.interval_ms.max(50));
         let attempt = health::attempt_timeout(&spec.health);
+        // A starting app is checked early and then less often, up to `interval`: the
+        // switch should not wait a whole interval for an app that is up in 200 ms.
+        let mut pause = STARTING_PAUSE.min(interval);
         let mut runs = 0;
         loop {
             let running = self
@@ -203,6 +210,8 @@ impl Instances<'_> {
                     if runs >= 2 {
                         return Ok(());
                     }
+                    // A worker is healthy once it has run for one whole interval.
+                    pause = interval;
                     "its container had not run for one interval yet".to_string()
                 }
             };
@@ -216,7 +225,8 @@ impl Instances<'_> {
                     .await);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            tokio::time::sleep(interval.min(left)).await;
+            tokio::time::sleep(pause.min(left)).await;
+            pause = (pause * 2).min(interval);
         }
     }
 
