@@ -156,6 +156,20 @@ impl Hammer {
         Hammer { stop, threads }
     }
 
+    /// Stop, and fail the test if any request failed.
+    #[track_caller]
+    pub fn finish_without_failures(self) -> Tally {
+        let tally = self.finish();
+        let (requests, failures, _) = &tally;
+        assert!(
+            failures.is_empty(),
+            "{} of {requests} failed, e.g. {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+        tally
+    }
+
     pub fn finish(self) -> Tally {
         self.stop.store(true, Ordering::Relaxed);
         let mut total = (0, Vec::new(), std::collections::BTreeSet::new());
@@ -330,13 +344,7 @@ fn unhealthy_release_switches_back_and_keeps_serving() {
     w.ctx
         .run(&["deploy", "production", &r2])
         .fails(1, &["change release failed", "host `h1`", "switched back"]);
-    let (requests, failures, _) = hammer.finish();
-    assert!(
-        failures.is_empty(),
-        "{} of {requests} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(3)]
-    );
+    hammer.finish_without_failures();
     w.assert_serving(&r1);
     let status = w.ctx.run(&["status", "production", "--json"]).ok().json();
     assert_eq!(status["release"], r1.as_str());
