@@ -116,7 +116,11 @@ pub async fn build_all(
                     _ => dockerfile_text.clone(),
                 };
                 let mut build_args = BTreeMap::new();
-                if let Some(b) = &base_ref {
+                // Only when the Dockerfile reads it: an unused build-arg makes the
+                // engine print a warning into every build log.
+                if let Some(b) = &base_ref
+                    && dockerfile_text.contains("STRETCH_BASE_IMAGE")
+                {
                     build_args.insert("STRETCH_BASE_IMAGE".to_string(), b.clone());
                 }
                 let mut labels = BTreeMap::new();
