@@ -28,15 +28,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
 
 /// The token from `--token-file`, else `STRETCH_AGENT_TOKEN`; never empty.
 fn token(args: &AgentArgs) -> Result<String> {
-    let token = match &args.token_file {
-        Some(path) => std::fs::read_to_string(path).map_err(|e| {
-            Error::invalid(format!(
-                "cannot read the token file `{}`: {e}",
-                path.display()
-            ))
-        })?,
-        None => std::env::var(TOKEN_ENV).unwrap_or_default(),
-    };
+    let token = super::token_text(args.token_file.as_deref(), TOKEN_ENV)?;
     let token = token.trim().to_string();
     if token.is_empty() {
         let source = match &args.token_file {

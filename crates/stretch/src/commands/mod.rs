@@ -76,3 +76,16 @@ pub fn open_store_if_any(settings: &Settings) -> Result<Option<Store>> {
     }
     open_home(settings).map(|(_, s)| Some(s))
 }
+
+/// The text of a token file, else of the environment variable `env` (empty if unset).
+fn token_text(file: Option<&Path>, env: &str) -> Result<String> {
+    match file {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| {
+            stretch_core::Error::invalid(format!(
+                "cannot read the token file `{}`: {e}",
+                path.display()
+            ))
+        }),
+        None => Ok(std::env::var(env).unwrap_or_default()),
+    }
+}

@@ -23,15 +23,7 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
 
 /// Tokens from `--token-file` (one a line), else `STRETCH_SERVER_TOKEN`; at least one.
 fn tokens(args: &ServeArgs) -> Result<Vec<String>> {
-    let text = match &args.token_file {
-        Some(path) => std::fs::read_to_string(path).map_err(|e| {
-            Error::invalid(format!(
-                "cannot read the token file `{}`: {e}",
-                path.display()
-            ))
-        })?,
-        None => std::env::var(TOKEN_ENV).unwrap_or_default(),
-    };
+    let text = super::token_text(args.token_file.as_deref(), TOKEN_ENV)?;
     let tokens: Vec<String> = text
         .lines()
         .map(str::trim)
