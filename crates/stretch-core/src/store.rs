@@ -60,7 +60,7 @@ CREATE TABLE IF NOT EXISTS releases (
 CREATE TABLE IF NOT EXISTS runs (
   id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, environment TEXT,
   release TEXT, existing_release TEXT, status TEXT NOT NULL,
-  started_at TEXT NOT NULL, ended_at TEXT, pid INTEGER);
+  started_at TEXT NOT NULL, ended_at TEXT, pid INTEGER, origin TEXT);
 CREATE TABLE IF NOT EXISTS log_lines (
   run INTEGER NOT NULL, seq INTEGER NOT NULL, at TEXT NOT NULL, stage TEXT NOT NULL,
   text TEXT NOT NULL, PRIMARY KEY (run, seq));
@@ -70,6 +70,45 @@ CREATE TABLE IF NOT EXISTS environments (
 CREATE TABLE IF NOT EXISTS images (
   input_digest TEXT PRIMARY KEY, image_id TEXT NOT NULL, created_at TEXT NOT NULL);
 ";
+
+/// Where this process runs: the kernel's boot id and our pid namespace. Another
+/// process can check a run's pid only if it runs in the same place (a run started in a
+/// container, or before a reboot, is never judged from here).
+fn origin() -> Option<&'static str> {
+    static ORIGIN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ORIGIN
+        .get_or_init(|| {
+            let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+            let ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+            Some(format!("{} {}", boot.trim(), ns.display()))
+        })
+        .as_deref()
+}
+
+/// Whether the process `pid` that started a run from `origin` has certainly ended.
+fn process_gone(pid: u32, origin: Option<&str>) -> bool {
+    let here = self::origin();
+    here.is_some()
+        && origin == here
+        && pid != std::process::id()
+        && !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Append a line to a run's log (its `seq` is the next one).
+fn insert_line(
+    c: &Connection,
+    run: i64,
+    at: &str,
+    stage: &str,
+    text: &str,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO log_lines (run, seq, at, stage, text)
+         VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM log_lines WHERE run = ?1), ?2, ?3, ?4)",
+        params![run, at, stage, text],
+    )
+    .map(|_| ())
+}
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store> {
@@ -81,6 +120,19 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(db_error)?;
         conn.execute_batch(SCHEMA).map_err(db_error)?;
+        // Homes made before runs recorded their origin.
+        let has_origin: bool = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('runs') WHERE name = 'origin'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(db_error)?
+            > 0;
+        if !has_origin {
+            conn.execute_batch("ALTER TABLE runs ADD COLUMN origin TEXT")
+                .map_err(db_error)?;
+        }
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -184,8 +236,8 @@ impl Store {
     ) -> Result<i64> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO runs (kind, environment, release, existing_release, status, started_at, pid) VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6)",
-                params![kind, environment, release, existing, now_rfc3339(), std::process::id()],
+                "INSERT INTO runs (kind, environment, release, existing_release, status, started_at, pid, origin) VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7)",
+                params![kind, environment, release, existing, now_rfc3339(), std::process::id(), origin()],
             )?;
             Ok(c.last_insert_rowid())
         })
@@ -222,15 +274,16 @@ impl Store {
         })
     }
 
-    /// Runs, newest first; only those of `environment` when given.
+    /// Runs, newest first; only those of `environment` when given. A run still marked
+    /// running whose process is gone (killed, crashed) is marked failed on the way.
     pub fn runs(&self, environment: Option<&str>) -> Result<Vec<RunRecord>> {
-        self.with(|c| {
+        let rows = self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT id, kind, environment, release, existing_release, status, started_at, ended_at FROM runs
+                "SELECT id, kind, environment, release, existing_release, status, started_at, ended_at, pid, origin FROM runs
                  WHERE ?1 IS NULL OR environment = ?1 ORDER BY id DESC",
             )?;
             let rows = stmt.query_map([environment], |row| {
-                Ok(RunRecord {
+                let run = RunRecord {
                     id: row.get(0)?,
                     kind: row.get(1)?,
                     environment: row.get(2)?,
@@ -239,9 +292,68 @@ impl Store {
                     status: row.get(5)?,
                     started_at: row.get(6)?,
                     ended_at: row.get(7)?,
-                })
+                };
+                let owner: (Option<u32>, Option<String>) = (row.get(8)?, row.get(9)?);
+                Ok((run, owner))
             })?;
-            rows.collect()
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        let mut runs = Vec::with_capacity(rows.len());
+        for (mut run, (pid, origin)) in rows {
+            if run.status == "running"
+                && let Some(pid) = pid
+                && process_gone(pid, origin.as_deref())
+            {
+                self.abandon(&mut run, pid)?;
+            }
+            runs.push(run);
+        }
+        Ok(runs)
+    }
+
+    /// Mark a running run whose process `pid` is gone as failed, saying so in its log.
+    /// One transaction: a follower that sees the run finished also sees that line.
+    fn abandon(&self, run: &mut RunRecord, pid: u32) -> Result<()> {
+        let text =
+            format!("abandoned: the process running this (pid {pid}) ended before it finished");
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let now = now_rfc3339();
+            let changed = tx.execute(
+                "UPDATE runs SET status = 'failed', ended_at = ?2 WHERE id = ?1 AND status = 'running'",
+                params![run.id, now],
+            )?;
+            if changed > 0 {
+                insert_line(&tx, run.id, &now, "", &text)?;
+            }
+            tx.commit()
+        })?;
+        if let Some(r) = self.run_row(run.id)? {
+            *run = r;
+        }
+        Ok(())
+    }
+
+    /// One run as stored, without the liveness check.
+    fn run_row(&self, id: i64) -> Result<Option<RunRecord>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, kind, environment, release, existing_release, status, started_at, ended_at FROM runs WHERE id = ?1",
+                [id],
+                |row| {
+                    Ok(RunRecord {
+                        id: row.get(0)?,
+                        kind: row.get(1)?,
+                        environment: row.get(2)?,
+                        release: row.get(3)?,
+                        existing_release: row.get(4)?,
+                        status: row.get(5)?,
+                        started_at: row.get(6)?,
+                        ended_at: row.get(7)?,
+                    })
+                },
+            )
+            .optional()
         })
     }
 
@@ -250,14 +362,7 @@ impl Store {
     }
 
     pub fn add_line(&self, run: i64, stage: &str, text: &str) -> Result<()> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO log_lines (run, seq, at, stage, text)
-                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM log_lines WHERE run = ?1), ?2, ?3, ?4)",
-                params![run, now_rfc3339(), stage, text],
-            )
-            .map(|_| ())
-        })
+        self.with(|c| insert_line(c, run, &now_rfc3339(), stage, text))
     }
 
     /// Log lines of a run after `after` (a seq), in order.
@@ -374,6 +479,43 @@ impl Sink for RunSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_whose_process_is_gone_is_marked_failed() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::open(&t.path().join("db")).unwrap();
+        let ours = s.start_run("build", None, None, None).unwrap();
+        let dead = s.start_run("deploy", Some("prod"), None, None).unwrap();
+        let elsewhere = s.start_run("deploy", Some("prod"), None, None).unwrap();
+        // A child that has exited and been reaped: its pid is free.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        s.with(|c| {
+            c.execute(
+                "UPDATE runs SET pid = ?2 WHERE id = ?1",
+                params![dead, gone],
+            )?;
+            c.execute(
+                "UPDATE runs SET pid = ?2, origin = 'another-boot' WHERE id = ?1",
+                params![elsewhere, gone],
+            )
+        })
+        .unwrap();
+        let status = |id| s.run(id).unwrap().unwrap().status;
+        assert_eq!(status(ours), "running", "our own process is alive");
+        assert_eq!(status(dead), "failed");
+        assert_eq!(
+            status(elsewhere),
+            "running",
+            "not judged from another place"
+        );
+        let log = s.log(dead, 0).unwrap();
+        assert!(log[0].text.starts_with("abandoned:"), "{log:?}");
+        // Marked once: the line is not added again.
+        assert_eq!(status(dead), "failed");
+        assert_eq!(s.log(dead, 0).unwrap().len(), 1);
+    }
 
     #[test]
     fn releases_and_runs() {

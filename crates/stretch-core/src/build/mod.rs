@@ -52,6 +52,7 @@ pub async fn build(
 ) -> Result<BuildOutcome> {
     // One build at a time per home: they share the buffer folder.
     let _lock = home.lock("build", true)?;
+    sweep_unrecorded(home, store, log)?;
     let (pulled, merged) = log
         .stage("pull", async {
             let (s, h, l) = (system.clone(), home.clone(), log.clone());
@@ -116,6 +117,29 @@ pub async fn build(
             Err(e)
         }
     }
+}
+
+/// Remove what a killed build left in `releases/`: archives and configurations of no
+/// recorded release, and temp files. Runs under the build lock, so no build is writing.
+fn sweep_unrecorded(home: &Home, store: &Store, log: &Log) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(home.releases()) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let id = name
+            .strip_suffix(".tar.zst")
+            .or_else(|| name.strip_suffix(".json"));
+        let orphan = match id {
+            _ if name.starts_with('.') && name.ends_with(".tmp") => true,
+            Some(id) => store.release_by_id(id)?.is_none(),
+            None => false,
+        };
+        if orphan && std::fs::remove_file(entry.path()).is_ok() {
+            log.line(format!("removed `{name}`, left by an unfinished build"));
+        }
+    }
+    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {

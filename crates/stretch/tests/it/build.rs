@@ -346,3 +346,89 @@ fn source_ref_override_and_identical_trees() {
     ctx.run(&["build", "--source", "nope=main"])
         .fails(2, &["no source is named `nope`"]);
 }
+
+#[test]
+fn a_build_whose_process_died_shows_as_failed() {
+    use std::os::unix::process::CommandExt;
+    use std::time::{Duration, Instant};
+
+    let system = unique("abandoned");
+    let _cleanup = image_cleanup(&system);
+    let ctx = Ctx::new();
+    ctx.one_node(&system, "local");
+    ctx.write(
+        "app/stretch.yml",
+        "name: web\nplugins:\n  exec: {build: 'echo plugin-started; sleep 60'}\n",
+    );
+    // Its own process group, so that the plugin's shell goes with it.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stretch"))
+        .arg("build")
+        .current_dir(ctx.path())
+        .env_remove("STRETCH_HOME")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let group = format!("-{}", child.id());
+    let kill = || {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", "--", &group])
+            .status();
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let run = loop {
+        let history = ctx.run(&["history", "--json"]).ok().json();
+        let id = history[0]["id"].as_i64();
+        if let Some(id) = id
+            && ctx
+                .run(&["logs", &id.to_string()])
+                .ok()
+                .stdout
+                .contains("plugin-started")
+        {
+            break id;
+        }
+        if Instant::now() > deadline {
+            kill();
+            panic!("the plugin never started: {history}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        ctx.run(&["history", "--json"]).ok().json()[0]["status"],
+        "running"
+    );
+    kill();
+    let _ = child.wait();
+
+    let history = ctx.run(&["history", "--json"]).ok().json();
+    assert_eq!(history[0]["id"], run);
+    assert_eq!(history[0]["status"], "failed", "{history}");
+    let log = ctx.run(&["logs", &run.to_string()]).ok().stdout;
+    assert!(log.contains("abandoned: the process running this"), "{log}");
+    assert_eq!(
+        ctx.run(&["releases", "--json"]).ok().json(),
+        serde_json::json!([])
+    );
+
+    // What it had written is swept by the next build; only that one's release is left.
+    let files = || {
+        let mut f: Vec<String> = std::fs::read_dir(ctx.home().join("releases"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        f.sort();
+        f
+    };
+    assert_eq!(files().len(), 2, "{:?}", files());
+    ctx.write(
+        "app/stretch.yml",
+        "name: web\nplugins:\n  exec: {build: 'echo quick'}\n",
+    );
+    let id = ctx.run(&["build", "--json"]).ok().json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(files(), [format!("{id}.json"), format!("{id}.tar.zst")]);
+}
