@@ -94,6 +94,21 @@ fn process_gone(pid: u32, origin: Option<&str>) -> bool {
         && !Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// A run from a row whose first columns are `id, kind, environment, release,
+/// existing_release, status, started_at, ended_at`.
+fn run_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
+    Ok(RunRecord {
+        id: row.get(0)?,
+        kind: row.get(1)?,
+        environment: row.get(2)?,
+        release: row.get(3)?,
+        existing_release: row.get(4)?,
+        status: row.get(5)?,
+        started_at: row.get(6)?,
+        ended_at: row.get(7)?,
+    })
+}
+
 /// Append a line to a run's log (its `seq` is the next one).
 fn insert_line(
     c: &Connection,
@@ -283,18 +298,8 @@ impl Store {
                  WHERE ?1 IS NULL OR environment = ?1 ORDER BY id DESC",
             )?;
             let rows = stmt.query_map([environment], |row| {
-                let run = RunRecord {
-                    id: row.get(0)?,
-                    kind: row.get(1)?,
-                    environment: row.get(2)?,
-                    release: row.get(3)?,
-                    existing_release: row.get(4)?,
-                    status: row.get(5)?,
-                    started_at: row.get(6)?,
-                    ended_at: row.get(7)?,
-                };
                 let owner: (Option<u32>, Option<String>) = (row.get(8)?, row.get(9)?);
-                Ok((run, owner))
+                Ok((run_from_row(row)?, owner))
             })?;
             rows.collect::<rusqlite::Result<Vec<_>>>()
         })?;
@@ -340,18 +345,7 @@ impl Store {
             c.query_row(
                 "SELECT id, kind, environment, release, existing_release, status, started_at, ended_at FROM runs WHERE id = ?1",
                 [id],
-                |row| {
-                    Ok(RunRecord {
-                        id: row.get(0)?,
-                        kind: row.get(1)?,
-                        environment: row.get(2)?,
-                        release: row.get(3)?,
-                        existing_release: row.get(4)?,
-                        status: row.get(5)?,
-                        started_at: row.get(6)?,
-                        ended_at: row.get(7)?,
-                    })
-                },
+                run_from_row,
             )
             .optional()
         })
