@@ -94,6 +94,9 @@ fn process_gone(pid: u32, origin: Option<&str>) -> bool {
         && !Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// A run as stored, with the pid and origin of the process that started it.
+type StoredRun = (RunRecord, Option<u32>, Option<String>);
+
 /// A run from a row whose first columns are `id, kind, environment, release,
 /// existing_release, status, started_at, ended_at`.
 fn run_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
@@ -292,33 +295,45 @@ impl Store {
     /// Runs, newest first; only those of `environment` when given. A run still marked
     /// running whose process is gone (killed, crashed) is marked failed on the way.
     pub fn runs(&self, environment: Option<&str>) -> Result<Vec<RunRecord>> {
-        let rows = self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT id, kind, environment, release, existing_release, status, started_at, ended_at, pid, origin FROM runs
-                 WHERE ?1 IS NULL OR environment = ?1 ORDER BY id DESC",
-            )?;
-            let rows = stmt.query_map([environment], |row| {
-                let owner: (Option<u32>, Option<String>) = (row.get(8)?, row.get(9)?);
-                Ok((run_from_row(row)?, owner))
+        let rows = self.select_runs(
+            "WHERE ?1 IS NULL OR environment = ?1 ORDER BY id DESC",
+            environment,
+        )?;
+        rows.into_iter().map(|row| self.checked(row)).collect()
+    }
+
+    /// One run, checked as in [`Store::runs`].
+    pub fn run(&self, id: i64) -> Result<Option<RunRecord>> {
+        let row = self.select_runs("WHERE id = ?1", id)?.into_iter().next();
+        row.map(|row| self.checked(row)).transpose()
+    }
+
+    /// Runs as stored, with the pid and origin of the process that started each.
+    fn select_runs(&self, filter: &str, arg: impl rusqlite::ToSql) -> Result<Vec<StoredRun>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT id, kind, environment, release, existing_release, status, started_at, ended_at, pid, origin FROM runs {filter}"
+            ))?;
+            let rows = stmt.query_map([arg], |row| {
+                Ok((run_from_row(row)?, row.get(8)?, row.get(9)?))
             })?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()
-        })?;
-        let mut runs = Vec::with_capacity(rows.len());
-        for (mut run, (pid, origin)) in rows {
-            if run.status == "running"
-                && let Some(pid) = pid
-                && process_gone(pid, origin.as_deref())
-            {
-                self.abandon(&mut run, pid)?;
+            rows.collect()
+        })
+    }
+
+    /// The run, marked failed first if it is running but its process is gone.
+    fn checked(&self, (run, pid, origin): StoredRun) -> Result<RunRecord> {
+        match pid {
+            Some(pid) if run.status == "running" && process_gone(pid, origin.as_deref()) => {
+                self.abandon(run, pid)
             }
-            runs.push(run);
+            _ => Ok(run),
         }
-        Ok(runs)
     }
 
     /// Mark a running run whose process `pid` is gone as failed, saying so in its log.
     /// One transaction: a follower that sees the run finished also sees that line.
-    fn abandon(&self, run: &mut RunRecord, pid: u32) -> Result<()> {
+    fn abandon(&self, run: RunRecord, pid: u32) -> Result<RunRecord> {
         let text =
             format!("abandoned: the process running this (pid {pid}) ended before it finished");
         self.with(|c| {
@@ -333,26 +348,12 @@ impl Store {
             }
             tx.commit()
         })?;
-        if let Some(r) = self.run_row(run.id)? {
-            *run = r;
-        }
-        Ok(())
-    }
-
-    /// One run as stored, without the liveness check.
-    fn run_row(&self, id: i64) -> Result<Option<RunRecord>> {
-        self.with(|c| {
-            c.query_row(
-                "SELECT id, kind, environment, release, existing_release, status, started_at, ended_at FROM runs WHERE id = ?1",
-                [id],
-                run_from_row,
-            )
-            .optional()
-        })
-    }
-
-    pub fn run(&self, id: i64) -> Result<Option<RunRecord>> {
-        Ok(self.runs(None)?.into_iter().find(|r| r.id == id))
+        // As stored now (another reader may have marked it first).
+        let row = self
+            .select_runs("WHERE id = ?1", run.id)?
+            .into_iter()
+            .next();
+        Ok(row.map_or(run, |(r, _, _)| r))
     }
 
     pub fn add_line(&self, run: i64, stage: &str, text: &str) -> Result<()> {
