@@ -29,12 +29,17 @@ fn web(w: &World, hosts: &str, extra: &str) -> String {
     )
 }
 
+/// Puts the rendered page in place atomically: a plain `cp` truncates the file that
+/// httpd is serving, which answers some requests with a short body.
+const INSTALL_PAGE: &str =
+    "cp /stretch/templates/index.html /www/.new && mv /www/.new /www/index.html";
+
 /// A world whose node reloads by copying its rendered page into place.
 fn reloading_world(prefix: &str, hosts: usize) -> World {
     let w = World::new(prefix, hosts, false);
     w.ctx.write(
         "app/container.yml",
-        "port: 8080\nhealth: {path: /health.txt, interval: 100ms, timeout: 8s}\nstop_timeout: 1s\nreload: [sh, -c, 'grep -qx ok /stretch/templates/mode && cp /stretch/templates/index.html /www/']\n",
+        format!("port: 8080\nhealth: {{path: /health.txt, interval: 100ms, timeout: 8s}}\nstop_timeout: 1s\nreload: [sh, -c, 'grep -qx ok /stretch/templates/mode && {INSTALL_PAGE}']\n"),
     );
     w.ctx.write(
         "app/templates/mode.jinja",
@@ -170,7 +175,7 @@ fn reload_signal_reloads_in_place() {
     w.ctx.write(
         "app/Dockerfile",
         format!(
-            "{}COPY www/ /www/\nCMD [\"sh\", \"-c\", \"cp /stretch/templates/index.html /www/; httpd -f -p 8080 -h /www & p=$!; trap 'cp /stretch/templates/index.html /www/' HUP; trap 'kill $p; exit 0' TERM; while kill -0 $p; do wait $p; done\"]\n",
+            "{}COPY www/ /www/\nCMD [\"sh\", \"-c\", \"{INSTALL_PAGE}; httpd -f -p 8080 -h /www & p=$!; trap '{INSTALL_PAGE}' HUP; trap 'kill $p; exit 0' TERM; while kill -0 $p; do wait $p; done\"]\n",
             from_base(&w.system)
         ),
     );
