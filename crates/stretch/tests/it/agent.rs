@@ -218,8 +218,16 @@ impl Drop for Agent {
 
 /// Build `tag` from the base image plus `body` (Dockerfile lines).
 fn build_image(images: &mut ImageGuard, tag: &str, body: &str) {
+    build_image_with(images, tag, body, &[]);
+}
+
+/// [`build_image`] with `files` (name, content) in the build context.
+fn build_image_with(images: &mut ImageGuard, tag: &str, body: &str, files: &[(&str, &str)]) {
     images.add(tag);
     let dir = tempfile::tempdir().unwrap();
+    for (name, content) in files {
+        write(dir.path(), name, content);
+    }
     write(
         dir.path(),
         "Dockerfile",
@@ -666,6 +674,95 @@ async fn a_slow_request_finishes_before_its_instance_stops() {
         "{}",
         agent.log()
     );
+}
+
+/// An app that answers `text` over plain HTTP and switches `GET /ws` to an echo
+/// protocol that first says `text`, as a WebSocket server switches: busybox `nc` runs
+/// the script for each connection.
+fn upgrading_app_image(images: &mut ImageGuard, tag: &str, text: &str) {
+    let script = format!(
+        "#!/bin/sh\n\
+         read -r line\n\
+         while read -r h; do [ \"${{#h}}\" -le 1 ] && break; done\n\
+         case \"$line\" in\n\
+         \"GET /ws \"*) printf 'HTTP/1.1 101 Switching Protocols\\r\\nConnection: upgrade\\r\\nUpgrade: echo\\r\\n\\r\\n{text}\\n'; exec cat;;\n\
+         *) printf 'HTTP/1.0 200 OK\\r\\nContent-Length: {}\\r\\nConnection: close\\r\\n\\r\\n{text}\\n';;\n\
+         esac\n",
+        text.len() + 1
+    );
+    build_image_with(
+        images,
+        tag,
+        "COPY serve.sh /serve.sh\nRUN chmod +x /serve.sh\nCMD [\"nc\", \"-ll\", \"-p\", \"8080\", \"-e\", \"/serve.sh\"]",
+        &[("serve.sh", &script)],
+    );
+}
+
+/// Open an upgraded (`Upgrade: echo`) connection through `proxy`; returns it with the
+/// response head and the app's first line.
+fn open_upgraded(proxy: &str) -> (TcpStream, String, String) {
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    // Everything the app sent so far was consumed by the reader; later bytes come
+    // through `s` again.
+    (s, head.to_ascii_lowercase(), first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_connections_are_tunnelled_and_end_with_their_instance() {
+    let system = unique("agent-upgrade");
+    let mut images = ImageGuard::new();
+    let _containers = Containers(system.clone());
+    let (v1, v2) = (format!("{system}:v1"), format!("{system}:v2"));
+    upgrading_app_image(&mut images, &v1, "v1");
+    upgrading_app_image(&mut images, &v2, "v2");
+    let agent = Agent::start();
+    let client = agent.client();
+    let listen = free_port();
+    let proxy = agent.proxy(listen);
+    deploy(&client, &spec(&system, &v1, "r1", Some(listen)), &agent).await;
+    assert_eq!(get_ok(&proxy), "v1\n");
+
+    let (mut tunnel, head, first) = open_upgraded(&proxy);
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("upgrade: echo") && head.contains("connection: upgrade"),
+        "{head}"
+    );
+    assert_eq!(first, "v1\n");
+    tunnel.write_all(b"ping\n").unwrap();
+    let mut echoed = [0u8; 5];
+    tunnel.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"ping\n");
+
+    // A new release: the open tunnel does not hold the drain, and it ends when its old
+    // instance stops; a new one reaches the new release.
+    deploy(&client, &spec(&system, &v2, "r2", Some(listen)), &agent).await;
+    assert!(
+        !agent.log().contains("still had requests in flight"),
+        "{}",
+        agent.log()
+    );
+    if let Err(e) = tunnel.read_to_end(&mut Vec::new()) {
+        // A timeout here means the tunnel outlived its instance.
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    }
+    let (_, head, first) = open_upgraded(&proxy);
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert_eq!(first, "v2\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,10 @@
 //!   request whose connection failed) is retried on another instance.
 //!
 //! Upstream connections are pooled and kept alive; TCP_NODELAY on both sides.
-//! WebSocket upgrades are not proxied.
+//!
+//! Upgrades (WebSocket) are tunnelled once the instance answers 101. A tunnel is not
+//! counted in flight: a drain does not wait for long-lived sockets, and stopping the
+//! old instance (SIGTERM first) ends them, so clients reconnect to the new release.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,6 +29,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -201,6 +205,7 @@ impl Proxy {
         let listener = TcpListener::bind(addr).await.map_err(|e| {
             Error::failed("agent", format!("the proxy cannot listen on {addr}: {e}"))
         })?;
+        let addr = listener.local_addr().unwrap_or(addr);
         let (shutdown, rx) = watch::channel(false);
         tokio::spawn(accept_loop(listener, pool, client, rx));
         Ok(Proxy { addr, shutdown })
@@ -243,7 +248,8 @@ async fn accept_loop(
                 async move { Ok::<_, Infallible>(forward(req, &pool, &client, peer).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
@@ -286,6 +292,24 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::TRANSFER_ENCODING);
 }
 
+/// The protocol a request asks to switch to (`Connection: upgrade` plus `Upgrade`).
+fn upgrade_wanted(headers: &HeaderMap) -> Option<HeaderValue> {
+    let listed = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    listed.then(|| headers.get(header::UPGRADE).cloned())?
+}
+
+/// Copy bytes both ways between the client's and the instance's upgraded connections.
+async fn tunnel(client: OnUpgrade, instance: OnUpgrade) {
+    if let (Ok(c), Ok(i)) = tokio::join!(client, instance) {
+        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(i)).await;
+    }
+}
+
 fn idempotent(method: &Method) -> bool {
     matches!(
         *method,
@@ -306,14 +330,22 @@ fn plain(status: StatusCode, text: &'static str) -> Response<RespBody> {
 }
 
 async fn forward(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     pool: &Pool,
     client: &UpstreamClient,
     peer: SocketAddr,
 ) -> Response<RespBody> {
+    let protocol = upgrade_wanted(req.headers());
+    let mut client_upgrade = protocol.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(p) = &protocol {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, p.clone());
+    }
     let forwarded = match parts
         .headers
         .get("x-forwarded-for")
@@ -365,7 +397,24 @@ async fn forward(
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = parts.headers.clone();
         match client.request(upstream).await {
-            Ok(resp) => {
+            Ok(mut resp) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    let Some(client_side) = client_upgrade.take() else {
+                        return plain(StatusCode::BAD_GATEWAY, "unexpected protocol switch\n");
+                    };
+                    tokio::spawn(tunnel(client_side, hyper::upgrade::on(&mut resp)));
+                    let switched = resp.headers().get(header::UPGRADE).cloned();
+                    let (mut rparts, _) = resp.into_parts();
+                    strip_hop_by_hop(&mut rparts.headers);
+                    rparts
+                        .headers
+                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    if let Some(p) = switched {
+                        rparts.headers.insert(header::UPGRADE, p);
+                    }
+                    drop(guard);
+                    return Response::from_parts(rparts, Either::Right(Full::new(Bytes::new())));
+                }
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
                 return Response::from_parts(
@@ -516,6 +565,103 @@ mod tests {
             }
         });
         port
+    }
+
+    /// An upstream that switches `Upgrade: shout` requests to a protocol answering each
+    /// read in upper case, and answers `plain` to anything else.
+    async fn shouting_upstream() -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(|mut req: Request<Incoming>| async move {
+                            if req.headers().get(header::UPGRADE).map(|v| v.as_bytes())
+                                != Some(b"shout")
+                            {
+                                return Ok::<_, Infallible>(Response::new(Full::new(
+                                    Bytes::from_static(b"plain"),
+                                )));
+                            }
+                            let on = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                let mut io = TokioIo::new(on.await.unwrap());
+                                let mut buf = [0u8; 64];
+                                while let Ok(n @ 1..) = io.read(&mut buf).await {
+                                    io.write_all(&buf[..n].to_ascii_uppercase()).await.unwrap();
+                                }
+                            });
+                            let mut resp = Response::new(Full::new(Bytes::new()));
+                            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                            resp.headers_mut()
+                                .insert(header::UPGRADE, HeaderValue::from_static("shout"));
+                            resp.headers_mut()
+                                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                            Ok(resp)
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn upgrades_are_tunnelled_and_do_not_hold_a_drain() {
+        let port = shouting_upstream().await;
+        let pool = Arc::new(Pool::default());
+        let instance = Upstream::new("a", port);
+        pool.replace(vec![instance.clone()]);
+        let proxy = Proxy::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            pool.clone(),
+            upstream_client(),
+        )
+        .await
+        .unwrap();
+        let addr = proxy.addr;
+        assert_ne!(addr.port(), 0, "the proxy reports the port it bound");
+        let talk = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: shout\r\n\r\n")
+                .unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut byte).unwrap();
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+            s.write_all(b"hello").unwrap();
+            let mut echoed = [0u8; 5];
+            s.read_exact(&mut echoed).unwrap();
+            (head, echoed, s)
+        });
+        let (head, echoed, stream) = talk.await.unwrap();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert!(
+            head.contains("upgrade: shout") && head.contains("connection: upgrade"),
+            "{head}"
+        );
+        assert_eq!(&echoed, b"HELLO");
+        // The open tunnel is not in flight: switching away drains at once.
+        assert_eq!(instance.in_flight(), 0);
+        let old = pool.replace(vec![]);
+        assert!(drain(&old, Duration::from_millis(100)).await);
+        drop(stream);
+
+        // A plain request on the same proxy is still plainly forwarded.
+        pool.replace(vec![instance]);
+        let (status, body) = stretch_test::http_get(&addr.to_string(), "/").unwrap();
+        assert_eq!((status, body.as_str()), (200, "plain"));
     }
 
     /// Median time of `n` GETs with a fresh connection each (HTTP/1.0).
