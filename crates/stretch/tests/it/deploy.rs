@@ -309,6 +309,23 @@ fn unreachable_agent_fails_before_switching() {
 }
 
 #[test]
+fn a_tampered_archive_fails_before_any_host_is_touched() {
+    let w = World::new("tamper", 1, false);
+    let r1 = w.build();
+    let archive = w.ctx.home().join("releases").join(format!("{r1}.tar.zst"));
+    let mut bytes = std::fs::read(&archive).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&archive, bytes).unwrap();
+    w.ctx
+        .run(&["deploy", "production"])
+        .fails(1, &["pull release", "tampered with or corrupted", &r1]);
+    assert!(AgentProc::containers(&w.system).is_empty());
+    let history = w.ctx.run(&["history", "production", "--json"]).ok().json();
+    assert_eq!(history[0]["status"], "failed");
+}
+
+#[test]
 fn wrong_token_changes_nothing() {
     let w = World::new("token", 1, false);
     w.build();
