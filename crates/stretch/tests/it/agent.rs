@@ -9,8 +9,8 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -23,7 +23,7 @@ use stretch_core::agent::api::{
 use stretch_core::agent::client::{AgentClient, AgentError};
 use stretch_test::{ImageGuard, base_image, docker, free_port, unique, write};
 
-use crate::common::loopback_ip;
+use crate::common::AgentProc;
 
 const TOKEN: &str = "s3cret-agent-token";
 
@@ -87,132 +87,6 @@ impl Drop for Containers {
                     .output();
             }
         }
-    }
-}
-
-/// A `stretch agent` child process, killed when dropped; its stderr goes to a file.
-struct Agent {
-    addr: String,
-    proxy_ip: String,
-    data_dir: PathBuf,
-    log_path: PathBuf,
-    child: Option<Child>,
-    _dir: tempfile::TempDir,
-}
-
-impl Agent {
-    fn start() -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let mut agent = Agent {
-            addr: String::new(),
-            proxy_ip: loopback_ip(),
-            data_dir: dir.path().join("data"),
-            log_path: dir.path().join("agent.log"),
-            child: None,
-            _dir: dir,
-        };
-        agent.spawn();
-        agent
-    }
-
-    /// Start the process and wait for its ready line; a new port if ours was taken.
-    fn spawn(&mut self) {
-        for _ in 0..5 {
-            if self.addr.is_empty() {
-                self.addr = format!("127.0.0.1:{}", free_port());
-            }
-            let log = std::fs::File::create(&self.log_path).unwrap();
-            let child = Command::new(env!("CARGO_BIN_EXE_stretch"))
-                .args([
-                    "agent",
-                    "--listen",
-                    &self.addr,
-                    "--proxy-bind",
-                    &self.proxy_ip,
-                ])
-                .arg("--data-dir")
-                .arg(&self.data_dir)
-                .env("STRETCH_AGENT_TOKEN", TOKEN)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("starting stretch agent");
-            self.child = Some(child);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let log = self.log();
-                if log.contains(&format!("agent listening on {}", self.addr)) {
-                    return;
-                }
-                if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                    self.child = None;
-                    if log.contains("cannot listen") {
-                        self.addr.clear();
-                        break;
-                    }
-                    panic!("the agent exited with {status}:\n{log}");
-                }
-                assert!(Instant::now() < deadline, "the agent is not ready:\n{log}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("the agent found no free port:\n{}", self.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    fn client(&self) -> AgentClient {
-        AgentClient::new(&self.addr, TOKEN)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("agent running").id()
-    }
-
-    fn agent_id(&self) -> String {
-        std::fs::read_to_string(self.data_dir.join("agent-id"))
-            .unwrap()
-            .trim()
-            .to_string()
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, and the exit status.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut c = self.child.take().expect("agent running");
-        let ok = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = c.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the agent ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// `IP:PORT` of a group proxy of this agent.
-    fn proxy(&self, listen: u16) -> String {
-        format!("{}:{listen}", self.proxy_ip)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }
 
@@ -327,7 +201,7 @@ fn switch_of(s: &GroupSpec) -> Switch {
 }
 
 /// PUT then switch; panics with the agent's log on failure.
-async fn deploy(client: &AgentClient, s: &GroupSpec, agent: &Agent) {
+async fn deploy(client: &AgentClient, s: &GroupSpec, agent: &AgentProc) {
     client
         .put_spec(s)
         .await
@@ -565,7 +439,7 @@ fn missing_token_is_a_usage_error() {
 async fn wrong_or_missing_token_is_401_and_changes_nothing() {
     let system = unique("agent-auth");
     let _containers = Containers(system.clone());
-    let agent = Agent::start();
+    let agent = AgentProc::start_env_token(TOKEN, &system);
     assert_eq!(mode(&agent.data_dir), 0o700);
 
     let wrong = AgentClient::new(&agent.addr, "not-the-token");
@@ -648,7 +522,7 @@ async fn a_slow_request_finishes_before_its_instance_stops() {
     let (v1, v2) = (format!("{system}:v1"), format!("{system}:v2"));
     slow_request_image(&mut images, &v1, "v1");
     slow_request_image(&mut images, &v2, "v2");
-    let agent = Agent::start();
+    let agent = AgentProc::start_env_token(TOKEN, &system);
     let client = agent.client();
     let listen = free_port();
     let proxy = agent.proxy(listen);
@@ -729,7 +603,7 @@ async fn upgraded_connections_are_tunnelled_and_end_with_their_instance() {
     let (v1, v2) = (format!("{system}:v1"), format!("{system}:v2"));
     upgrading_app_image(&mut images, &v1, "v1");
     upgrading_app_image(&mut images, &v2, "v2");
-    let agent = Agent::start();
+    let agent = AgentProc::start_env_token(TOKEN, &system);
     let client = agent.client();
     let listen = free_port();
     let proxy = agent.proxy(listen);
@@ -774,7 +648,7 @@ async fn switch_without_downtime_rollback_and_delete() {
     let (v1, v2) = (format!("{system}:v1"), format!("{system}:v2"));
     app_image(&mut images, &v1, "v1");
     slow_app_image(&mut images, &v2, "v2");
-    let agent = Agent::start();
+    let agent = AgentProc::start_env_token(TOKEN, &system);
     let client = agent.client();
     let listen = free_port();
     let proxy = agent.proxy(listen);
@@ -900,7 +774,7 @@ async fn unhealthy_release_fails_and_the_old_one_keeps_serving() {
         &dies,
         "CMD [\"sh\", \"-c\", \"echo boom: missing setting >&2; exit 3\"]",
     );
-    let agent = Agent::start();
+    let agent = AgentProc::start_env_token(TOKEN, &system);
     let client = agent.client();
     let listen = free_port();
     let proxy = agent.proxy(listen);
@@ -967,7 +841,7 @@ async fn templates_and_config_are_mounted_read_only() {
     let worker = format!("{system}:worker");
     app_image(&mut images, &web, "web");
     build_image(&mut images, &worker, "CMD [\"sleep\", \"3600\"]");
-    let agent = Agent::start();
+    let agent = AgentProc::start_env_token(TOKEN, &system);
     let client = agent.client();
 
     let mut s = spec(&system, &web, "r1", None);
@@ -1072,7 +946,7 @@ async fn restart_readopts_without_touching_and_removes_orphans() {
     let containers = Containers(system.clone());
     let v1 = format!("{system}:v1");
     app_image(&mut images, &v1, "v1");
-    let mut agent = Agent::start();
+    let mut agent = AgentProc::start_env_token(TOKEN, &system);
     let listen = free_port();
     let proxy = agent.proxy(listen);
     let one = spec(&system, &v1, "r1", Some(listen));
@@ -1109,7 +983,7 @@ async fn restart_readopts_without_touching_and_removes_orphans() {
     );
 
     // kill -9 while idle; an orphan appears meanwhile (and a stray folder).
-    agent.kill9();
+    agent.kill();
     assert!(TcpStream::connect(&proxy).is_err());
     let orphan = docker(&[
         "run",
@@ -1181,7 +1055,7 @@ async fn config_updates_reload_or_replace() {
         &app,
         "CMD [\"sh\", \"-c\", \"mkdir -p /www && cp /stretch/templates/* /www/ && exec httpd -f -p 8080 -h /www\"]",
     );
-    let agent = Agent::start();
+    let agent = AgentProc::start_env_token(TOKEN, &system);
     let client = agent.client();
     let listen = free_port();
     let proxy = agent.proxy(listen);
@@ -1285,7 +1159,7 @@ async fn failing_instances_leave_the_rotation_and_come_back() {
     let containers = Containers(system.clone());
     let v1 = format!("{system}:v1");
     app_image(&mut images, &v1, "v1");
-    let agent = Agent::start();
+    let agent = AgentProc::start_env_token(TOKEN, &system);
     let client = agent.client();
     let listen = free_port();
     let proxy = agent.proxy(listen);
@@ -1367,7 +1241,7 @@ async fn put_pulls_the_image_from_its_registry() {
     docker(&["push", "-q", &remote]);
     docker(&["rmi", &remote]);
 
-    let agent = Agent::start();
+    let agent = AgentProc::start_env_token(TOKEN, &system);
     let client = agent.client();
     let mut s = spec(&system, &remote, "r1", None);
     s.pull = true;

@@ -142,14 +142,19 @@ pub fn image_cleanup(system: &str) -> stretch_test::PrefixGuard {
 }
 
 /// A `stretch agent` process on loopback, killed on drop; its containers (found by the
-/// test's unique system label) are removed too.
+/// test's unique system label) are removed too. Its stderr goes to `agent.log` beside
+/// its data, for assertions and for failure messages.
 pub struct AgentProc {
     pub addr: String,
     pub proxy_ip: String,
     pub data_dir: PathBuf,
-    token_file: PathBuf,
+    token: String,
+    /// `--token-file`; `None`: the token goes in `STRETCH_AGENT_TOKEN`.
+    token_file: Option<PathBuf>,
+    log_path: PathBuf,
     child: Option<std::process::Child>,
     system: String,
+    _dir: Option<tempfile::TempDir>,
 }
 
 static NEXT_IP: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -163,26 +168,54 @@ pub fn loopback_ip() -> String {
 }
 
 impl AgentProc {
-    /// Start an agent with `token` and data in `dir`, labelled for cleanup by `system`.
+    /// Start an agent with `token` (in a token file) and data in `dir`, labelled for
+    /// cleanup by `system`.
     pub fn start(dir: &Path, token: &str, system: &str) -> AgentProc {
         std::fs::create_dir_all(dir).unwrap();
         let token_file = dir.join("token");
         std::fs::write(&token_file, token).unwrap();
+        AgentProc::launch(dir, token, Some(token_file), system, None)
+    }
+
+    /// Start an agent in a temp folder of its own, its token in `STRETCH_AGENT_TOKEN`.
+    pub fn start_env_token(token: &str, system: &str) -> AgentProc {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        AgentProc::launch(&path, token, None, system, Some(dir))
+    }
+
+    fn launch(
+        dir: &Path,
+        token: &str,
+        token_file: Option<PathBuf>,
+        system: &str,
+        owned: Option<tempfile::TempDir>,
+    ) -> AgentProc {
         let mut a = AgentProc {
-            addr: format!("127.0.0.1:{}", stretch_test::free_port()),
+            addr: String::new(),
             proxy_ip: loopback_ip(),
             data_dir: dir.join("data"),
+            token: token.to_string(),
             token_file,
+            log_path: dir.join("agent.log"),
             child: None,
             system: system.to_string(),
+            _dir: owned,
         };
         a.spawn();
         a
     }
 
-    fn spawn(&mut self) {
-        let child = Command::new(env!("CARGO_BIN_EXE_stretch"))
-            .args([
+    /// Start the process (again) and wait for its ready line; a new port if the one
+    /// picked was taken meanwhile.
+    pub fn spawn(&mut self) {
+        for _ in 0..5 {
+            if self.addr.is_empty() {
+                self.addr = format!("127.0.0.1:{}", stretch_test::free_port());
+            }
+            let log = std::fs::File::create(&self.log_path).unwrap();
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_stretch"));
+            cmd.args([
                 "agent",
                 "--listen",
                 &self.addr,
@@ -191,22 +224,63 @@ impl AgentProc {
             ])
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .arg("--token-file")
-            .arg(&self.token_file)
+            .env_remove("STRETCH_AGENT_TOKEN")
+            .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start agent");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while std::net::TcpStream::connect(&self.addr).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "agent at {} did not come up",
-                self.addr
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            .stderr(log);
+            match &self.token_file {
+                Some(f) => cmd.arg("--token-file").arg(f),
+                None => cmd.env("STRETCH_AGENT_TOKEN", &self.token),
+            };
+            self.child = Some(cmd.spawn().expect("starting stretch agent"));
+            let ready = format!("agent listening on {}", self.addr);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                let log = self.log();
+                if log.contains(&ready) {
+                    return;
+                }
+                if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                    self.child = None;
+                    if log.contains("cannot listen") {
+                        self.addr.clear();
+                        break;
+                    }
+                    panic!("the agent exited with {status}:\n{log}");
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the agent is not ready:\n{log}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
+        panic!("the agent found no free port:\n{}", self.log());
+    }
+
+    /// What the agent printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn client(&self) -> stretch_core::agent::client::AgentClient {
+        stretch_core::agent::client::AgentClient::new(&self.addr, &self.token)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    pub fn agent_id(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("agent-id"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// `IP:PORT` of a group proxy of this agent.
+    pub fn proxy(&self, listen: u16) -> String {
+        format!("{}:{listen}", self.proxy_ip)
     }
 
     /// Kill the agent hard (its instances keep running).
@@ -214,6 +288,27 @@ impl AgentProc {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("agent running");
+        let ok = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent ignored SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 
