@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
@@ -51,6 +52,50 @@ pub struct Store {
 
 fn db_error(e: rusqlite::Error) -> Error {
     Error::failed("store", format!("release store: {e}"))
+}
+
+/// How long a connection waits for another one's lock.
+const BUSY_WAIT: Duration = Duration::from_secs(10);
+
+/// Run `f` again while SQLite answers "locked" at once. It does so without waiting
+/// where waiting could deadlock: two processes switching a new file to WAL (a build
+/// creating the store while `history` opens it), or a read that turns into a write.
+fn retry_busy<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let deadline = Instant::now() + BUSY_WAIT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match f() {
+            Err(e)
+                if matches!(
+                    e.sqlite_error_code(),
+                    Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+                ) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Open (creating it if needed) and bring the schema up to date.
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_WAIT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(SCHEMA)?;
+    // Homes made before runs recorded their origin.
+    let has_origin: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('runs') WHERE name = 'origin'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )? > 0;
+    if !has_origin {
+        conn.execute_batch("ALTER TABLE runs ADD COLUMN origin TEXT")?;
+    }
+    Ok(conn)
 }
 
 const SCHEMA: &str = "
@@ -130,38 +175,18 @@ fn insert_line(
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store> {
-        let conn = Connection::open(path).map_err(db_error)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(db_error)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(db_error)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(db_error)?;
-        conn.execute_batch(SCHEMA).map_err(db_error)?;
-        // Homes made before runs recorded their origin.
-        let has_origin: bool = conn
-            .query_row(
-                "SELECT COUNT(*) FROM pragma_table_info('runs') WHERE name = 'origin'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(db_error)?
-            > 0;
-        if !has_origin {
-            conn.execute_batch("ALTER TABLE runs ADD COLUMN origin TEXT")
-                .map_err(db_error)?;
-        }
+        let conn = retry_busy(|| connect(path)).map_err(db_error)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
         })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+    fn with<T>(&self, f: impl Fn(&Connection) -> rusqlite::Result<T>) -> Result<T> {
         let conn = self
             .conn
             .lock()
             .map_err(|_| Error::failed("store", "release store lock poisoned"))?;
-        f(&conn).map_err(db_error)
+        retry_busy(|| f(&conn)).map_err(db_error)
     }
 
     pub fn insert_release(&self, r: &ReleaseRecord) -> Result<()> {
@@ -314,7 +339,7 @@ impl Store {
             let mut stmt = c.prepare(&format!(
                 "SELECT id, kind, environment, release, existing_release, status, started_at, ended_at, pid, origin FROM runs {filter}"
             ))?;
-            let rows = stmt.query_map([arg], |row| {
+            let rows = stmt.query_map([&arg], |row| {
                 Ok((run_from_row(row)?, row.get(8)?, row.get(9)?))
             })?;
             rows.collect()
@@ -510,6 +535,36 @@ mod tests {
         // Marked once: the line is not added again.
         assert_eq!(status(dead), "failed");
         assert_eq!(s.log(dead, 0).unwrap().len(), 1);
+    }
+
+    /// A build creating the store while `history` opens it (the file exists, empty):
+    /// both switch it to WAL at once, which SQLite may refuse at once with "locked".
+    #[test]
+    fn concurrent_first_opens_all_succeed() {
+        for _ in 0..40 {
+            let t = tempfile::tempdir().unwrap();
+            let path = t.path().join("db");
+            let barrier = std::sync::Barrier::new(4);
+            std::thread::scope(|scope| {
+                let opens: Vec<_> = (0..4)
+                    .map(|i| {
+                        let (path, barrier) = (&path, &barrier);
+                        scope.spawn(move || {
+                            barrier.wait();
+                            let s = Store::open(path)?;
+                            if i % 2 == 0 {
+                                s.start_run("build", None, None, None)?;
+                            }
+                            s.runs(None).map(|_| ())
+                        })
+                    })
+                    .collect();
+                for open in opens {
+                    let r = open.join().unwrap();
+                    assert!(r.is_ok(), "{r:?}");
+                }
+            });
+        }
     }
 
     #[test]

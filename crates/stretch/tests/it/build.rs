@@ -389,9 +389,15 @@ fn a_build_whose_process_died_shows_as_failed() {
         {
             break id;
         }
-        if Instant::now() > deadline {
+        let ended = history[0]["status"]
+            .as_str()
+            .is_some_and(|s| s != "running");
+        if Instant::now() > deadline || ended {
             kill();
-            panic!("the plugin never started: {history}");
+            let log = id
+                .map(|id| ctx.run(&["logs", &id.to_string()]).stdout)
+                .unwrap_or_default();
+            panic!("the plugin never started: {history}\n{log}");
         }
         std::thread::sleep(Duration::from_millis(200));
     };
