@@ -489,7 +489,8 @@ mod tests {
         let out = docker
             .exec(
                 &id,
-                &sh("cat /stretch/index.html; echo \" $GREETING\"; echo oops >&2; exit 3"),
+                // One write to stdout: stdout and stderr arrive in either order.
+                &sh("echo \"$(cat /stretch/index.html) $GREETING\"; echo oops >&2; exit 3"),
             )
             .await
             .unwrap();
