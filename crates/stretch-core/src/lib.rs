@@ -9,6 +9,7 @@ pub mod docker;
 pub mod error;
 pub mod home;
 pub mod log;
+pub mod net;
 pub mod plugin;
 pub mod release;
 pub mod secrets;
