@@ -81,7 +81,7 @@ pub enum Command {
         /// Where to write it (default: the current folder).
         dir: Option<PathBuf>,
     },
-    /// Run the agent daemon that manages this host's instances (SPEC §8).
+    /// Run the agent daemon that manages this host's instances, over HTTPS.
     Agent(AgentArgs),
     /// Serve the HTTP API and the web view over this home folder (SPEC §9).
     Serve(ServeArgs),
@@ -142,9 +142,13 @@ pub enum SecretsCommand {
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// Address the agent's API listens on, `HOST:PORT`.
-    #[arg(long, value_name = "ADDR")]
-    pub listen: String,
+    /// Address the agent's API (HTTPS) listens on, `HOST:PORT`.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        required_unless_present = "print_fingerprint"
+    )]
+    pub listen: Option<String>,
     /// Where the agent keeps its state and instance files (created, mode 0700).
     #[arg(long, value_name = "DIR")]
     pub data_dir: PathBuf,
@@ -154,6 +158,16 @@ pub struct AgentArgs {
     /// Address the group proxies listen on.
     #[arg(long, value_name = "IP", default_value = "0.0.0.0")]
     pub proxy_bind: std::net::IpAddr,
+    /// Print the agent's certificate fingerprint (`sha256:…`, making its key if there is
+    /// none) and exit; pin it as the host's `fingerprint:` in system.yml.
+    #[arg(long)]
+    pub print_fingerprint: bool,
+    /// Serve this certificate (PEM, leaf first) instead of the agent's own.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of `--tls-cert` (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -21,6 +21,9 @@
 //! * `DELETE` stops the group's instances and closes its proxy.
 //!
 //! Errors are a status code and an [`ErrorBody`]; 401 for a missing or wrong token.
+//!
+//! The transport is TLS only (the agent's own certificate, pinned by the controller:
+//! see [`crate::agent::trust`]); failed authentications are slowed per client address.
 
 use std::collections::BTreeMap;
 
@@ -85,6 +88,9 @@ pub struct GroupSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reload_signal: Option<String>,
     pub stop_timeout_ms: Option<u64>,
+    /// How long the proxy waits for an instance's response head (default 60 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_timeout_ms: Option<u64>,
     /// The node's configuration tree, written to `/stretch/config.json`.
     pub config: serde_json::Value,
     /// A hash of `config` and `templates`: what the instances were given.

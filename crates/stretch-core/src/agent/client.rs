@@ -1,9 +1,12 @@
 //! Client of the agent protocol (used by the deploy step): one [`AgentClient`] per
-//! host, JSON over HTTP/1.1 with the bearer token, pooled connections.
+//! host, JSON over HTTP/1.1 over TLS with the bearer token. The agent's certificate is
+//! checked before the first byte of a request is sent ([`crate::net::tls::PeerCheck`],
+//! what to expect from [`super::trust`]); connections are kept and reused, so a
+//! deploy makes one TLS handshake per agent.
 //!
 //! Errors say which agent and what kind of failure ([`AgentError`]): unreachable
-//! (refused, timed out, hung up), the token rejected, the agent's own error message, or
-//! an answer that is not the protocol.
+//! (refused, timed out, hung up), a certificate refused, the token rejected, the
+//! agent's own error message, or an answer that is not the protocol.
 //!
 //! Timeouts: connecting 3 s; `state` 30 s; `PUT` 15 min (the agent pulls the image);
 //! `switch` and `config` the group's health timeout + its drain and stop bounds + 60 s
@@ -16,6 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode, header};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -23,6 +27,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::api::{AgentState, ErrorBody, GroupKey, GroupSpec, GroupStatus, Prepared, Switch};
+use super::trust::Basis;
+use crate::net::tls::{Expect, PeerCheck, Refusal};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const STATE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -31,6 +37,8 @@ const DEFAULT_SWITCH_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 const DELETE_TIMEOUT: Duration = Duration::from_secs(3 * 60);
 /// Slack on top of what a switch may legitimately take.
 const SLACK: Duration = Duration::from_secs(60);
+/// Kept below the agent's idle bound (90 s), so the client, not the agent, closes.
+const POOL_IDLE: Duration = Duration::from_secs(80);
 
 /// What went wrong talking to an agent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,6 +59,56 @@ pub enum AgentError {
     /// The answer is not what the protocol says.
     #[error("agent at {addr} answered unexpectedly: {message}")]
     Protocol { addr: String, message: String },
+    /// The agent's certificate is not the one trusted for it; nothing was sent.
+    #[error("{}", identity_message(.0))]
+    Identity(Box<IdentityRefused>),
+}
+
+/// An agent's certificate refused: which host, why, and what was trusted instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityRefused {
+    pub name: String,
+    pub addr: String,
+    pub refusal: Refusal,
+    pub basis: Basis,
+}
+
+fn identity_message(r: &IdentityRefused) -> String {
+    let (name, addr, refusal, basis) = (&r.name, &r.addr, &r.refusal, &r.basis);
+    let who = if name == addr {
+        format!("agent at {addr}")
+    } else {
+        format!("host `{name}`: agent at {addr}")
+    };
+    match refusal {
+        Refusal::Mismatch {
+            expected,
+            presented,
+        } => {
+            let source = match basis {
+                Basis::Pinned => "pinned for it (`fingerprint:` in system.yml)".to_string(),
+                Basis::Known { file, .. } => {
+                    format!(
+                        "recorded for it in `{}` at the first contact",
+                        file.display()
+                    )
+                }
+                Basis::Ca(_) => "expected".to_string(),
+            };
+            format!(
+                "{who} presented certificate {presented}, but {expected} is {source}; refused before sending anything"
+            )
+        }
+        Refusal::Untrusted { presented, reason } => {
+            let ca = match basis {
+                Basis::Ca(path) => format!("`agent_ca` `{}`", path.display()),
+                _ => "the trusted authorities".to_string(),
+            };
+            format!(
+                "{who} presented a certificate ({presented}) that {ca} does not vouch for ({reason}); refused before sending anything"
+            )
+        }
+    }
 }
 
 impl From<AgentError> for crate::Error {
@@ -63,6 +121,14 @@ impl From<AgentError> for crate::Error {
                 "the environment's token (`agent_token_file` or STRETCH_AGENT_TOKEN) must be the agent's"
                     .to_string(),
             ),
+            AgentError::Identity(r) => Some(match &r.basis {
+                Basis::Pinned => "if that agent's key was replaced on purpose, pin its new fingerprint (on the host: `stretch agent --data-dir DIR --print-fingerprint`); otherwise something is intercepting the connection".to_string(),
+                Basis::Known { file, .. } => format!(
+                    "if that agent's key was replaced on purpose, delete its line from `{}` (or pin its new `fingerprint:`); otherwise something is intercepting the connection",
+                    file.display()
+                ),
+                Basis::Ca(_) => "the agent's certificate must be signed by that CA and name the address the controller uses (an IP or DNS subject alternative name)".to_string(),
+            }),
             _ => None,
         };
         crate::Error::Failed {
@@ -76,9 +142,13 @@ impl From<AgentError> for crate::Error {
 /// A client of one agent. Cheap to clone (clones share connections).
 #[derive(Clone)]
 pub struct AgentClient {
+    /// The host's name in system.yml (or the address), for messages.
+    name: String,
     addr: String,
     authorization: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    check: Arc<PeerCheck>,
+    basis: Basis,
     /// Per group, how long a switch may take (from the last spec sent).
     switch_timeouts: Arc<Mutex<HashMap<GroupKey, Duration>>>,
 }
@@ -93,26 +163,79 @@ impl std::fmt::Debug for AgentClient {
 }
 
 impl AgentClient {
-    /// A client of the agent at `addr` (`host:port`) using `token`.
-    pub fn new(addr: &str, token: &str) -> AgentClient {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        connector.set_nodelay(true);
+    /// A client of host `name`'s agent at `addr` (`host:port`) using `token`, trusting
+    /// the certificate `expect` says (`basis`: why, for messages).
+    pub fn new(
+        name: &str,
+        addr: &str,
+        token: &str,
+        expect: Expect,
+        basis: Basis,
+    ) -> Result<AgentClient, AgentError> {
+        let protocol = |message: String| AgentError::Protocol {
+            addr: addr.to_string(),
+            message,
+        };
+        let check = PeerCheck::new(expect).map_err(|e| protocol(e.to_string()))?;
+        let tls = check.client_config().map_err(|e| protocol(e.to_string()))?;
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(20))
+            .pool_idle_timeout(POOL_IDLE)
             .build(connector);
-        AgentClient {
+        Ok(AgentClient {
+            name: name.to_string(),
             addr: addr.to_string(),
             authorization: format!("Bearer {token}"),
             client,
+            check,
+            basis,
             switch_timeouts: Arc::default(),
-        }
+        })
+    }
+
+    /// A client that trusts only the certificate with `fingerprint` (tests, tools).
+    pub fn pinned(addr: &str, token: &str, fingerprint: &str) -> Result<AgentClient, AgentError> {
+        AgentClient::new(
+            addr,
+            addr,
+            token,
+            Expect::Pinned(fingerprint.to_string()),
+            Basis::Pinned,
+        )
     }
 
     /// The agent's address, as given.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// The host's name in system.yml.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Why this agent's certificate is trusted.
+    pub fn basis(&self) -> &Basis {
+        &self.basis
+    }
+
+    /// The fingerprint the agent presented at the last handshake, if any.
+    pub fn presented(&self) -> Option<String> {
+        self.check.seen()
+    }
+
+    /// How many full TLS handshakes this client made.
+    pub fn handshakes(&self) -> usize {
+        self.check.handshakes()
     }
 
     /// `GET /v1/state`.
@@ -210,7 +333,7 @@ impl AgentClient {
         };
         let mut req = Request::builder()
             .method(method)
-            .uri(format!("http://{}{path}", self.addr))
+            .uri(format!("https://{}{path}", self.addr))
             .header(header::AUTHORIZATION, &self.authorization)
             .header(header::ACCEPT, "application/json");
         if body.is_some() {
@@ -227,7 +350,15 @@ impl AgentClient {
                 .client
                 .request(req)
                 .await
-                .map_err(|e| unreachable(chain(&e)))?;
+                .map_err(|e| match self.check.refusal() {
+                    Some(refusal) => AgentError::Identity(Box::new(IdentityRefused {
+                        name: self.name.clone(),
+                        addr: self.addr.clone(),
+                        refusal,
+                        basis: self.basis.clone(),
+                    })),
+                    None => unreachable(chain(&e)),
+                })?;
             let status = resp.status();
             let bytes = resp
                 .into_body()
@@ -292,7 +423,8 @@ mod tests {
     async fn unreachable_agent_is_named() {
         let port = stretch_test::free_port();
         let addr = format!("127.0.0.1:{port}");
-        let client = AgentClient::new(&addr, "t");
+        let fp = format!("sha256:{}", "0".repeat(64));
+        let client = AgentClient::pinned(&addr, "t", &fp).unwrap();
         let err = client.state().await.unwrap_err();
         assert!(matches!(err, AgentError::Unreachable { .. }), "{err:?}");
         let text = err.to_string();

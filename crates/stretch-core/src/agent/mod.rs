@@ -3,4 +3,6 @@
 
 pub mod api;
 pub mod client;
+pub mod fleet;
 pub mod server;
+pub mod trust;

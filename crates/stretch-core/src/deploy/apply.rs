@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::buffers::Buffers;
 use super::specs::{self, HostGroup};
 use crate::agent::api::GroupSpec;
-use crate::agent::client::AgentClient;
+use crate::agent::fleet::{Fleet, prefixed};
 use crate::home::Home;
 use crate::log::Log;
 use crate::store::{EnvironmentRecord, RunSink, Store};
@@ -319,8 +319,9 @@ pub async fn apply(
         store: store.clone(),
         run,
     }));
+    let fleet = Fleet::new(system, &req.environment, env, home, &token)?;
     let result = log
-        .stage("apply", converge(&plan, &old_specs, &targets, &token, &log))
+        .stage("apply", converge(&plan, &old_specs, &targets, &fleet, &log))
         .await;
     let (converged, failures) = match &result {
         Ok(r) => r.clone(),
@@ -363,18 +364,27 @@ async fn converge(
     plan: &Plan,
     old_specs: &BTreeMap<String, GroupSpec>,
     targets: &[HostGroup],
-    token: &str,
+    fleet: &Fleet,
     log: &Log,
 ) -> Result<(BTreeMap<String, GroupSpec>, Vec<String>)> {
     let new_by_id: BTreeMap<String, &HostGroup> = targets.iter().map(|t| (t.id(), t)).collect();
     if plan.actions.is_empty() {
         log.line("every host is up to date");
     }
+    // Every agent involved is checked before any of them is changed.
+    let mut hosts: BTreeMap<&str, &str> = BTreeMap::new();
+    for a in &plan.actions {
+        hosts.insert(a.host.as_str(), a.agent.as_str());
+    }
+    fleet.connect(hosts, "apply", log).await?;
     let calls = plan.actions.iter().map(|a| {
         let new = new_by_id.get(&a.target).map(|t| t.spec.clone());
         let old = old_specs.get(&a.target).cloned();
         async move {
-            let client = AgentClient::new(&a.agent, token);
+            let client = match fleet.client(&a.host, &a.agent) {
+                Ok(c) => c,
+                Err(e) => return (a, Err(e)),
+            };
             let r = match (a.kind, new, old) {
                 (ActionKind::Start, Some(spec), _) => super::put_and_switch(&client, &spec).await,
                 (ActionKind::Replace, Some(mut spec), _) => {
@@ -408,10 +418,7 @@ async fn converge(
                     None => specs.remove(&a.target),
                 };
             }
-            Err(e) => failures.push(format!(
-                "host `{}` ({}), group `{}`: {e}",
-                a.host, a.agent, a.group
-            )),
+            Err(e) => failures.push(format!("{}, group `{}`", prefixed(&a.host, &e), a.group)),
         }
     }
     for f in &failures {

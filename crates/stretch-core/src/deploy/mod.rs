@@ -14,7 +14,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::agent::api::{GroupKey, GroupSpec, Switch};
-use crate::agent::client::AgentClient;
+use crate::agent::client::{AgentClient, AgentError};
+use crate::agent::fleet::{Fleet, prefixed};
 use crate::home::Home;
 use crate::log::Log;
 use crate::plugin::{self, Facts, Hook, ReleaseFacts};
@@ -238,14 +239,18 @@ async fn execute(
     let env = environment(system, &plan.env_name)?;
     let buffers = buffers::Buffers::new(home, &plan.env_name);
     let new_config = release_config(home, &plan.release.id)?;
+    let fleet = Fleet::new(system, &plan.env_name, env, home, &plan.token)?;
 
-    // 1. Pull release.
+    // 1. Pull release, and make sure of every agent before anything runs anywhere:
+    //    a refused certificate or an unreachable agent stops the deploy here.
     log.stage("pull release", async {
         buffers.prepare_new(home, &plan.release, &new_config, log)?;
         if let Some(x) = &plan.existing {
             let cfg = release_config(home, &x.id)?;
             buffers.ensure_existing(home, x, &cfg, log)?;
         }
+        let hosts = hosts_in_groups(env);
+        fleet.connect(hosts, "pull release", log).await?;
         Ok::<_, Error>(())
     })
     .await?;
@@ -303,7 +308,7 @@ async fn execute(
         .await?;
 
     // 4. Push specs; agents pull images.
-    log.stage("push", push(&targets, &plan.token, log)).await?;
+    log.stage("push", push(&targets, &fleet, log)).await?;
 
     // 5. Change release, batch by batch.
     let previous_specs: BTreeMap<String, GroupSpec> = plan
@@ -314,9 +319,14 @@ async fn execute(
         .unwrap_or_default();
     log.stage(
         "change release",
-        change_release(env, &targets, &previous_specs, &plan.token, log),
+        change_release(env, &targets, &previous_specs, &fleet, log),
     )
     .await?;
+    log.line(format!(
+        "agents: {} TLS handshake(s) for {} host(s)",
+        fleet.handshakes(),
+        hosts_in_groups(env).len()
+    ));
 
     // 6. Switch buffers, and record where the environment stands.
     log.stage("switch buffers", async {
@@ -363,15 +373,27 @@ async fn execute(
     .await
 }
 
-async fn push(targets: &[HostGroup], token: &str, log: &Log) -> Result<()> {
-    let calls = targets.iter().map(|t| async move {
-        let client = AgentClient::new(&t.agent, token);
-        let r = client.put_spec(&t.spec).await;
-        (t, r)
+/// Send every target its spec (agents pull images). One host's groups go one after
+/// another over its one connection; hosts go in parallel.
+async fn push(targets: &[HostGroup], fleet: &Fleet, log: &Log) -> Result<()> {
+    let mut by_host: BTreeMap<&str, Vec<&HostGroup>> = BTreeMap::new();
+    for t in targets {
+        by_host.entry(t.host.as_str()).or_default().push(t);
+    }
+    let calls = by_host.into_values().map(|ts| async move {
+        let mut out = Vec::new();
+        for t in ts {
+            let r = match fleet.client(&t.host, &t.agent) {
+                Ok(c) => c.put_spec(&t.spec).await,
+                Err(e) => Err(e),
+            };
+            out.push((t, r));
+        }
+        out
     });
     let results = futures_util::future::join_all(calls).await;
     let mut failures = Vec::new();
-    for (t, r) in results {
+    for (t, r) in results.into_iter().flatten() {
         match r {
             Ok(p) => log.line(format!(
                 "host `{}` ({}): group `{}` ready, image {}",
@@ -380,7 +402,7 @@ async fn push(targets: &[HostGroup], token: &str, log: &Log) -> Result<()> {
                 t.spec.key.group,
                 short(&p.image_id)
             )),
-            Err(e) => failures.push(format!("host `{}` ({}): {e}", t.host, t.agent)),
+            Err(e) => failures.push(prefixed(&t.host, &e)),
         }
     }
     if failures.is_empty() {
@@ -393,6 +415,15 @@ async fn push(targets: &[HostGroup], token: &str, log: &Log) -> Result<()> {
     }
 }
 
+/// `(name, address)` of every host that some group of `env` runs on.
+fn hosts_in_groups(env: &Environment) -> Vec<(&str, &str)> {
+    env.hosts
+        .iter()
+        .filter(|(name, _)| env.groups.values().any(|g| g.hosts.contains(name)))
+        .map(|(name, h)| (name.as_str(), h.agent.as_str()))
+        .collect()
+}
+
 fn short(id: &str) -> &str {
     let id = id.strip_prefix("sha256:").unwrap_or(id);
     &id[..id.len().min(12)]
@@ -400,11 +431,13 @@ fn short(id: &str) -> &str {
 
 /// Switch every group, `batch` hosts at a time; on a failure switch back every host
 /// already switched (to its previous spec, or remove the group on a first deploy).
+/// A host whose switch ended without a clean answer (timed out, connection lost after
+/// the request) may have switched: it is reconciled with the others.
 async fn change_release(
     env: &Environment,
     targets: &[HostGroup],
     previous: &BTreeMap<String, GroupSpec>,
-    token: &str,
+    fleet: &Fleet,
     log: &Log,
 ) -> Result<()> {
     let mut switched: Vec<&HostGroup> = Vec::new();
@@ -425,14 +458,18 @@ async fn change_release(
                 names.join(", ")
             ));
             let calls = chunk.iter().map(|t| async move {
-                let client = AgentClient::new(&t.agent, token);
                 let req = Switch {
                     release_id: t.spec.release.id.clone(),
                     config_version: t.spec.config_version.clone(),
                 };
-                (*t, client.switch(&t.spec.key, &req).await)
+                let r = match fleet.client(&t.host, &t.agent) {
+                    Ok(c) => c.switch(&t.spec.key, &req).await,
+                    Err(e) => Err(e),
+                };
+                (*t, r)
             });
             let mut failures = Vec::new();
+            let mut uncertain = Vec::new();
             for (t, r) in futures_util::future::join_all(calls).await {
                 match r {
                     Ok(s) => {
@@ -444,11 +481,18 @@ async fn change_release(
                         ));
                         switched.push(t);
                     }
-                    Err(e) => failures.push(format!("host `{}` ({}): {e}", t.host, t.agent)),
+                    Err(e) => {
+                        // The agent's own refusal means its old instances kept
+                        // serving; anything else leaves the outcome unknown.
+                        if !matches!(e, AgentError::Failed { .. }) {
+                            uncertain.push(t);
+                        }
+                        failures.push(prefixed(&t.host, &e));
+                    }
                 }
             }
             if !failures.is_empty() {
-                let reverted = switch_back(&switched, previous, token, log).await;
+                let reverted = switch_back(&switched, &uncertain, previous, fleet, log).await;
                 return Err(Error::failed(
                     "change release",
                     format!(
@@ -462,32 +506,73 @@ async fn change_release(
     Ok(())
 }
 
-/// Put every switched host back on its previous spec. Returns how many made it.
+/// Put every switched host back on its previous spec, and reconcile the uncertain
+/// ones. Returns how many hosts were switched back.
 async fn switch_back(
     switched: &[&HostGroup],
+    uncertain: &[&HostGroup],
     previous: &BTreeMap<String, GroupSpec>,
-    token: &str,
+    fleet: &Fleet,
     log: &Log,
 ) -> usize {
-    let calls = switched.iter().map(|t| async move {
-        let client = AgentClient::new(&t.agent, token);
-        let r = match previous.get(&t.id()) {
-            Some(old) => put_and_switch(&client, old).await,
-            None => client.remove_group(&t.spec.key).await,
+    let sure = switched.iter().map(|t| (*t, false));
+    let unsure = uncertain.iter().map(|t| (*t, true));
+    let calls = sure.chain(unsure).map(|(t, unsure)| async move {
+        let r = match fleet.client(&t.host, &t.agent) {
+            Ok(client) => match previous.get(&t.id()) {
+                Some(old) if unsure => reconcile(&client, t, old).await,
+                Some(old) => put_and_switch(&client, old).await.map(|()| true),
+                // A first deploy: the group goes (whatever state it reached).
+                None => client.remove_group(&t.spec.key).await.map(|()| true),
+            },
+            Err(e) => Err(e),
         };
-        (*t, r)
+        (t, unsure, r)
     });
     let mut ok = 0;
-    for (t, r) in futures_util::future::join_all(calls).await {
+    for (t, unsure, r) in futures_util::future::join_all(calls).await {
         match r {
-            Ok(()) => {
+            Ok(true) => {
                 ok += 1;
                 log.line(format!("host `{}`: switched back", t.host));
             }
+            Ok(false) => log.line(format!(
+                "host `{}`: still on its previous release (checked)",
+                t.host
+            )),
+            Err(e) if unsure => log.line(format!(
+                "host `{}`: could not check whether it switched: {e}",
+                t.host
+            )),
             Err(e) => log.line(format!("host `{}`: could not switch back: {e}", t.host)),
         }
     }
     ok
+}
+
+/// A host whose switch to `t`'s spec ended without an answer: once any operation on
+/// the group is over (putting `old` waits for it), ask what it runs, and switch it back
+/// if it runs the new spec. Whether it had to be switched back.
+async fn reconcile(
+    client: &AgentClient,
+    t: &HostGroup,
+    old: &GroupSpec,
+) -> std::result::Result<bool, AgentError> {
+    client.put_spec(old).await?;
+    let state = client.state().await?;
+    let runs_new = state.groups.iter().any(|g| {
+        g.key == t.spec.key
+            && g.release.as_ref().map(|r| r.id.as_str()) == Some(t.spec.release.id.as_str())
+            && g.config_version.as_deref() == Some(t.spec.config_version.as_str())
+    });
+    if runs_new {
+        let req = Switch {
+            release_id: old.release.id.clone(),
+            config_version: old.config_version.clone(),
+        };
+        client.switch(&old.key, &req).await?;
+    }
+    Ok(runs_new)
 }
 
 /// Send `spec` to an agent and make it current there.

@@ -175,6 +175,7 @@ pub fn build(
                 reload: node.reload.clone(),
                 reload_signal: node.reload_signal.clone(),
                 stop_timeout_ms: node.stop_timeout_ms,
+                response_timeout_ms: group.response_timeout().map(|d| d.as_millis() as u64),
                 config: config.clone(),
                 config_version: config_version.clone(),
                 templates: templates.clone(),

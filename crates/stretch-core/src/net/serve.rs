@@ -23,6 +23,30 @@ use tokio::sync::{Semaphore, watch};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The client's address: an extension of every request [`axum_service`] serves.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// An axum router as the service of one connection from `peer`.
+pub fn axum_service(
+    router: axum::Router,
+    peer: SocketAddr,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<axum::body::Body>,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<Response<axum::body::Body>, std::convert::Infallible>>
+             + Send
+             + 'static,
+> + Send
++ 'static {
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(Peer(peer));
+        hyper::service::Service::call(&service, req)
+    })
+}
+
 /// Bounds of one listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {

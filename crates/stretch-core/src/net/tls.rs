@@ -209,6 +209,7 @@ pub struct PeerCheck {
     provider: Arc<CryptoProvider>,
     seen: Mutex<Option<String>>,
     refusal: Mutex<Option<Refusal>>,
+    handshakes: std::sync::atomic::AtomicUsize,
 }
 
 impl PeerCheck {
@@ -228,6 +229,7 @@ impl PeerCheck {
             provider,
             seen: Mutex::new(None),
             refusal: Mutex::new(None),
+            handshakes: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 
@@ -236,20 +238,24 @@ impl PeerCheck {
         self.seen.lock().ok().and_then(|s| s.clone())
     }
 
+    /// How many certificates this check saw: full handshakes (resumed ones show none).
+    pub fn handshakes(&self) -> usize {
+        self.handshakes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Why the last refused certificate was refused.
     pub fn refusal(&self) -> Option<Refusal> {
         self.refusal.lock().ok().and_then(|s| s.clone())
     }
 
-    /// A rustls client config using this check, for HTTP/1.1.
+    /// A rustls client config using this check (no ALPN: hyper-rustls sets it).
     pub fn client_config(self: &Arc<Self>) -> Result<rustls::ClientConfig> {
-        let mut config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+        let config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::failed("tls", e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(self.clone())
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(config)
     }
 
@@ -271,6 +277,8 @@ impl ServerCertVerifier for PeerCheck {
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
         let presented = fingerprint(end_entity.as_ref());
+        self.handshakes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut seen) = self.seen.lock() {
             *seen = Some(presented.clone());
         }

@@ -43,6 +43,9 @@ pub struct Environment {
     #[serde(default)]
     pub auto_deploy: bool,
     pub agent_token_file: Option<String>,
+    /// A PEM file (relative to the system file) of the CA that signed the agents'
+    /// certificates; without it, hosts are pinned (`fingerprint`) or trusted on first use.
+    pub agent_ca: Option<String>,
     #[serde(default)]
     pub services: IndexMap<String, serde_json::Value>,
     #[serde(default)]
@@ -55,6 +58,8 @@ pub struct Environment {
 #[serde(deny_unknown_fields)]
 pub struct Host {
     pub agent: String,
+    /// The agent's certificate, pinned: `sha256:` + 64 hex digits.
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -65,6 +70,25 @@ pub struct Group {
     pub instances: Option<u32>,
     pub batch: Option<u32>,
     pub listen: Option<u16>,
+    pub proxy: Option<ProxySettings>,
+}
+
+/// How the agent's proxy treats a group's requests.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySettings {
+    /// How long the proxy waits for an instance's response head (`60s`, `2m`).
+    pub response_timeout: Option<String>,
+}
+
+impl Group {
+    /// The proxy's response timeout, if set (validated at load).
+    pub fn response_timeout(&self) -> Option<std::time::Duration> {
+        self.proxy
+            .as_ref()
+            .and_then(|p| p.response_timeout.as_deref())
+            .and_then(project::parse_duration)
+    }
 }
 
 /// A source, resolved: where it comes from and its label.
@@ -201,7 +225,30 @@ impl System {
                     None,
                 ));
             }
+            for (host_name, host) in &env.hosts {
+                if let Some(fp) = &host.fingerprint
+                    && crate::net::tls::parse_fingerprint(fp).is_none()
+                {
+                    return Err(self.error_at(
+                        fp,
+                        format!("host `{host_name}` of environment `{env_name}`: `{fp}` is not a certificate fingerprint"),
+                        Some("write `sha256:` and 64 hex digits, as `stretch agent --print-fingerprint` prints it".into()),
+                    ));
+                }
+            }
             for (group_name, group) in &env.groups {
+                if let Some(t) = group
+                    .proxy
+                    .as_ref()
+                    .and_then(|p| p.response_timeout.as_deref())
+                    && project::parse_duration(t).is_none_or(|d| d.is_zero())
+                {
+                    return Err(self.error_at(
+                        &format!("response_timeout: {t}"),
+                        format!("group `{group_name}`: `response_timeout` `{t}` is not a duration"),
+                        Some("write e.g. `500ms`, `30s` or `2m`".into()),
+                    ));
+                }
                 for h in &group.hosts {
                     if !env.hosts.contains_key(h) {
                         let known: Vec<&str> = env.hosts.keys().map(String::as_str).collect();

@@ -14,16 +14,67 @@ use crate::cli::AgentArgs;
 const TOKEN_ENV: &str = "STRETCH_AGENT_TOKEN";
 
 pub async fn run(args: AgentArgs) -> Result<()> {
+    let operator = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        (None, None) => None,
+        _ => {
+            return Err(Error::invalid(
+                "`--tls-cert` and `--tls-key` go together: give both or neither",
+            ));
+        }
+    };
+    if args.print_fingerprint {
+        let (identity, _) = server::tls_identity(&args.data_dir, operator)?;
+        println!("{}", identity.fingerprint());
+        return Ok(());
+    }
+    let Some(listen) = args.listen.clone() else {
+        return Err(Error::invalid_with_help(
+            "`stretch agent` needs `--listen ADDR`",
+            "e.g. `--listen 0.0.0.0:7420`",
+        ));
+    };
     let token = token(&args)?;
     let log = Log::new(vec![Arc::new(Stderr)]);
+    let (tls, made) = server::tls_identity(&args.data_dir, operator)?;
+    if made {
+        log.line(format!(
+            "made a TLS key and self-signed certificate in `{}`",
+            args.data_dir.join("tls").display()
+        ));
+    }
+    raise_open_files_limit(&log);
     server::run(AgentConfig {
-        listen: args.listen,
+        listen,
         data_dir: args.data_dir,
         token,
         proxy_bind: args.proxy_bind,
+        tls,
         log,
     })
     .await
+}
+
+/// Every connection costs a file descriptor and the agent's listeners are bounded by
+/// connection caps, not by the soft limit (often 1024): raise it to the hard limit.
+fn raise_open_files_limit(log: &Log) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(current), Some(max)) = (limit.current, limit.maximum) else {
+        return;
+    };
+    let want = max.min(65_536);
+    if current < want {
+        let raised = rustix::process::Rlimit {
+            current: Some(want),
+            maximum: limit.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_err() {
+            log.line(format!(
+                "warning: open files limited to {current}; connections past it are refused"
+            ));
+        }
+    }
 }
 
 /// The token from `--token-file`, else `STRETCH_AGENT_TOKEN`; never empty.

@@ -1,7 +1,7 @@
 //! `stretch deploy`, `stretch rollback` and `stretch status`.
 
 use stretch_core::Result;
-use stretch_core::agent::client::AgentClient;
+use stretch_core::agent::fleet::{Fleet, prefixed};
 use stretch_core::deploy::apply::{ActionKind, ApplyRequest};
 use stretch_core::deploy::{self, DeployRequest, Kind};
 use stretch_core::log::Log;
@@ -132,10 +132,24 @@ pub async fn status(env_name: &str, settings: &Settings, printer: &Printer) -> R
         .transpose()?
         .flatten();
     let release = record.as_ref().and_then(|r| r.release.clone());
+    let home = stretch_core::home::Home::open(&settings.home)?;
+    let fleet = Fleet::new(&system, env_name, env, &home, &token)?;
+    let log = Log::new(vec![printer.progress()]);
+    let mut states: std::collections::BTreeMap<String, _> = fleet
+        .states(
+            env.hosts
+                .iter()
+                .map(|(name, h)| (name.as_str(), h.agent.as_str())),
+            &log,
+        )
+        .await
+        .into_iter()
+        .collect();
     let mut hosts = Vec::new();
     for (host, h) in &env.hosts {
-        let client = AgentClient::new(&h.agent, &token);
-        let state = client.state().await;
+        let Some(state) = states.remove(host) else {
+            continue;
+        };
         let groups: Vec<serde_json::Value> = env
             .groups
             .iter()
@@ -162,7 +176,7 @@ pub async fn status(env_name: &str, settings: &Settings, printer: &Printer) -> R
             "host": host,
             "agent": h.agent,
             "reachable": state.is_ok(),
-            "error": state.as_ref().err().map(|e| e.to_string()),
+            "error": state.as_ref().err().map(|e| prefixed(host, e)),
             "groups": groups,
         }));
     }

@@ -113,7 +113,7 @@ pub async fn system(State(st): State<Shared>) -> ApiResult {
         .iter()
         .map(view::release_json)
         .collect();
-    let environments = view::environments(&system, &st.reader, true).await?;
+    let environments = view::environments(&system, &st.home, &st.reader, true).await?;
     Ok(Json(json!({
         "system": system.name(),
         "registry": system.spec.registry,
@@ -140,14 +140,14 @@ pub async fn release(State(st): State<Shared>, Path(key): Path<String>) -> ApiRe
 pub async fn environments(State(st): State<Shared>) -> ApiResult {
     let system = st.system()?;
     Ok(Json(json!(
-        view::environments(&system, &st.reader, true).await?
+        view::environments(&system, &st.home, &st.reader, true).await?
     )))
 }
 
 pub async fn environment(State(st): State<Shared>, Path(env): Path<String>) -> ApiResult {
     let system = st.system()?;
     Ok(Json(json!(
-        view::environment(&system, &st.reader, &env, true).await?
+        view::environment(&system, &st.home, &st.reader, &env, true).await?
     )))
 }
 

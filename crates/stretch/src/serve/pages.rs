@@ -166,7 +166,7 @@ async fn system_page(st: &Shared, caller: &Caller) -> Result<Html<String>> {
         .iter()
         .map(|r| (r.id.as_str(), r.name.as_str()))
         .collect();
-    let environments = view::environments(&system, &st.reader, true).await?;
+    let environments = view::environments(&system, &st.home, &st.reader, true).await?;
     let mut history = st.reader.runs(None)?;
     history.truncate(50);
     let history: Vec<_> = history

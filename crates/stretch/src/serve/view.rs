@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 use stretch_core::Result;
-use stretch_core::agent::client::AgentClient;
+use stretch_core::agent::fleet::{Fleet, prefixed};
 use stretch_core::deploy;
+use stretch_core::home::Home;
 use stretch_core::store::{LogLine, ReleaseRecord, RunRecord, Store};
 use stretch_core::system::System;
 
@@ -60,6 +61,7 @@ fn release_ref(store: &Store, id: Option<String>) -> Option<ReleaseRef> {
 /// One environment: where it stands, and (with `health`) what each host's agent says.
 pub async fn environment(
     system: &System,
+    home: &Home,
     store: &Store,
     name: &str,
     health: bool,
@@ -85,21 +87,38 @@ pub async fn environment(
             None
         }
     };
-    let states = futures_util::future::join_all(env.hosts.iter().map(|(host, h)| {
-        let token = token.clone();
-        async move {
-            let token = token.filter(|_| health)?;
-            let client = AgentClient::new(&h.agent, &token);
-            let state = match tokio::time::timeout(HEALTH_TIMEOUT, client.state()).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err(format!(
-                    "agent at {} did not answer within {}s",
-                    h.agent,
-                    HEALTH_TIMEOUT.as_secs()
-                )),
-            };
-            Some((host.clone(), state))
-        }
+    let fleet = match token.filter(|_| health) {
+        Some(token) => match Fleet::new(system, name, env, home, &token) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                out.health_error = Some(e.to_string());
+                None
+            }
+        },
+        None => None,
+    };
+    let fleet = fleet.as_ref();
+    let log = stretch_core::log::Log::null();
+    let log = &log;
+    let states = futures_util::future::join_all(env.hosts.iter().map(|(host, h)| async move {
+        let fleet = fleet?;
+        let one = async {
+            let (_, r) = fleet
+                .states([(host.as_str(), h.agent.as_str())], log)
+                .await
+                .pop()?;
+            Some(r)
+        };
+        let state = match tokio::time::timeout(HEALTH_TIMEOUT, one).await {
+            Ok(None) => Err("no answer".to_string()),
+            Ok(Some(r)) => r.map_err(|e| prefixed(host, &e)),
+            Err(_) => Err(format!(
+                "agent at {} did not answer within {}s",
+                h.agent,
+                HEALTH_TIMEOUT.as_secs()
+            )),
+        };
+        Some((host.clone(), state))
     }))
     .await;
     for ((host, h), state) in env.hosts.iter().zip(states) {
@@ -140,13 +159,17 @@ pub async fn environment(
 /// Every environment of the system, health fetched from all agents at once.
 pub async fn environments(
     system: &System,
+    home: &Home,
     store: &Store,
     health: bool,
 ) -> Result<Vec<Environment>> {
     let names: Vec<&String> = system.spec.environments.keys().collect();
-    let all =
-        futures_util::future::join_all(names.iter().map(|n| environment(system, store, n, health)))
-            .await;
+    let all = futures_util::future::join_all(
+        names
+            .iter()
+            .map(|n| environment(system, home, store, n, health)),
+    )
+    .await;
     all.into_iter().collect()
 }
 

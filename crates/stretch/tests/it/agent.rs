@@ -174,6 +174,7 @@ fn spec(system: &str, image: &str, release: &str, listen: Option<u16>) -> GroupS
         reload: None,
         reload_signal: None,
         stop_timeout_ms: Some(2_000),
+        response_timeout_ms: None,
         config: json!({}),
         config_version: String::new(),
         templates: BTreeMap::new(),
@@ -442,7 +443,7 @@ async fn wrong_or_missing_token_is_401_and_changes_nothing() {
     let agent = AgentProc::start_env_token(TOKEN, &system);
     assert_eq!(mode(&agent.data_dir), 0o700);
 
-    let wrong = AgentClient::new(&agent.addr, "not-the-token");
+    let wrong = agent.client_with_token("not-the-token");
     let err = wrong.state().await.unwrap_err();
     assert_eq!(
         err,
@@ -468,7 +469,7 @@ async fn wrong_or_missing_token_is_401_and_changes_nothing() {
         Err(AgentError::Unauthorized { .. })
     ));
     // A token that is a prefix of the right one is wrong too.
-    let prefix = AgentClient::new(&agent.addr, &TOKEN[..TOKEN.len() - 1]);
+    let prefix = agent.client_with_token(&TOKEN[..TOKEN.len() - 1]);
     assert!(matches!(
         prefix.state().await,
         Err(AgentError::Unauthorized { .. })
@@ -476,7 +477,7 @@ async fn wrong_or_missing_token_is_401_and_changes_nothing() {
 
     // No header at all, on a real route and an unknown one: 401 with an error body.
     for path in ["/v1/state", "/nope"] {
-        let (status, body) = stretch_test::http_get(&agent.addr, path).unwrap();
+        let (status, body) = agent.raw_get(path, None).await;
         assert_eq!(status, 401, "{path}: {body}");
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert!(body["error"].as_str().unwrap().contains("token"), "{body}");

@@ -72,8 +72,8 @@ impl Ctx {
         write(self.path(), rel, contents)
     }
 
-    /// Run `stretch ARGS` in the folder.
-    pub fn run(&self, args: &[&str]) -> Out {
+    /// `stretch ARGS` in the folder, to run.
+    pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_stretch"));
         cmd.args(args)
             .current_dir(self.path())
@@ -83,7 +83,12 @@ impl Ctx {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let out = cmd.output().expect("run stretch");
+        cmd
+    }
+
+    /// Run `stretch ARGS` in the folder.
+    pub fn run(&self, args: &[&str]) -> Out {
+        let out = self.command(args).output().expect("run stretch");
         Out {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -154,6 +159,8 @@ pub struct AgentProc {
     log_path: PathBuf,
     child: Option<std::process::Child>,
     system: String,
+    /// More arguments of `stretch agent` (e.g. `--tls-cert`).
+    pub extra_args: Vec<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -174,14 +181,23 @@ impl AgentProc {
         std::fs::create_dir_all(dir).unwrap();
         let token_file = dir.join("token");
         std::fs::write(&token_file, token).unwrap();
-        AgentProc::launch(dir, token, Some(token_file), system, None)
+        AgentProc::launch(dir, token, Some(token_file), system, None, Vec::new())
+    }
+
+    /// Like [`AgentProc::start`], with more arguments.
+    pub fn start_with(dir: &Path, token: &str, system: &str, extra: &[&str]) -> AgentProc {
+        std::fs::create_dir_all(dir).unwrap();
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, token).unwrap();
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        AgentProc::launch(dir, token, Some(token_file), system, None, extra)
     }
 
     /// Start an agent in a temp folder of its own, its token in `STRETCH_AGENT_TOKEN`.
     pub fn start_env_token(token: &str, system: &str) -> AgentProc {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_path_buf();
-        AgentProc::launch(&path, token, None, system, Some(dir))
+        AgentProc::launch(&path, token, None, system, Some(dir), Vec::new())
     }
 
     fn launch(
@@ -190,6 +206,7 @@ impl AgentProc {
         token_file: Option<PathBuf>,
         system: &str,
         owned: Option<tempfile::TempDir>,
+        extra_args: Vec<String>,
     ) -> AgentProc {
         let mut a = AgentProc {
             addr: String::new(),
@@ -200,6 +217,7 @@ impl AgentProc {
             log_path: dir.join("agent.log"),
             child: None,
             system: system.to_string(),
+            extra_args,
             _dir: owned,
         };
         a.spawn();
@@ -224,6 +242,7 @@ impl AgentProc {
             ])
             .arg("--data-dir")
             .arg(&self.data_dir)
+            .args(&self.extra_args)
             .env_remove("STRETCH_AGENT_TOKEN")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -264,7 +283,44 @@ impl AgentProc {
     }
 
     pub fn client(&self) -> stretch_core::agent::client::AgentClient {
-        stretch_core::agent::client::AgentClient::new(&self.addr, &self.token)
+        self.client_with_token(&self.token)
+    }
+
+    /// A client pinned to this agent's certificate, with another token.
+    pub fn client_with_token(&self, token: &str) -> stretch_core::agent::client::AgentClient {
+        stretch_core::agent::client::AgentClient::pinned(&self.addr, token, &self.fingerprint())
+            .unwrap()
+    }
+
+    /// The agent's certificate fingerprint, `sha256:…`, as its log says.
+    pub fn fingerprint(&self) -> String {
+        let log = self.log();
+        let line = log
+            .lines()
+            .find_map(|l| l.strip_prefix("agent TLS certificate "))
+            .unwrap_or_else(|| panic!("no fingerprint in the agent's log:\n{log}"));
+        line.trim().to_string()
+    }
+
+    /// GET `path` of the agent's API over TLS (pinned), with `token` if any.
+    pub async fn raw_get(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}Connection: close\r\n\r\n",
+            self.addr
+        );
+        let text = tls_exchange(&self.addr, &self.fingerprint(), request.as_bytes())
+            .await
+            .unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, body.to_string())
     }
 
     pub fn pid(&self) -> u32 {
@@ -380,4 +436,34 @@ pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// Send `request` over TLS to `addr` (trusting only `fingerprint`) and read the whole
+/// answer.
+pub async fn tls_exchange(addr: &str, fingerprint: &str, request: &[u8]) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let check = stretch_core::net::tls::PeerCheck::new(stretch_core::net::tls::Expect::Pinned(
+        fingerprint.to_string(),
+    ))
+    .map_err(|e| e.to_string())?;
+    let config = check.client_config().map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("stretch-agent")
+        .map_err(|e| e.to_string())?
+        .to_owned();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(request).await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tls.read_to_end(&mut out),
+    )
+    .await;
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }

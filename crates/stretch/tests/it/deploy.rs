@@ -297,7 +297,12 @@ fn unreachable_agent_fails_before_switching() {
     w.ctx.write("system.yml", text);
     w.ctx.run(&["deploy", "production", &r2]).fails(
         1,
-        &["push failed", "no host was switched", "host `h1`", &dead],
+        &[
+            "pull release failed",
+            "nothing was changed on any host",
+            "host `h1`",
+            &dead,
+        ],
     );
     assert_eq!(
         http_get(&w.proxy(0), "/index.html"),

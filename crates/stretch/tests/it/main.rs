@@ -11,3 +11,4 @@ mod common;
 mod deploy;
 mod secrets;
 mod serve;
+mod tls;

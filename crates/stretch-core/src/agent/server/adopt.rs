@@ -86,6 +86,7 @@ impl Agent {
 
             let group = self.group(&key);
             let mut rt = group.ops.lock().await;
+            group.pool.set_response_timeout(spec.response_timeout_ms);
             group.pool.replace(
                 record
                     .instances

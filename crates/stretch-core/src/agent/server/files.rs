@@ -163,6 +163,7 @@ mod tests {
             reload: None,
             reload_signal: None,
             stop_timeout_ms: None,
+            response_timeout_ms: None,
             config: serde_json::json!({"greeting": "hi"}),
             config_version: "v".into(),
             templates: templates

@@ -333,6 +333,7 @@ impl Agent {
             .iter()
             .filter_map(|i| i.port.map(|p| Upstream::new(&i.container, p)))
             .collect();
+        group.pool.set_response_timeout(spec.response_timeout_ms);
         let old_set = group.pool.replace(upstreams);
         rt.monitor = self.monitor(group, &spec);
         if let Some(addr) = want {
@@ -423,6 +424,7 @@ impl Agent {
             )));
         }
         let record = record.unwrap_or_else(|| GroupRecord::new(key.clone()));
+        group.pool.set_response_timeout(spec.response_timeout_ms);
         if current == spec && record.instances.len() == spec.instances as usize {
             return Ok(self.status(&key).await);
         }

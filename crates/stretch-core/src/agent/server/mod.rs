@@ -8,9 +8,14 @@
 //! * `proxy.rs` — the proxies; `health.rs` — health checks.
 //! * `state.rs` — the data dir and `state.json`; `adopt.rs` — re-adoption on start.
 //!
+//! The API speaks TLS only: the agent's own certificate (made in its data dir on first
+//! start, see [`tls_identity`]) or an operator's. Connections are bounded
+//! ([`Limits::AGENT_API`]): a cap, handshake, header-read and idle times.
+//!
 //! Every request must carry `Authorization: Bearer TOKEN`; the comparison takes the
-//! same time whatever the token (hashes compared in constant time). The token is never
-//! logged.
+//! same time whatever the token (hashes compared in constant time). Failed attempts are
+//! slowed per client address ([`Backoff`]) and logged with the address, never the
+//! token.
 
 mod adopt;
 mod files;
@@ -41,6 +46,9 @@ use self::state::DataDir;
 use crate::agent::api::{ErrorBody, GroupKey};
 use crate::docker::Docker;
 use crate::log::Log;
+use crate::net::backoff::Backoff;
+use crate::net::serve::Limits;
+use crate::net::tls::Identity;
 use crate::{Error, Result};
 
 /// Largest request body (a spec with its templates and configuration).
@@ -54,6 +62,8 @@ pub struct AgentConfig {
     pub token: String,
     /// The address the group proxies listen on (`0.0.0.0` by default).
     pub proxy_bind: IpAddr,
+    /// The API's TLS certificate and key (see [`tls_identity`]).
+    pub tls: Identity,
     /// Where the agent reports what it does (the CLI prints it on stderr).
     pub log: Log,
 }
@@ -79,6 +89,7 @@ pub async fn serve(
         return Err(Error::invalid("the agent token is empty"));
     }
     let data = DataDir::open(&config.data_dir)?;
+    let acceptor = config.tls.acceptor()?;
     let listener = TcpListener::bind(&config.listen).await.map_err(|e| {
         Error::invalid(format!(
             "the agent cannot listen on `{}`: {e}",
@@ -104,6 +115,8 @@ pub async fn serve(
 
     let auth = Arc::new(Auth {
         hash: blake3::hash(config.token.as_bytes()),
+        backoff: Backoff::default(),
+        log: config.log.clone(),
     });
     let group = "/v1/groups/{system}/{environment}/{group}";
     let app = Router::new()
@@ -115,11 +128,36 @@ pub async fn serve(
         .layer(middleware::from_fn_with_state(auth, require_token))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(agent);
+    config.log.line(format!(
+        "agent TLS certificate {}",
+        config.tls.fingerprint()
+    ));
     ready(addr);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| Error::failed("agent", format!("serving on {addr}: {e}")))
+    crate::net::serve::serve(
+        listener,
+        Some(acceptor),
+        Limits::AGENT_API,
+        move |peer| crate::net::serve::axum_service(app.clone(), peer),
+        shutdown,
+    )
+    .await;
+    Ok(())
+}
+
+/// The agent's TLS identity: the operator's certificate and key when both are given,
+/// else the one kept in `DATA_DIR/tls/` (made on first use; the key 0600). Whether it
+/// was just made, so that the caller can say so.
+pub fn tls_identity(
+    data_dir: &std::path::Path,
+    operator: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<(Identity, bool)> {
+    match operator {
+        Some((cert, key)) => Ok((Identity::from_files(cert, key)?, false)),
+        None => {
+            DataDir::open(data_dir)?;
+            Identity::load_or_create(&data_dir.join("tls"), "stretch-agent")
+        }
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.
@@ -147,6 +185,8 @@ async fn shutdown_signal() {
 
 struct Auth {
     hash: blake3::Hash,
+    backoff: Backoff,
+    log: Log,
 }
 
 impl Auth {
@@ -164,15 +204,31 @@ async fn require_token(State(auth): State<Arc<Auth>>, req: Request, next: Next) 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
+    let peer = req
+        .extensions()
+        .get::<crate::net::serve::Peer>()
+        .map(|p| p.0.ip());
     if !given.is_empty() && auth.accepts(given) {
-        next.run(req).await
-    } else {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong token (`Authorization: Bearer TOKEN`)",
-        )
-        .into_response()
+        if let Some(ip) = peer {
+            auth.backoff.succeeded(ip);
+        }
+        return next.run(req).await;
     }
+    if let Some(ip) = peer {
+        let failure = auth.backoff.failed(ip);
+        if failure.worth_logging() {
+            auth.log.line(format!(
+                "refused a request from {ip}: missing or wrong token ({} in a row)",
+                failure.failures
+            ));
+        }
+        tokio::time::sleep(failure.delay).await;
+    }
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong token (`Authorization: Bearer TOKEN`)",
+    )
+    .into_response()
 }
 
 // ---------------------------------------------------------------------------------------

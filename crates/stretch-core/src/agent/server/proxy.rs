@@ -13,6 +13,10 @@
 //!
 //! Upstream connections are pooled and kept alive; TCP_NODELAY on both sides.
 //!
+//! The listener is bounded ([`Limits::PROXY`]: a connection cap, header-read and idle
+//! times), and an instance that does not start its answer within the group's
+//! `response_timeout` (default 60 s) gets the client a 504.
+//!
 //! Upgrades (WebSocket) are tunnelled once the instance answers 101. A tunnel is not
 //! counted in flight: a drain does not wait for long-lived sockets, and stopping the
 //! old instance (SIGTERM first) ends them, so clients reconnect to the new release.
@@ -20,7 +24,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -37,6 +41,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::net::serve::Limits;
 use crate::{Error, Result};
 
 /// Request bodies up to this size are buffered so that the request can be retried on
@@ -124,14 +129,32 @@ impl Drop for InFlight {
     }
 }
 
+/// How long an instance may take to start its answer, unless the group says.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A group's current upstream set.
 #[derive(Debug, Default)]
 pub struct Pool {
     set: RwLock<Arc<Vec<Arc<Upstream>>>>,
     next: AtomicUsize,
+    /// The group's response timeout in ms (0: the default).
+    response_timeout_ms: AtomicU64,
 }
 
 impl Pool {
+    /// Set the response timeout from the group's spec.
+    pub fn set_response_timeout(&self, ms: Option<u64>) {
+        self.response_timeout_ms
+            .store(ms.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    fn response_timeout(&self) -> Duration {
+        match self.response_timeout_ms.load(Ordering::Relaxed) {
+            0 => DEFAULT_RESPONSE_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        }
+    }
+
     pub fn current(&self) -> Arc<Vec<Arc<Upstream>>> {
         self.set.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -224,42 +247,19 @@ async fn accept_loop(
     client: UpstreamClient,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.changed() => return,
-            a = listener.accept() => a,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            // E.g. out of file descriptors: wait a little instead of spinning.
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    let make = move |peer: SocketAddr| {
         let pool = pool.clone();
         let client = client.clone();
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let pool = pool.clone();
-                let client = client.clone();
-                async move { Ok::<_, Infallible>(forward(req, &pool, &client, peer).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
+        hyper::service::service_fn(move |req| {
+            let pool = pool.clone();
+            let client = client.clone();
+            async move { Ok::<_, Infallible>(forward(req, &pool, &client, peer).await) }
+        })
+    };
+    let stop = async move {
+        let _ = shutdown.changed().await;
+    };
+    crate::net::serve::serve(listener, None, Limits::PROXY, make, stop).await;
 }
 
 /// Headers that belong to one connection, not to the request or response.
@@ -396,7 +396,15 @@ async fn forward(
         *upstream.method_mut() = parts.method.clone();
         *upstream.uri_mut() = uri;
         *upstream.headers_mut() = parts.headers.clone();
-        match client.request(upstream).await {
+        let answer =
+            match tokio::time::timeout(pool.response_timeout(), client.request(upstream)).await {
+                Ok(a) => a,
+                Err(_) => {
+                    drop(guard);
+                    return plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n");
+                }
+            };
+        match answer {
             Ok(mut resp) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     let Some(client_side) = client_upgrade.take() else {

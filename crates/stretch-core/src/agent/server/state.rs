@@ -4,6 +4,7 @@
 //! ```text
 //! DATA_DIR/            0700
 //!   agent-id           random, made on first start: the `stretch.agent` label
+//!   tls/               0700: cert.pem, key.pem (0600), made on first start
 //!   state.json         0600, rewritten atomically after every change
 //!   instances/NAME/    one per container: config.json, templates/
 //! ```

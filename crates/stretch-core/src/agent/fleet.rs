@@ -1,0 +1,188 @@
+//! The agents of one environment, as one run (deploy, rollback, apply, status) talks to
+//! them: one client per host, made once, so that every stage reuses the connection and
+//! its TLS session. [`Fleet::connect`] contacts every host before anything changes:
+//! a refused certificate, an unreachable agent or a rejected token fails the run there,
+//! naming each host, with nothing sent to any of them. First contacts are recorded in
+//! the home's `known_agents`.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use super::api::AgentState;
+use super::client::{AgentClient, AgentError};
+use super::trust::{Basis, EnvTrust};
+use crate::home::Home;
+use crate::log::Log;
+use crate::system::{Environment, Host, System};
+use crate::{Error, Result};
+
+pub struct Fleet {
+    home: Home,
+    token: String,
+    trust: Mutex<EnvTrust>,
+    hosts: BTreeMap<String, Host>,
+    /// Host name → client; hosts gone from system.yml are added by address on demand.
+    clients: Mutex<BTreeMap<String, AgentClient>>,
+}
+
+impl std::fmt::Debug for Fleet {
+    // Not derived: the token stays out of debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("hosts", &self.hosts.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Fleet {
+    /// The agents of environment `env_name` (no network yet).
+    pub fn new(
+        system: &System,
+        env_name: &str,
+        env: &Environment,
+        home: &Home,
+        token: &str,
+    ) -> Result<Fleet> {
+        Ok(Fleet {
+            home: home.clone(),
+            token: token.to_string(),
+            trust: Mutex::new(EnvTrust::load(system, env_name, env, home)?),
+            hosts: env
+                .hosts
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            clients: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// The client of host `name` at `addr` (a host of system.yml, or one that was
+    /// removed from it but still runs something: then trusted as `known_agents` says).
+    pub fn client(&self, name: &str, addr: &str) -> std::result::Result<AgentClient, AgentError> {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get(name)
+            && c.addr() == addr
+        {
+            return Ok(c.clone());
+        }
+        let host = match self.hosts.get(name) {
+            Some(h) if h.agent == addr => h.clone(),
+            _ => Host {
+                agent: addr.to_string(),
+                fingerprint: None,
+            },
+        };
+        let (expect, basis) = self
+            .trust
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .expect(&host);
+        let client = AgentClient::new(name, addr, &self.token, expect, basis)?;
+        clients.insert(name.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Every host's state, asked in parallel; first contacts are recorded.
+    pub async fn states<'a>(
+        &self,
+        hosts: impl IntoIterator<Item = (&'a str, &'a str)>,
+        log: &Log,
+    ) -> Vec<(String, std::result::Result<AgentState, AgentError>)> {
+        let calls = hosts.into_iter().map(|(name, addr)| async move {
+            let r = match self.client(name, addr) {
+                Ok(c) => c.state().await.map(|s| (s, c)),
+                Err(e) => Err(e),
+            };
+            (name.to_string(), r)
+        });
+        let mut out = Vec::new();
+        for (name, r) in futures_util::future::join_all(calls).await {
+            out.push(match r {
+                Ok((state, client)) => {
+                    if let Err(e) = self.remember(&client, log) {
+                        log.line(format!("warning: {e}"));
+                    }
+                    (name, Ok(state))
+                }
+                Err(e) => (name, Err(e)),
+            });
+        }
+        out
+    }
+
+    /// Contact every one of `hosts` (name, address) before anything changes; fail
+    /// naming every host that cannot be trusted or reached.
+    pub async fn connect<'a>(
+        &self,
+        hosts: impl IntoIterator<Item = (&'a str, &'a str)>,
+        stage: &str,
+        log: &Log,
+    ) -> Result<BTreeMap<String, AgentState>> {
+        let mut ok = BTreeMap::new();
+        let mut failures = Vec::new();
+        let mut help = None;
+        for (name, r) in self.states(hosts, log).await {
+            match r {
+                Ok(s) => {
+                    ok.insert(name, s);
+                }
+                Err(e) => {
+                    if help.is_none()
+                        && let Error::Failed { help: h, .. } = Error::from(e.clone())
+                    {
+                        help = h;
+                    }
+                    failures.push(prefixed(&name, &e));
+                }
+            }
+        }
+        if failures.is_empty() {
+            return Ok(ok);
+        }
+        Err(Error::Failed {
+            stage: stage.to_string(),
+            message: format!("nothing was changed on any host; {}", failures.join("; ")),
+            help,
+        })
+    }
+
+    /// After a successful exchange: record the agent in `known_agents` if it is not
+    /// there (a first contact warns; pinned and CA-signed agents are recorded too, so
+    /// that a host later removed from system.yml can still be reached safely).
+    fn remember(&self, client: &AgentClient, log: &Log) -> Result<()> {
+        let Some(fp) = client.presented() else {
+            return Ok(());
+        };
+        let mut trust = self.trust.lock().unwrap_or_else(|e| e.into_inner());
+        if trust.known.get(client.addr()).is_some() {
+            return Ok(());
+        }
+        trust.known.record(&self.home, client.addr(), &fp)?;
+        if let Basis::Known { file, first: true } = client.basis() {
+            log.line(format!(
+                "warning: host `{}` ({}): first contact, trusting its certificate {fp} from now on (recorded in `{}`; pin it with `fingerprint:` in system.yml)",
+                client.name(),
+                client.addr(),
+                file.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Full TLS handshakes made so far, over every client.
+    pub fn handshakes(&self) -> usize {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients.values().map(AgentClient::handshakes).sum()
+    }
+}
+
+/// `host `NAME` (ADDR): error`, unless the error already names the host.
+pub fn prefixed(name: &str, e: &AgentError) -> String {
+    match e {
+        AgentError::Identity(_) => e.to_string(),
+        AgentError::Unreachable { addr, .. }
+        | AgentError::Unauthorized { addr }
+        | AgentError::Failed { addr, .. }
+        | AgentError::Protocol { addr, .. } => format!("host `{name}` ({addr}): {e}"),
+    }
+}
