@@ -112,11 +112,14 @@ fn retarget(w: &World, i: usize, addr: &str, extra: &str) {
 fn the_wire_carries_neither_token_nor_secrets() {
     let w = World::new("wire", 1, false);
     let secret = "s3cr3t-pa55word-on-the-wire";
-    let recipient = w
-        .ctx
-        .run(&["keys", "generate", "-o", "key.txt"])
-        .ok()
-        .stdout;
+    let keygen = w.ctx.run(&["keys", "generate", "-o", "key.txt"]).ok();
+    let recipient = keygen
+        .stdout
+        .lines()
+        .chain(keygen.stderr.lines())
+        .find_map(|l| l.strip_prefix("Public key: "))
+        .unwrap()
+        .to_string();
     w.ctx
         .write("app/secrets.yml", format!("db_password: {secret}\n"));
     w.ctx
