@@ -118,6 +118,27 @@ impl Fleet {
         stage: &str,
         log: &Log,
     ) -> Result<BTreeMap<String, AgentState>> {
+        self.contact(hosts, stage, false, log).await
+    }
+
+    /// Like [`Fleet::connect`], failing only on refused certificates: an unreachable
+    /// agent is left for the caller to report (apply converges the others).
+    pub async fn check_identities<'a>(
+        &self,
+        hosts: impl IntoIterator<Item = (&'a str, &'a str)>,
+        stage: &str,
+        log: &Log,
+    ) -> Result<BTreeMap<String, AgentState>> {
+        self.contact(hosts, stage, true, log).await
+    }
+
+    async fn contact<'a>(
+        &self,
+        hosts: impl IntoIterator<Item = (&'a str, &'a str)>,
+        stage: &str,
+        identities_only: bool,
+        log: &Log,
+    ) -> Result<BTreeMap<String, AgentState>> {
         let mut ok = BTreeMap::new();
         let mut failures = Vec::new();
         let mut help = None;
@@ -126,6 +147,7 @@ impl Fleet {
                 Ok(s) => {
                     ok.insert(name, s);
                 }
+                Err(e) if identities_only && !matches!(e, AgentError::Identity(_)) => {}
                 Err(e) => {
                     if help.is_none()
                         && let Error::Failed { help: h, .. } = Error::from(e.clone())

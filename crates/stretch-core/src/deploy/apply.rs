@@ -371,12 +371,13 @@ async fn converge(
     if plan.actions.is_empty() {
         log.line("every host is up to date");
     }
-    // Every agent involved is checked before any of them is changed.
+    // Every agent's certificate is checked before any of them is changed (one that is
+    // down fails its own actions; the others converge).
     let mut hosts: BTreeMap<&str, &str> = BTreeMap::new();
     for a in &plan.actions {
         hosts.insert(a.host.as_str(), a.agent.as_str());
     }
-    fleet.connect(hosts, "apply", log).await?;
+    fleet.check_identities(hosts, "apply", log).await?;
     let calls = plan.actions.iter().map(|a| {
         let new = new_by_id.get(&a.target).map(|t| t.spec.clone());
         let old = old_specs.get(&a.target).cloned();
