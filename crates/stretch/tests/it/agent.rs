@@ -440,13 +440,19 @@ fn weak_tokens_are_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let weak = "s3cret-agent-token";
     let file = write(dir.path(), "weak.token", format!("{weak}\n"));
-    let run = |cmd: &mut Command| {
-        let out = cmd
-            .args(["agent", "--listen", "127.0.0.1:1", "--data-dir"])
+    let run = |token_file: Option<&Path>, env_token: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stretch"));
+        cmd.args(["agent", "--listen", "127.0.0.1:1", "--data-dir"])
             .arg(dir.path().join("data"))
-            .env("NO_COLOR", "1")
-            .output()
-            .unwrap();
+            .env_remove("STRETCH_AGENT_TOKEN")
+            .env("NO_COLOR", "1");
+        if let Some(f) = token_file {
+            cmd.arg("--token-file").arg(f);
+        }
+        if let Some(t) = env_token {
+            cmd.env("STRETCH_AGENT_TOKEN", t);
+        }
+        let out = cmd.output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains("too weak"), "{stderr}");
@@ -454,15 +460,11 @@ fn weak_tokens_are_refused_at_start() {
         assert!(!stderr.contains(weak), "the token is echoed: {stderr}");
         stderr
     };
-    let stderr = run(Command::new(env!("CARGO_BIN_EXE_stretch"))
-        .arg("--token-file")
-        .arg(&file)
-        .env_remove("STRETCH_AGENT_TOKEN"));
+    let stderr = run(Some(&file), None);
     assert!(stderr.contains("weak.token"), "{stderr}");
     assert!(stderr.contains("18 characters; at least 22"), "{stderr}");
     // 31 hex digits: 124 bits.
-    let stderr =
-        run(Command::new(env!("CARGO_BIN_EXE_stretch")).env("STRETCH_AGENT_TOKEN", &TOKEN[..31]));
+    let stderr = run(None, Some(&TOKEN[..31]));
     assert!(stderr.contains("STRETCH_AGENT_TOKEN"), "{stderr}");
     assert!(stderr.contains("31 hex digits"), "{stderr}");
     assert!(!dir.path().join("data").exists(), "the agent started");
