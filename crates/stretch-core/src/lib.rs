@@ -17,6 +17,7 @@ pub mod source;
 pub mod store;
 pub mod system;
 pub mod template;
+pub mod token;
 pub mod util;
 
 pub use error::{Error, Result};

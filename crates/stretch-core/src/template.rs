@@ -8,9 +8,19 @@ use minijinja::{Environment, ErrorKind, UndefinedBehavior};
 
 use crate::{Error, Result};
 
+/// The work one render may do (minijinja fuel: about one per instruction and per 64
+/// bytes of data made). Real templates use thousands; this ends an endless loop in well
+/// under a second and bounds what a template can allocate.
+pub const FUEL: u64 = 3_000_000;
+
+/// The largest output of one render. Configuration files are small; a template must
+/// not fill the agent's memory or disk.
+pub const MAX_OUTPUT: usize = 8 * 1024 * 1024;
+
 fn environment(undefined: UndefinedBehavior) -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(undefined);
+    env.set_fuel(Some(FUEL));
     // YAML and config files end with a newline; keep it.
     if let Ok(syntax) = SyntaxConfig::builder().keep_trailing_newline(true).build() {
         env.set_syntax(syntax);
@@ -18,8 +28,75 @@ fn environment(undefined: UndefinedBehavior) -> Environment<'static> {
     env
 }
 
+/// Output that refuses to grow past [`MAX_OUTPUT`].
+#[derive(Default)]
+struct Capped {
+    buf: Vec<u8>,
+    over: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > MAX_OUTPUT {
+            self.over = true;
+            return Err(std::io::Error::other("template output limit"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+enum Failure {
+    Engine(minijinja::Error),
+    TooLarge,
+}
+
+/// Compile and render `text` within the fuel and output bounds.
+fn bounded(env: &Environment, text: &str, ctx: Value) -> std::result::Result<String, Failure> {
+    let template = env.template_from_str(text).map_err(Failure::Engine)?;
+    let mut out = Capped::default();
+    match template.render_captured_to(ctx, &mut out) {
+        // The engine writes whole `str`s and a refused write adds nothing: valid UTF-8.
+        Ok(_) => Ok(String::from_utf8(out.buf)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())),
+        Err(_) if out.over => Err(Failure::TooLarge),
+        Err(e) => Err(Failure::Engine(e)),
+    }
+}
+
+fn failure_error(file: &str, text: &str, f: &Failure) -> Error {
+    match f {
+        Failure::Engine(e) => template_error(file, text, e),
+        Failure::TooLarge => Error::config(
+            file,
+            text,
+            1,
+            1,
+            format!(
+                "the template's output is larger than {} MiB",
+                MAX_OUTPUT / (1024 * 1024)
+            ),
+            Some("templates make configuration files; is a loop running too long?".into()),
+        ),
+    }
+}
+
 fn template_error(file: &str, text: &str, e: &minijinja::Error) -> Error {
     let line = e.line().unwrap_or(1);
+    if e.kind() == ErrorKind::OutOfFuel {
+        return Error::config(
+            file,
+            text,
+            line,
+            1,
+            format!("the template does too much work (over {FUEL} steps) and was stopped"),
+            Some("a loop that is too long or never ends, or runaway recursion?".into()),
+        );
+    }
     let help = Some("the variables a template can use are listed in SPEC §6".to_string());
     // The error's range covers the failing lookup (`.missing`); widen it to the whole
     // dotted name so the message says which variable.
@@ -95,8 +172,7 @@ pub fn render(file: &str, text: &str, ctx: &serde_json::Value) -> Result<String>
 /// [`render`] with a context built by [`deploy_context`].
 pub fn render_value(file: &str, text: &str, ctx: Value) -> Result<String> {
     let env = environment(UndefinedBehavior::Strict);
-    env.render_str(text, ctx)
-        .map_err(|e| template_error(file, text, &e))
+    bounded(&env, text, ctx).map_err(|f| failure_error(file, text, &f))
 }
 
 /// `environment` in the deploy context: renders as its name, and has `.name`,
@@ -151,19 +227,66 @@ pub fn deploy_context(
 
 /// Build-time check: syntax errors fail; otherwise the text rendered with every
 /// variable undefined (chainable), or `None` when that render cannot succeed without
-/// real values (e.g. a filter that needs a number).
+/// real values (e.g. a filter that needs a number). Running out of fuel or past the
+/// output cap fails too: a runaway template is refused before it reaches a deploy.
 pub fn render_lenient(file: &str, text: &str) -> Result<Option<String>> {
     let env = environment(UndefinedBehavior::Chainable);
-    match env.render_str(text, Value::from(Serde(serde_json::json!({})))) {
+    match bounded(&env, text, Value::from(Serde(serde_json::json!({})))) {
         Ok(s) => Ok(Some(s)),
-        Err(e) if e.kind() == ErrorKind::SyntaxError => Err(template_error(file, text, &e)),
-        Err(_) => Ok(None),
+        Err(Failure::Engine(e))
+            if !matches!(e.kind(), ErrorKind::SyntaxError | ErrorKind::OutOfFuel) =>
+        {
+            Ok(None)
+        }
+        Err(f) => Err(failure_error(file, text, &f)),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config_error(r: Result<impl std::fmt::Debug>) -> crate::error::ConfigError {
+        match r {
+            Err(Error::Config(c)) => *c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn endless_loops_run_out_of_fuel() {
+        let ctx = serde_json::json!({});
+        let looping = "a: 1\n{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}\n";
+        let start = std::time::Instant::now();
+        let c = config_error(render("templates/loop.conf.jinja", looping, &ctx));
+        assert_eq!((c.file.as_str(), c.line), ("templates/loop.conf.jinja", 2));
+        assert!(c.message.contains("too much work"), "{}", c.message);
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        // Exponential recursion within the recursion limit: stopped by fuel too.
+        let recursive = "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}";
+        let c = config_error(render("c.yml", recursive, &ctx));
+        assert!(c.message.contains("too much work"), "{}", c.message);
+        // Endless recursion: the engine's recursion limit, still an error naming the file.
+        let endless = "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}";
+        assert_eq!(config_error(render("c.yml", endless, &ctx)).file, "c.yml");
+        // The build-time check refuses it as well.
+        let c = config_error(render_lenient("config.yml", looping));
+        assert!(c.message.contains("too much work"), "{}", c.message);
+    }
+
+    #[test]
+    fn output_is_capped() {
+        let ctx = serde_json::json!({});
+        // 9 MiB in 1 KiB lines: little work, too much output.
+        let big = "{% for i in range(9216) %}{{ 'x' * 1023 }}\n{% endfor %}";
+        let c = config_error(render("templates/big.txt.jinja", big, &ctx));
+        assert_eq!(c.file, "templates/big.txt.jinja");
+        assert!(c.message.contains("larger than 8 MiB"), "{}", c.message);
+        assert!(render_lenient("config.yml", big).is_err());
+        // Just under the cap is fine.
+        let fits = "{% for i in range(8000) %}{{ 'x' * 1023 }}\n{% endfor %}";
+        assert_eq!(render("c", fits, &ctx).unwrap().len(), 8000 * 1024);
+    }
 
     #[test]
     fn environment_renders_as_its_name() {

@@ -121,6 +121,8 @@ pub enum KeysCommand {
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
     },
+    /// Print a fresh agent or server token: 256 random bits as 64 hex characters.
+    Token,
 }
 
 #[derive(Debug, Subcommand)]

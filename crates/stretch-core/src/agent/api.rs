@@ -63,6 +63,10 @@ pub struct HealthSpec {
     pub timeout_ms: u64,
 }
 
+/// Most instances of a group on one host: each costs a container, a folder of rendered
+/// templates and a health check; more is a mistake, not a deployment.
+pub const MAX_INSTANCES: u32 = 64;
+
 /// Everything an agent needs to run a group's instances of one release.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GroupSpec {

@@ -1,5 +1,6 @@
 //! External plugins: `plugins/NAME` in the tree, else `stretch-plugin-NAME` on `PATH`,
-//! run once per hook with a JSON document on stdin.
+//! run once per hook with a JSON document on stdin. Their `env` option declares the
+//! variables they may see, as for the built-ins.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -53,7 +54,7 @@ pub async fn run(call: &Call<'_>, log: &Log) -> Result<()> {
     });
     let data =
         serde_json::to_vec(&input).map_err(|e| Error::failed(call.hook.as_str(), e.to_string()))?;
-    let mut c = tokio::process::Command::new(&exe);
+    let mut c = call.new_command(&exe)?;
     c.current_dir(call.tree.join(&call.decl.dir));
     call.command(c, Some(data), log).await
 }

@@ -1,4 +1,4 @@
-//! The built-in `migrations` plugin: `{path: DIR, up: CMD, down: CMD}` over versioned
+//! The built-in `migrations` plugin: `{path: DIR, up: CMD, down: CMD, env: [NAME]}` over versioned
 //! migration files (`NNNN-name…`). A forward deploy runs `up` from the new release
 //! before switching; a rollback runs `down` afterwards from the newer release's files
 //! (only they hold the down migrations), down to the newest migration of the release
@@ -16,7 +16,7 @@ use crate::system::project::PluginDecl;
 use crate::{Error, Result};
 
 pub fn validate(decl: &PluginDecl) -> Result<()> {
-    known_options(decl, &["path", "up", "down"])?;
+    known_options(decl, &["path", "up", "down", "env"])?;
     for k in ["path", "up", "down"] {
         opt_str(decl, k)?;
     }
@@ -72,7 +72,7 @@ pub async fn run(call: &Call<'_>, log: &Log) -> Result<()> {
         call.label(),
         if target.is_empty() { "none" } else { &target }
     ));
-    let mut c = tokio::process::Command::new("sh");
+    let mut c = call.new_command("sh")?;
     c.arg("-c")
         .arg(cmd)
         .current_dir(&dir)

@@ -2,11 +2,15 @@
 //! Kinds are a closed set: the built-ins `exec` and `migrations`, and external
 //! executables speaking the JSON-on-stdin protocol. Every command gets the facts as
 //! `STRETCH_*` env vars and has its output streamed to the log.
+//!
+//! Commands start from an empty environment: only [`inherited`] variables and those
+//! the plugin declares in its `env` option pass, never stretch's credentials.
 
 mod exec;
 mod external;
 mod migrations;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -120,6 +124,27 @@ impl Call<'_> {
         env
     }
 
+    /// A command for `program` with the plugin's environment: the [`inherited`]
+    /// variables, those the plugin declares (`env: [NAME, …]`) and the facts; nothing
+    /// else of stretch's own environment.
+    fn new_command(&self, program: impl AsRef<OsStr>) -> Result<tokio::process::Command> {
+        // Checked at build too; again here for releases built before the check existed.
+        let declared = declared_env(&self.decl.name, &self.decl.options)
+            .map_err(|(_, message)| Error::invalid(format!("{message} ({})", self.label())))?;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.env_clear();
+        for (name, value) in std::env::vars_os() {
+            let passes = name
+                .to_str()
+                .is_some_and(|n| inherited(n) || declared.iter().any(|d| d == n));
+            if passes {
+                cmd.env(name, value);
+            }
+        }
+        cmd.envs(self.env());
+        Ok(cmd)
+    }
+
     /// Run a program, streaming its output to the log; a non-zero exit fails the hook.
     async fn command(
         &self,
@@ -129,12 +154,7 @@ impl Call<'_> {
     ) -> Result<()> {
         let stage = format!("{} plugins", self.hook.as_str());
         let stage = stage.as_str();
-        for name in STRETCH_VARS {
-            cmd.env_remove(name);
-        }
-        cmd.envs(self.env())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd.stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -176,18 +196,70 @@ impl Call<'_> {
     }
 }
 
-const STRETCH_VARS: [&str; 10] = [
-    "STRETCH_HOOK",
-    "STRETCH_SYSTEM",
-    "STRETCH_ENVIRONMENT",
-    "STRETCH_KIND",
-    "STRETCH_NODE",
-    "STRETCH_RELEASE_ID",
-    "STRETCH_RELEASE_NAME",
-    "STRETCH_RELEASE_PATH",
-    "STRETCH_EXISTING_RELEASE_ID",
-    "STRETCH_EXISTING_RELEASE_PATH",
+/// stretch's credentials (tokens, and the identity file's path): no plugin gets them,
+/// even declared.
+pub const CREDENTIALS: [&str; 4] = [
+    "STRETCH_AGENT_TOKEN",
+    "STRETCH_SERVER_TOKEN",
+    "STRETCH_IDENTITY",
+    "STRETCH_RELEASE_IDENTITY",
 ];
+
+/// Variables every plugin command inherits: where programs are, the home folder, the
+/// locale (`LANG`, `LC_*`: tools sort and print by it) and the time zone.
+pub fn inherited(name: &str) -> bool {
+    matches!(name, "PATH" | "HOME" | "LANG" | "TZ") || name.starts_with("LC_")
+}
+
+/// The variable names `options.env` declares for plugin `plugin`. An error is (the text
+/// to point at in the plugin's file, the message).
+pub fn declared_env(
+    plugin: &str,
+    options: &serde_json::Value,
+) -> std::result::Result<Vec<String>, (String, String)> {
+    let list = match options.get("env") {
+        None | Some(serde_json::Value::Null) => return Ok(Vec::new()),
+        Some(serde_json::Value::Array(list)) => list,
+        Some(_) => {
+            return Err((
+                "env:".into(),
+                format!("plugin `{plugin}`: `env` must be a list of variable names"),
+            ));
+        }
+    };
+    let mut names = Vec::new();
+    for item in list {
+        let Some(name) = item.as_str() else {
+            return Err((
+                "env:".into(),
+                format!("plugin `{plugin}`: `env` must be a list of variable names"),
+            ));
+        };
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let refused = if !valid {
+            Some(format!("`{name}` is not a variable name"))
+        } else if CREDENTIALS.contains(&name) {
+            Some(format!(
+                "`{name}` is a stretch credential, never given to plugins"
+            ))
+        } else if name.starts_with("STRETCH_") {
+            Some(format!(
+                "`{name}`: `STRETCH_*` variables are stretch's own (plugins get their facts without declaring them)"
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            return Err((name.to_string(), format!("plugin `{plugin}`: env {why}")));
+        }
+        names.push(name.to_string());
+    }
+    Ok(names)
+}
 
 fn stream<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
     r: R,

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use indexmap::IndexMap;
 use serde::Deserialize;
 
+use crate::agent::api::MAX_INSTANCES;
 use crate::{Error, Result};
 
 /// `system.yml`, as written by the operator.
@@ -165,6 +166,38 @@ impl System {
         )
     }
 
+    /// An error pointing at the first `needle` at or after the first line holding
+    /// `anchor` (say, a group's `instances` rather than another group's).
+    fn error_after(
+        &self,
+        anchor: &str,
+        needle: &str,
+        message: impl Into<String>,
+        help: Option<String>,
+    ) -> Error {
+        let (from, _) = yaml::line_of(&self.text, anchor);
+        let rest: String = self
+            .text
+            .lines()
+            .skip(from - 1)
+            .collect::<Vec<_>>()
+            .join("\n");
+        let (line, column) = if rest.contains(needle) {
+            let (l, c) = yaml::line_of(&rest, needle);
+            (from - 1 + l, c)
+        } else {
+            yaml::line_of(&self.text, anchor)
+        };
+        Error::config(
+            self.file.display().to_string(),
+            &self.text,
+            line,
+            column,
+            message,
+            help,
+        )
+    }
+
     fn validate(&mut self) -> Result<()> {
         let name = self.spec.system.clone();
         if !valid_name(&name) {
@@ -285,6 +318,16 @@ impl System {
                         None,
                     ));
                 }
+                if let Some(n) = group.instances.filter(|n| *n > MAX_INSTANCES) {
+                    return Err(self.error_after(
+                        &format!("{group_name}:"),
+                        "instances",
+                        format!(
+                            "group `{group_name}` of environment `{env_name}`: `instances` is {n}; at most {MAX_INSTANCES} run per host"
+                        ),
+                        Some("run more hosts in the group instead".into()),
+                    ));
+                }
             }
         }
         Ok(())
@@ -400,6 +443,19 @@ mod tests {
                 "system: shop\nsources: [{path: .}]\nenvironments:\n  p:\n    hosts: {a: {agent: x}, b: {agent: y}}\n    groups:\n      web: {node: web, hosts: [a], listen: 80}\n      api: {node: api, hosts: [b, a], listen: 80}\n"
             ),
             "8:7 groups `web` and `api` of environment `p` share a host and both listen on port 80"
+        );
+        // The error points at this group's `instances`, not another group's.
+        assert_eq!(
+            message(
+                "system: shop\nsources: [{path: .}]\nenvironments:\n  p:\n    hosts: {a: {agent: x}}\n    groups:\n      api: {node: api, hosts: [a], instances: 2}\n      web:\n        node: web\n        hosts: [a]\n        instances: 65\n"
+            ),
+            "11:9 group `web` of environment `p`: `instances` is 65; at most 64 run per host"
+        );
+        assert_eq!(
+            message(
+                "system: shop\nsources: [{path: .}]\nenvironments:\n  p:\n    hosts: {a: {agent: x}}\n    groups:\n      web: {node: web, hosts: [a], instances: 64}\n"
+            ),
+            "ok"
         );
     }
 

@@ -310,6 +310,8 @@ impl Loader<'_> {
                     format!("plugin `{name}`: options must be plain YAML: {e}"),
                 )
             })?;
+            crate::plugin::declared_env(name, &options)
+                .map_err(|(needle, message)| self.path_error(file, &needle, message))?;
             Ok(PluginDecl {
                 name: name.to_string(),
                 options,
@@ -907,6 +909,67 @@ mod tests {
             Some("config.yml")
         );
         assert_eq!(p.all_plugins().count(), 4);
+    }
+
+    #[test]
+    fn plugin_env_declarations() {
+        let p = load(&[
+            (
+                "stretch.yml",
+                "name: web\nplugins: {exec: {build: 'true', env: [NPM_TOKEN, LC_ALL]}}\n",
+            ),
+            DF,
+        ])
+        .unwrap();
+        assert_eq!(p.nodes[0].plugins[0].options["env"][0], "NPM_TOKEN");
+        assert_eq!(
+            err(&[
+                (
+                    "stretch.yml",
+                    "name: web\nplugins:\n  exec:\n    build: 'true'\n    env: [NPM_TOKEN, STRETCH_AGENT_TOKEN]\n",
+                ),
+                DF,
+            ]),
+            "stretch.yml:5:22 plugin `exec`: env `STRETCH_AGENT_TOKEN` is a stretch credential, never given to plugins"
+        );
+        let deploy_tool = err(&[
+            (
+                "stretch.yml",
+                "name: web\nplugins:\n  - notify: {env: [STRETCH_IDENTITY]}\n",
+            ),
+            DF,
+        ]);
+        assert!(
+            deploy_tool.starts_with("stretch.yml:3:20 plugin `notify`: env `STRETCH_IDENTITY`"),
+            "{deploy_tool}"
+        );
+        assert_eq!(
+            err(&[
+                (
+                    "stretch.yml",
+                    "name: web\nplugins: {exec: {env: [STRETCH_HOME]}}\n"
+                ),
+                DF,
+            ]),
+            "stretch.yml:2:24 plugin `exec`: env `STRETCH_HOME`: `STRETCH_*` variables are stretch's own (plugins get their facts without declaring them)"
+        );
+        assert_eq!(
+            err(&[
+                (
+                    "stretch.yml",
+                    "name: web\nplugins: {exec: {env: NPM_TOKEN}}\n"
+                ),
+                DF,
+            ]),
+            "stretch.yml:2:18 plugin `exec`: `env` must be a list of variable names"
+        );
+        assert_eq!(
+            err(&[
+                ("stretch.yml", "name: web\nplugins: {exec: {env: [A-B]}}\n"),
+                DF,
+            ]),
+            "stretch.yml:2:24 plugin `exec`: env `A-B` is not a variable name"
+        );
     }
 
     #[test]

@@ -77,7 +77,7 @@ fn raise_open_files_limit(log: &Log) {
     }
 }
 
-/// The token from `--token-file`, else `STRETCH_AGENT_TOKEN`; never empty.
+/// The token from `--token-file`, else `STRETCH_AGENT_TOKEN`; never empty, never weak.
 fn token(args: &AgentArgs) -> Result<String> {
     let token = super::token_text(args.token_file.as_deref(), TOKEN_ENV)?;
     let token = token.trim().to_string();
@@ -91,6 +91,11 @@ fn token(args: &AgentArgs) -> Result<String> {
             format!("give `--token-file FILE` or set {TOKEN_ENV}"),
         ));
     }
+    let what = match &args.token_file {
+        Some(path) => format!("the agent token in `{}`", path.display()),
+        None => format!("the agent token in {TOKEN_ENV}"),
+    };
+    stretch_core::token::check(&what, &token)?;
     Ok(token)
 }
 

@@ -28,16 +28,6 @@ const FILES: &[(&str, &str)] = example![
     "app/web/templates/index.html.jinja",
 ];
 
-/// A fresh random token, hex.
-fn token() -> Result<String> {
-    let mut buf = [0u8; 24];
-    let mut f = std::fs::File::open("/dev/urandom")
-        .map_err(|e| Error::failed("init", format!("no randomness: {e}")))?;
-    std::io::Read::read_exact(&mut f, &mut buf)
-        .map_err(|e| Error::failed("init", format!("no randomness: {e}")))?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
-}
-
 pub fn run(dir: Option<PathBuf>, printer: &Printer) -> Result<()> {
     let dir = dir.unwrap_or_else(|| PathBuf::from("."));
     if dir.join("system.yml").exists() {
@@ -57,7 +47,8 @@ pub fn run(dir: Option<PathBuf>, printer: &Printer) -> Result<()> {
         std::fs::write(&path, text).map_err(|e| io(&path, e))?;
     }
     let token_file = dir.join("local.token");
-    write_private(&token_file, token()?.as_bytes()).map_err(|e| io(&token_file, e))?;
+    write_private(&token_file, stretch_core::token::generate()?.as_bytes())
+        .map_err(|e| io(&token_file, e))?;
     // The base image is built from a static busybox: no registry pull is needed.
     let busybox = dir.join("app/containers/base/busybox");
     let have_busybox = std::fs::copy("/bin/busybox", &busybox).is_ok();

@@ -1,4 +1,5 @@
 //! `stretch keys generate`: a new age identity, in `age-keygen`'s format.
+//! `stretch keys token`: a fresh token for agents and servers.
 
 use std::path::Path;
 
@@ -14,6 +15,15 @@ pub fn run(command: KeysCommand, printer: &Printer) -> Result<()> {
             let (file, recipient) = secrets::generate();
             print!("{file}");
             print_recipient(&recipient, printer);
+            Ok(())
+        }
+        KeysCommand::Token => {
+            let token = stretch_core::token::generate()?;
+            if printer.json {
+                printer.json(&serde_json::json!({ "token": token }));
+            } else {
+                println!("{token}");
+            }
             Ok(())
         }
     }

@@ -21,15 +21,23 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
     .await
 }
 
-/// Tokens from `--token-file` (one a line), else `STRETCH_SERVER_TOKEN`; at least one.
+/// Tokens from `--token-file` (one a line), else `STRETCH_SERVER_TOKEN`; at least one,
+/// and none weak.
 fn tokens(args: &ServeArgs) -> Result<Vec<String>> {
     let text = super::token_text(args.token_file.as_deref(), TOKEN_ENV)?;
-    let tokens: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(String::from)
-        .collect();
+    let mut tokens = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let token = line.trim();
+        if token.is_empty() {
+            continue;
+        }
+        let what = match &args.token_file {
+            Some(path) => format!("the token on line {} of `{}`", i + 1, path.display()),
+            None => format!("the token in {TOKEN_ENV}"),
+        };
+        stretch_core::token::check(&what, token)?;
+        tokens.push(token.to_string());
+    }
     if tokens.is_empty() {
         return Err(Error::invalid_with_help(
             "`stretch serve` needs a token",

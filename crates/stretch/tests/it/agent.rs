@@ -25,7 +25,7 @@ use stretch_test::{ImageGuard, base_image, docker, free_port, unique, write};
 
 use crate::common::AgentProc;
 
-const TOKEN: &str = "s3cret-agent-token";
+const TOKEN: &str = "742a56f30d5757e4392cb1279775d012466e430b3f00a89399d10c5c5a6fd712";
 
 // ---------------------------------------------------------------------------------------
 // support
@@ -434,6 +434,41 @@ fn missing_token_is_a_usage_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("is empty"), "{stderr}");
+}
+
+#[test]
+fn weak_tokens_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let weak = "s3cret-agent-token";
+    let file = write(dir.path(), "weak.token", format!("{weak}\n"));
+    let run = |token_file: Option<&Path>, env_token: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stretch"));
+        cmd.args(["agent", "--listen", "127.0.0.1:1", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .env_remove("STRETCH_AGENT_TOKEN")
+            .env("NO_COLOR", "1");
+        if let Some(f) = token_file {
+            cmd.arg("--token-file").arg(f);
+        }
+        if let Some(t) = env_token {
+            cmd.env("STRETCH_AGENT_TOKEN", t);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("too weak"), "{stderr}");
+        assert!(stderr.contains("stretch keys token"), "{stderr}");
+        assert!(!stderr.contains(weak), "the token is echoed: {stderr}");
+        stderr
+    };
+    let stderr = run(Some(&file), None);
+    assert!(stderr.contains("weak.token"), "{stderr}");
+    assert!(stderr.contains("18 characters; at least 22"), "{stderr}");
+    // 31 hex digits: 124 bits.
+    let stderr = run(None, Some(&TOKEN[..31]));
+    assert!(stderr.contains("STRETCH_AGENT_TOKEN"), "{stderr}");
+    assert!(stderr.contains("31 hex digits"), "{stderr}");
+    assert!(!dir.path().join("data").exists(), "the agent started");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1278,4 +1313,81 @@ async fn put_pulls_the_image_from_its_registry() {
         pending.contains(&remote) && !pending.contains(&absent),
         "{pending}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runaway_template_fails_its_own_put_while_the_agent_serves() {
+    let system = unique("agent-fuel");
+    let mut images = ImageGuard::new();
+    let _containers = Containers(system.clone());
+    let web = format!("{system}:web");
+    app_image(&mut images, &web, "web");
+    let agent = AgentProc::start_env_token(TOKEN, &system);
+    let client = agent.client();
+    let listen = free_port();
+    let mut good = spec(&system, &web, "r1", Some(listen));
+    good.instances = 1;
+    deploy(&client, &good, &agent).await;
+    let proxy = format!("{}:{listen}", agent.proxy_ip);
+    assert_eq!(get_ok(&proxy), "web");
+
+    // Another group: 64 instances whose template is heavy (within bounds) for all but
+    // the last, which loops (nearly) forever. The PUT renders them all before failing.
+    let mut bad = spec(&system, &web, "r2", None);
+    bad.key.group = "worker".into();
+    bad.instances = 64;
+    let bad = configure(
+        bad,
+        json!({}),
+        &[(
+            "loop.conf.jinja",
+            "{% if instance.index < 63 %}{% for i in range(300) %}{% for j in range(300) %}{% endfor %}{% endfor %}\n\
+             {% else %}{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}{% endif %}\n",
+        )],
+    );
+    let started = Instant::now();
+    let put = {
+        let client = agent.client();
+        let bad = bad.clone();
+        tokio::spawn(async move { client.put_spec(&bad).await })
+    };
+    // Meanwhile the agent answers at once, and the other group serves.
+    let (mut answered, mut slowest) = (0, Duration::ZERO);
+    while !put.is_finished() {
+        let asked = Instant::now();
+        let state = client.state().await.unwrap();
+        assert_eq!(state.groups.len(), 1, "{state:?}");
+        assert_eq!(get(&proxy), Ok((200, "web".to_string())));
+        slowest = slowest.max(asked.elapsed());
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    let err = put.await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, AgentError::Failed { status: 400, message, .. }
+            if message.contains("templates/loop.conf.jinja") && message.contains("too much work")),
+        "{err:?}"
+    );
+    eprintln!("PUT failed after {took:?}; {answered} answers meanwhile, slowest {slowest:?}");
+    assert!(
+        answered > 0,
+        "the PUT ended before the agent was asked ({took:?})"
+    );
+    assert!(slowest < Duration::from_secs(1), "{slowest:?}");
+    assert!(agent.log().len() < 1_000_000);
+
+    // More than 64 instances is refused outright.
+    let mut many = bad.clone();
+    many.instances = 65;
+    let err = client.put_spec(&many).await.unwrap_err();
+    assert!(
+        matches!(&err, AgentError::Failed { status: 400, message, .. }
+            if message.contains("between 1 and 64, not 65")),
+        "{err:?}"
+    );
+    // Nothing of the worker group was kept; the web group still serves.
+    let state = client.state().await.unwrap();
+    assert_eq!(state.groups.len(), 1, "{state:?}");
+    assert_eq!(get_ok(&proxy), "web");
 }

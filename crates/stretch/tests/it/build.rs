@@ -17,8 +17,8 @@ fn three_nodes(ctx: &Ctx, system: &str, registry: &str) -> (String, String) {
     w(
         "stretch.yml",
         "nodes: {web: node_web, api: node_api, worker: node_worker}\n\
-         plugins:\n  - exec: {build: 'echo \"root plugin $STRETCH_HOOK $STRETCH_RELEASE_ID\" > \"$MARKER\"'}\n\
-         local_stretch:\n  servers:\n    includes: [web, api]\n    plugins: {exec: {build: 'echo local $STRETCH_NODE >> \"$MARKER\"'}}\n",
+         plugins:\n  - exec: {build: 'echo \"root plugin $STRETCH_HOOK $STRETCH_RELEASE_ID\" > \"$MARKER\"', env: [MARKER]}\n\
+         local_stretch:\n  servers:\n    includes: [web, api]\n    plugins: {exec: {build: 'echo local $STRETCH_NODE >> \"$MARKER\"', env: [MARKER]}}\n",
     );
     w(
         "config.yml",

@@ -10,7 +10,7 @@ use stretch_test::Registry;
 
 use super::common::*;
 
-pub const TOKEN: &str = "test-token-0123456789";
+pub const TOKEN: &str = "96dc05bbd29f807ffddd8124d811063231bc048a8ab074ad0084e1110357a941";
 
 /// A system with one web node served by busybox httpd, and `hosts` agents.
 pub struct World {
@@ -485,7 +485,7 @@ fn plugins_migrations_and_auto_deploy() {
     w.ctx.env.push(("LOG".into(), log.display().to_string()));
     w.ctx.write(
         "app/stretch.yml",
-        "name: web\nplugins:\n  - migrations: {path: migrations, up: 'echo up $STRETCH_MIGRATIONS_TARGET >> $LOG', down: 'echo down to $STRETCH_MIGRATIONS_TARGET with $(ls | tail -n 1) >> $LOG'}\n  - audit: {level: 1}\n",
+        "name: web\nplugins:\n  - migrations: {path: migrations, up: 'echo up $STRETCH_MIGRATIONS_TARGET >> $LOG', down: 'echo down to $STRETCH_MIGRATIONS_TARGET with $(ls | tail -n 1) >> $LOG', env: [LOG]}\n  - audit: {level: 1, env: [LOG]}\n",
     );
     w.ctx
         .write("app/migrations/0001-init.sql", "create table t;\n");
@@ -530,11 +530,135 @@ fn plugins_migrations_and_auto_deploy() {
     .unwrap();
     assert_eq!(doc["hook"], "post_deploy");
     assert_eq!(doc["plugin"], "audit");
-    assert_eq!(doc["options"], serde_json::json!({"level": 1}));
+    assert_eq!(
+        doc["options"],
+        serde_json::json!({"level": 1, "env": ["LOG"]})
+    );
     assert_eq!(doc["kind"], "rollback");
     assert_eq!(doc["environment"], "production");
     assert_eq!(doc["node"], "web");
     assert_eq!(doc["release"]["id"], r1.as_str());
     assert_eq!(doc["existing_release"]["id"], r2.as_str());
     w.agents.truncate(1);
+}
+
+#[test]
+fn plugin_env_holds_no_credentials() {
+    let mut w = World::new("plugenv", 1, false);
+    w.write_system("local", "batch: 1", "");
+    w.ctx
+        .run(&["keys", "generate", "-o", "identity-file-xq7.txt"])
+        .ok();
+    let identity = w.ctx.path().join("identity-file-xq7.txt");
+    let server_token = "server-credential-4f1c9a0b7d2e8c6f5a3b";
+    for (k, v) in [
+        ("STRETCH_AGENT_TOKEN", TOKEN.to_string()),
+        ("STRETCH_SERVER_TOKEN", server_token.to_string()),
+        ("STRETCH_IDENTITY", identity.display().to_string()),
+        (
+            "STRETCH_RELEASE_IDENTITY",
+            w.ctx
+                .path()
+                .join("release-key-zr9.txt")
+                .display()
+                .to_string(),
+        ),
+        ("DECLARED_VAR", "declared-value-1".to_string()),
+        ("UNDECLARED_VAR", "undeclared-value-2".to_string()),
+    ] {
+        w.ctx.env.push((k.into(), v));
+    }
+    let dump = |hook: &str| format!("'env | sed s/^/ENV:{hook}:/'");
+    w.ctx.write(
+        "app/stretch.yml",
+        format!(
+            "name: web\nplugins:\n  - exec: {{build: {}, pre_deploy: {}, post_deploy: {}, env: [DECLARED_VAR]}}\n  - envdump: {{env: [DECLARED_VAR]}}\n",
+            dump("build"),
+            dump("pre"),
+            dump("post")
+        ),
+    );
+    let ext = w.ctx.write(
+        "app/plugins/envdump",
+        "#!/bin/sh\ncat >/dev/null\nenv | sed \"s/^/EXT:$STRETCH_HOOK:/\"\n",
+    );
+    std::fs::set_permissions(&ext, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let build = w.ctx.run(&["build"]).ok();
+    let deploy = w.ctx.run(&["deploy", "production"]).ok();
+    for (out, hooks) in [
+        (&build, &["ENV:build:", "EXT:build:"][..]),
+        (
+            &deploy,
+            &[
+                "ENV:pre:",
+                "ENV:post:",
+                "EXT:pre_deploy:",
+                "EXT:post_deploy:",
+            ][..],
+        ),
+    ] {
+        let text = &out.stderr;
+        for hook in hooks {
+            for wanted in [
+                "DECLARED_VAR=declared-value-1",
+                "PATH=",
+                "STRETCH_RELEASE_ID=",
+            ] {
+                assert!(
+                    text.contains(&format!("{hook}{wanted}")),
+                    "{hook}{wanted} missing:\n{out}"
+                );
+            }
+        }
+        for unwanted in [
+            "UNDECLARED_VAR",
+            "undeclared-value-2",
+            "STRETCH_AGENT_TOKEN",
+            TOKEN,
+            "STRETCH_SERVER_TOKEN",
+            server_token,
+            "STRETCH_IDENTITY",
+            "identity-file-xq7",
+            "STRETCH_RELEASE_IDENTITY",
+            "release-key-zr9",
+        ] {
+            assert!(!text.contains(unwanted), "a plugin saw {unwanted}:\n{out}");
+        }
+    }
+
+    // Declaring a credential is refused, naming the plugin, the variable and the line.
+    w.ctx.write(
+        "app/stretch.yml",
+        "name: web\nplugins:\n  - envdump: {env: [DECLARED_VAR, STRETCH_AGENT_TOKEN]}\n",
+    );
+    w.ctx.run(&["build"]).fails(
+        2,
+        &[
+            "stretch.yml:3:",
+            "plugin `envdump`",
+            "`STRETCH_AGENT_TOKEN` is a stretch credential",
+        ],
+    );
+}
+
+#[test]
+fn a_looping_template_fails_the_deploy_and_changes_nothing() {
+    let w = World::new("fuel", 1, false);
+    w.write_system("local", "batch: 1", "");
+    let r1 = w.build();
+    w.ctx.run(&["deploy", "production"]).ok();
+    w.assert_serving(&r1);
+    w.ctx.write(
+        "app/templates/loop.conf.jinja",
+        "a: 1\n{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}\n",
+    );
+    let r2 = w.build();
+    w.ctx
+        .run(&["deploy", "production", &r2])
+        .fails(2, &["templates/loop.conf.jinja:2:", "too much work"]);
+    w.assert_serving(&r1);
+    // The agent still answers.
+    let status = w.ctx.run(&["status", "production", "--json"]).ok();
+    assert!(status.stdout.contains(&r1), "{status}");
 }

@@ -1,4 +1,4 @@
-//! `stretch keys generate` and `stretch secrets encrypt|show`, and interop with the
+//! `stretch keys generate`, `stretch keys token`, and `stretch secrets encrypt|show`, and interop with the
 //! `age` CLI in both directions.
 
 use std::os::unix::fs::PermissionsExt;
@@ -214,4 +214,23 @@ fn ssh_keys_work_as_age_allows() {
     assert!(st.success());
     ctx.run(&["secrets", "show", "cli.yml", "-i", "locked"])
         .fails(2, &["protected by a passphrase"]);
+}
+
+#[test]
+fn keys_token_prints_fresh_256_bit_tokens() {
+    let ctx = Ctx::new();
+    let a = ctx.run(&["keys", "token"]).ok().stdout;
+    let b = ctx.run(&["keys", "token"]).ok().stdout;
+    for t in [&a, &b] {
+        let t = t.strip_suffix('\n').unwrap();
+        assert_eq!(t.len(), 64, "{t}");
+        assert!(
+            t.chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)),
+            "{t}"
+        );
+    }
+    assert_ne!(a, b);
+    let json = ctx.run(&["keys", "token", "--json"]).ok().json();
+    assert_eq!(json["token"].as_str().unwrap().len(), 64);
 }

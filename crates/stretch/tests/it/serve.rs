@@ -13,8 +13,10 @@ use serde_json::{Value, json};
 
 use super::common::*;
 
-const TOKEN: &str = "serve-test-token-0123456789";
-const AGENT_TOKEN: &str = "serve-agent-token-0123456789";
+const TOKEN: &str = "36d5efddd3a1eb05d34047f9f80bf30e9371b36166e63b87aca25d55d70fdc37";
+const AGENT_TOKEN: &str = "98c3a55190c89e6ed7164d2a2adc78996f3ecab179b5b0a3373e08f73686e93f";
+/// A second token of the server's file, base64 rather than hex.
+const OTHER_TOKEN: &str = "n6wNI6vS02NyvxB77d3YslOLM-5W7VUWnsExT-dwz1g";
 
 /// A `stretch serve` process, killed on drop.
 struct Serve {
@@ -24,7 +26,7 @@ struct Serve {
 
 impl Serve {
     fn start(ctx: &Ctx) -> Serve {
-        let token_file = ctx.write("server-token", format!("other-token\n{TOKEN}\n"));
+        let token_file = ctx.write("server-token", format!("{OTHER_TOKEN}\n{TOKEN}\n"));
         let addr = format!("127.0.0.1:{}", stretch_test::free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_stretch"))
             .args(["serve", "--listen", &addr, "--token-file"])
@@ -305,6 +307,33 @@ fn serve_needs_a_token() {
 }
 
 #[test]
+fn weak_serve_tokens_are_refused_at_start() {
+    let ctx = Ctx::new();
+    ctx.one_node("weaktoken", "local");
+    // Every token of the file is judged: a strong first one does not excuse the second.
+    ctx.write("server-token", format!("{TOKEN}\n\nbench-token\n"));
+    let out = ctx
+        .run(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+            "server-token",
+        ])
+        .fails(
+            2,
+            &[
+                "line 3 of `server-token`",
+                "too weak",
+                "11 characters",
+                "stretch keys token",
+                "openssl rand -hex 32",
+            ],
+        );
+    assert!(!out.stderr.contains("bench-token"), "{out}");
+}
+
+#[test]
 fn tokens_sessions_and_cross_site_requests() {
     let ctx = Ctx::new();
     let name = unique("srv-auth");
@@ -336,7 +365,7 @@ fn tokens_sessions_and_cross_site_requests() {
             &s.addr,
             "GET",
             "/api/releases",
-            &[("Authorization", "Bearer other-token")],
+            &[("Authorization", &format!("Bearer {OTHER_TOKEN}"))],
             None
         )
         .status,

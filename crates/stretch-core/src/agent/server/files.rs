@@ -57,6 +57,15 @@ pub fn write_instance(dir: &Path, spec: &GroupSpec, index: u32) -> Result<()> {
     write_files(dir, &files)
 }
 
+/// [`write_instance`] on a blocking thread: rendering is bounded work, but still work
+/// the async runtime's threads must not do.
+pub async fn write_instance_blocking(dir: PathBuf, spec: &GroupSpec, index: u32) -> Result<()> {
+    let spec = spec.clone();
+    tokio::task::spawn_blocking(move || write_instance(&dir, &spec, index))
+        .await
+        .map_err(|e| Error::failed("agent", format!("writing an instance's files: {e}")))?
+}
+
 fn write_files(dir: &Path, files: &[(String, String)]) -> Result<()> {
     let failed = |what: &str, path: &Path, e: std::io::Error| {
         Error::failed("agent", format!("{what} `{}`: {e}", path.display()))

@@ -18,7 +18,9 @@ use super::instances::{Instances, display, stop_timeout};
 use super::proxy::{Pool, Proxy, Upstream, UpstreamClient, drain};
 use super::state::{DataDir, GroupRecord, InstanceRecord};
 use super::{ApiError, ApiResult};
-use crate::agent::api::{GroupKey, GroupSpec, GroupStatus, InstanceStatus, Prepared, Switch};
+use crate::agent::api::{
+    GroupKey, GroupSpec, GroupStatus, InstanceStatus, MAX_INSTANCES, Prepared, Switch,
+};
 use crate::docker::Docker;
 use crate::log::Log;
 use crate::{Error, Result};
@@ -119,6 +121,7 @@ impl Agent {
 
     pub async fn prepare(&self, key: GroupKey, spec: GroupSpec) -> ApiResult<Prepared> {
         self.validate(&key, &spec)?;
+        render_check(&spec).await?;
         // The pull runs outside the group's lock: it changes nothing of the group.
         let image_id = if spec.pull {
             self.say(&key, format!("pulling {}", spec.image));
@@ -164,8 +167,11 @@ impl Agent {
         if spec.image.trim().is_empty() {
             return bad("the spec has no image".into());
         }
-        if spec.instances == 0 {
-            return bad("`instances` must be at least 1".into());
+        if spec.instances == 0 || spec.instances > MAX_INSTANCES {
+            return bad(format!(
+                "`instances` must be between 1 and {MAX_INSTANCES}, not {}",
+                spec.instances
+            ));
         }
         if spec.listen.is_some() && spec.port.is_none() {
             return bad("`listen` needs a node with a `port`".into());
@@ -184,10 +190,6 @@ impl Agent {
         }
         if spec.reload.as_ref().is_some_and(|r| r.is_empty()) {
             return bad("`reload` must not be an empty command".into());
-        }
-        // Templates render now, so that a bad one fails the PUT, not the switch.
-        for index in 0..spec.instances {
-            files::render(spec, index)?;
         }
         if let Some(listen) = spec.listen {
             let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
@@ -405,6 +407,7 @@ impl Agent {
 
     pub async fn update_config(&self, key: GroupKey, spec: GroupSpec) -> ApiResult<GroupStatus> {
         self.validate(&key, &spec)?;
+        render_check(&spec).await?;
         let group = self.group(&key);
         let mut rt = group.ops.lock().await;
         let record = self.record(&key);
@@ -470,7 +473,7 @@ impl Agent {
         for inst in &record.instances {
             touched.push(inst);
             let dir = self.data.instance_dir(&inst.name);
-            let done = match files::write_instance(&dir, &spec, inst.index) {
+            let done = match files::write_instance_blocking(dir, &spec, inst.index).await {
                 Ok(()) => self.reload_one(inst, &spec).await,
                 Err(e) => Err(e),
             };
@@ -486,7 +489,7 @@ impl Agent {
             self.say(&key, format!("reload failed, restoring the old files: {e}"));
             for inst in &touched {
                 let dir = self.data.instance_dir(&inst.name);
-                if let Err(e) = files::write_instance(&dir, old, inst.index) {
+                if let Err(e) = files::write_instance_blocking(dir, old, inst.index).await {
                     self.say(&key, format!("restoring {}: {e}", inst.name));
                 }
             }
@@ -653,6 +656,19 @@ impl Agent {
         }
         out
     }
+}
+
+/// Render every instance's templates now, so that a bad one fails the PUT, not the
+/// switch. Off the async runtime: a template that runs out its fuel fails its own
+/// request while the agent keeps serving every other group.
+async fn render_check(spec: &GroupSpec) -> ApiResult<()> {
+    let spec = spec.clone();
+    tokio::task::spawn_blocking(move || {
+        (0..spec.instances).try_for_each(|index| files::render(&spec, index).map(|_| ()))
+    })
+    .await
+    .map_err(|e| Error::failed("agent", format!("rendering the templates: {e}")))??;
+    Ok(())
 }
 
 /// Split kept instances (newest first) into those to keep — the instances of the

@@ -80,7 +80,7 @@ impl Instances<'_> {
             random_hex(4)?
         );
         let dir = self.data.instance_dir(&name);
-        if let Err(e) = files::write_instance(&dir, spec, index) {
+        if let Err(e) = files::write_instance_blocking(dir.clone(), spec, index).await {
             let _ = files::remove_instance(&dir);
             return Err(e);
         }
