@@ -720,4 +720,35 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(std::net::TcpStream::connect(addr).is_err());
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_instance_that_does_not_answer_gets_a_504() {
+        // An upstream that accepts and reads but never answers.
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = silent.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                held.push(s);
+            }
+        });
+        let pool = Arc::new(Pool::default());
+        pool.replace(vec![Upstream::new("a", port)]);
+        pool.set_response_timeout(Some(300));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let _proxy = Proxy::bind(addr, pool.clone(), upstream_client())
+            .await
+            .unwrap();
+        let (status, body) =
+            tokio::task::spawn_blocking(move || stretch_test::http_get(&addr.to_string(), "/"))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(status, 504, "{body}");
+        assert_eq!(pool.response_timeout(), Duration::from_millis(300));
+        pool.set_response_timeout(None);
+        assert_eq!(pool.response_timeout(), DEFAULT_RESPONSE_TIMEOUT);
+    }
 }
