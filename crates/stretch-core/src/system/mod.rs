@@ -436,7 +436,7 @@ mod tests {
             message(
                 "system: shop\nsources: [{path: .}]\nenvironments:\n  p:\n    hosts: {a: {agnet: x}}\n"
             ),
-            "5:17 environments.p.hosts.a: unknown field `agnet`, expected `agent`"
+            "5:17 environments.p.hosts.a: unknown field `agnet`, expected `agent` or `fingerprint`"
         );
         assert_eq!(
             message(
