@@ -210,6 +210,9 @@ pub struct PeerCheck {
     seen: Mutex<Option<String>>,
     refusal: Mutex<Option<Refusal>>,
     handshakes: std::sync::atomic::AtomicUsize,
+    /// Trust on first use: the certificate of this client's first handshake, which
+    /// every later handshake (a reconnection) must present again.
+    first: Mutex<Option<String>>,
 }
 
 impl PeerCheck {
@@ -230,6 +233,7 @@ impl PeerCheck {
             seen: Mutex::new(None),
             refusal: Mutex::new(None),
             handshakes: std::sync::atomic::AtomicUsize::new(0),
+            first: Mutex::new(None),
         }))
     }
 
@@ -282,9 +286,14 @@ impl ServerCertVerifier for PeerCheck {
         if let Ok(mut seen) = self.seen.lock() {
             *seen = Some(presented.clone());
         }
+        let first;
         let expected = match &self.expect {
             Expect::Pinned(p) | Expect::FirstUse(Some(p)) => Some(p),
-            Expect::FirstUse(None) => None,
+            Expect::FirstUse(None) => {
+                let mut slot = self.first.lock().unwrap_or_else(|e| e.into_inner());
+                first = slot.get_or_insert_with(|| presented.clone()).clone();
+                Some(&first)
+            }
             Expect::Roots(_) => {
                 let Some(webpki) = &self.webpki else {
                     return Err(rustls::Error::General("no trusted roots".into()));
@@ -420,6 +429,15 @@ mod tests {
         let first = PeerCheck::new(Expect::FirstUse(None)).unwrap();
         assert!(first.verify_server_cert(leaf, &[], &name, &[], now).is_ok());
         assert_eq!(first.seen(), Some(id.fingerprint()));
+        // A reconnection of the same client must meet the same certificate.
+        let other_dir = tempfile::tempdir().unwrap();
+        let (other_id, _) = Identity::load_or_create(other_dir.path(), "x").unwrap();
+        assert!(
+            first
+                .verify_server_cert(&other_id.chain[0], &[], &name, &[], now)
+                .is_err()
+        );
+        assert!(first.verify_server_cert(leaf, &[], &name, &[], now).is_ok());
 
         let roots = Arc::new(RootCertStore::empty());
         assert!(PeerCheck::new(Expect::Roots(roots)).is_err());
