@@ -97,7 +97,7 @@ fn template_error(file: &str, text: &str, e: &minijinja::Error) -> Error {
             Some("a loop that is too long or never ends, or runaway recursion?".into()),
         );
     }
-    let help = Some("the variables a template can use are listed in SPEC §6".to_string());
+    let help = Some("config.yml sees `services`, `environment`, `release` and `existing_release`; container templates see `environment`, `config`, `node`, `host`, `instance`, `release` and `existing_release`".to_string());
     // The error's range covers the failing lookup (`.missing`); widen it to the whole
     // dotted name so the message says which variable.
     let widened = e
@@ -132,7 +132,7 @@ fn template_error(file: &str, text: &str, e: &minijinja::Error) -> Error {
     )
 }
 
-/// The application context of one instance (SPEC §6), for container templates.
+/// The application context of one instance, for container templates.
 pub fn app_context(spec: &crate::agent::api::GroupSpec, index: u32) -> serde_json::Value {
     let mut ctx = serde_json::json!({
         "environment": spec.environment_name,
@@ -197,7 +197,7 @@ impl minijinja::value::Object for EnvironmentObject {
     }
 }
 
-/// The deploy context (SPEC §6) for `config.yml`: `services`, `environment`
+/// The deploy context for `config.yml`: `services`, `environment`
 /// (`{name, hosts, groups}`, rendering as its name), `release` and, unless this is a
 /// first deploy, `existing_release`.
 pub fn deploy_context(

@@ -83,7 +83,7 @@ pub enum Command {
     },
     /// Run the agent daemon that manages this host's instances, over HTTPS.
     Agent(AgentArgs),
-    /// Serve the HTTP API and the web view over this home folder (SPEC §9).
+    /// Serve the HTTP API and the web view over this home folder.
     Serve(ServeArgs),
     /// Age keys.
     #[command(subcommand)]

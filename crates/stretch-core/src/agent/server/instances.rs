@@ -23,7 +23,7 @@ pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// node's `interval`.
 const STARTING_PAUSE: Duration = Duration::from_millis(50);
 
-/// The labels every container of a group carries (SPEC §8, plus ours).
+/// The labels every container of a group carries (and the agent's own).
 pub fn labels(agent_id: &str, spec: &GroupSpec, index: u32) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("stretch.system".into(), spec.key.system.clone()),
