@@ -427,36 +427,83 @@ pub struct EnvironmentRecord {
     pub updated_at: String,
     /// The environment's definition (from system.yml) last applied, for `apply`'s diff.
     pub applied: Option<serde_json::Value>,
-    /// The agent specs last sent, per host and group (for switching back).
-    pub specs: Option<serde_json::Value>,
+    /// The agent specs last sent, per `GROUP/HOST` (for switching back).
+    pub specs: Option<std::collections::BTreeMap<String, crate::agent::api::GroupSpec>>,
 }
 
 impl Store {
+    /// An environment's record. A damaged one (its stored JSON unreadable) is an
+    /// error naming it: reading it as empty would turn a switch-back into removing
+    /// the group.
     pub fn environment(&self, name: &str) -> Result<Option<EnvironmentRecord>> {
-        self.with(|c| {
+        type Raw = (
+            String,
+            Option<String>,
+            Option<String>,
+            String,
+            Option<String>,
+            Option<String>,
+        );
+        let raw: Option<Raw> = self.with(|c| {
             c.query_row(
                 "SELECT name, release, existing_release, updated_at, applied, specs FROM environments WHERE name = ?1",
                 [name],
                 |row| {
-                    let applied: Option<String> = row.get(4)?;
-                    let specs: Option<String> = row.get(5)?;
-                    Ok(EnvironmentRecord {
-                        name: row.get(0)?,
-                        release: row.get(1)?,
-                        existing_release: row.get(2)?,
-                        updated_at: row.get(3)?,
-                        applied: applied.and_then(|a| serde_json::from_str(&a).ok()),
-                        specs: specs.and_then(|a| serde_json::from_str(&a).ok()),
-                    })
+                    Ok((
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                        row.get(4)?,
+                        row.get(5)?,
+                    ))
                 },
             )
             .optional()
-        })
+        })?;
+        let Some((name, release, existing_release, updated_at, applied, specs)) = raw else {
+            return Ok(None);
+        };
+        let damaged = |what: &str, e: serde_json::Error| {
+            Error::Failed {
+                stage: "store".to_string(),
+                message: format!(
+                    "the record of environment `{name}` is damaged ({what}: {e})"
+                ),
+                help: Some(
+                    "run `stretch status ENV` to see what its hosts run, then deploy a release to rewrite the record".to_string(),
+                ),
+            }
+        };
+        let applied = match applied {
+            Some(a) => Some(serde_json::from_str(&a).map_err(|e| damaged("applied", e))?),
+            None => None,
+        };
+        let specs = match specs {
+            Some(a) => Some(serde_json::from_str(&a).map_err(|e| damaged("specs", e))?),
+            None => None,
+        };
+        Ok(Some(EnvironmentRecord {
+            name,
+            release,
+            existing_release,
+            updated_at,
+            applied,
+            specs,
+        }))
     }
 
     pub fn set_environment(&self, e: &EnvironmentRecord) -> Result<()> {
         let applied = e.applied.as_ref().map(|a| a.to_string());
-        let specs = e.specs.as_ref().map(|a| a.to_string());
+        let specs = match &e.specs {
+            Some(specs) => Some(serde_json::to_string(specs).map_err(|e| {
+                Error::failed(
+                    "store",
+                    format!("cannot encode the environment record: {e}"),
+                )
+            })?),
+            None => None,
+        };
         self.with(|c| {
             c.execute(
                 "INSERT OR REPLACE INTO environments (name, release, existing_release, updated_at, applied, specs)
@@ -499,6 +546,31 @@ impl Sink for RunSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_damaged_environment_record_fails_loudly() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::open(&t.path().join("db")).unwrap();
+        s.set_environment(&EnvironmentRecord {
+            name: "prod".into(),
+            release: Some("r".into()),
+            existing_release: None,
+            updated_at: String::new(),
+            applied: Some(serde_json::json!({"hosts": {}})),
+            specs: Some(std::collections::BTreeMap::new()),
+        })
+        .unwrap();
+        let back = s.environment("prod").unwrap().unwrap();
+        assert_eq!(back.specs, Some(std::collections::BTreeMap::new()));
+        s.with(|c| c.execute("UPDATE environments SET specs = '{\"web/h1\": 3}'", []))
+            .unwrap();
+        let err = s.environment("prod").unwrap_err().to_string();
+        assert!(
+            err.contains("environment `prod`") && err.contains("damaged"),
+            "{err}"
+        );
+        assert!(s.environment("other").unwrap().is_none());
+    }
 
     #[test]
     fn a_run_whose_process_is_gone_is_marked_failed() {

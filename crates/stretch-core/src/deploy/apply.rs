@@ -193,11 +193,7 @@ fn plan(
         &buffers.existing_dir(),
         log,
     )?;
-    let old_specs: BTreeMap<String, GroupSpec> = record
-        .specs
-        .clone()
-        .and_then(|s| serde_json::from_value(s).ok())
-        .unwrap_or_default();
+    let old_specs: BTreeMap<String, GroupSpec> = record.specs.clone().unwrap_or_default();
 
     let mut changes = Vec::new();
     let new_env = specs::environment_json(env_name, env);
@@ -333,7 +329,7 @@ pub async fn apply(
         existing_release: record.as_ref().and_then(|r| r.existing_release.clone()),
         updated_at: String::new(),
         applied: Some(specs::environment_json(&req.environment, env)),
-        specs: serde_json::to_value(&converged).ok(),
+        specs: Some(converged),
     })?;
     let outcome = match (&result, failures.is_empty()) {
         (Ok(_), true) => Ok(ApplyOutcome {

@@ -315,7 +315,6 @@ async fn execute(
         .previous
         .as_ref()
         .and_then(|p| p.specs.clone())
-        .and_then(|s| serde_json::from_value(s).ok())
         .unwrap_or_default();
     log.stage(
         "change release",
@@ -339,7 +338,7 @@ async fn execute(
             existing_release: plan.existing.as_ref().map(|x| x.id.clone()),
             updated_at: String::new(),
             applied: serde_json::to_value(specs::environment_json(&plan.env_name, env)).ok(),
-            specs: serde_json::to_value(&specs).ok(),
+            specs: Some(specs),
         })
     })
     .await?;
