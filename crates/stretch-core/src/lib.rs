@@ -14,6 +14,7 @@ pub mod plugin;
 pub mod release;
 pub mod secrets;
 pub mod source;
+pub mod status;
 pub mod store;
 pub mod system;
 pub mod template;

@@ -1,7 +1,6 @@
 //! `stretch deploy`, `stretch rollback` and `stretch status`.
 
 use stretch_core::Result;
-use stretch_core::agent::fleet::{Fleet, prefixed};
 use stretch_core::deploy::apply::{ActionKind, ApplyRequest};
 use stretch_core::deploy::{self, DeployRequest, Kind};
 use stretch_core::log::Log;
@@ -125,97 +124,16 @@ pub async fn apply(
 
 pub async fn status(env_name: &str, settings: &Settings, printer: &Printer) -> Result<()> {
     let system = super::load_system(settings)?;
-    let env = deploy::environment(&system, env_name)?;
-    let token = deploy::agent_token(&system, env_name, env)?;
-    let record = super::open_store_if_any(settings)?
-        .map(|s| s.environment(env_name))
-        .transpose()?
-        .flatten();
-    let release = record.as_ref().and_then(|r| r.release.clone());
+    let store = super::open_store_if_any(settings)?;
     let home = stretch_core::home::Home::open(&settings.home)?;
-    let fleet = Fleet::new(&system, env_name, env, &home, &token)?;
     let log = Log::new(vec![printer.progress()]);
-    let mut states: std::collections::BTreeMap<String, _> = fleet
-        .states(
-            env.hosts
-                .iter()
-                .map(|(name, h)| (name.as_str(), h.agent.as_str())),
-            &log,
-        )
-        .await
-        .into_iter()
-        .collect();
-    let mut hosts = Vec::new();
-    for (host, h) in &env.hosts {
-        let Some(state) = states.remove(host) else {
-            continue;
-        };
-        let groups: Vec<serde_json::Value> = env
-            .groups
-            .iter()
-            .filter(|(_, g)| g.hosts.contains(host))
-            .map(|(name, g)| {
-                let found = state.as_ref().ok().and_then(|s| {
-                    s.groups.iter().find(|x| {
-                        x.key.system == system.name()
-                            && x.key.environment == env_name
-                            && &x.key.group == name
-                    })
-                });
-                serde_json::json!({
-                    "group": name,
-                    "node": g.node,
-                    "release": found.and_then(|f| f.release.as_ref().map(|r| r.id.clone())),
-                    "config_version": found.and_then(|f| f.config_version.clone()),
-                    "instances": found.map(|f| f.instances.len()).unwrap_or(0),
-                    "healthy": found.map(|f| f.healthy).unwrap_or(false),
-                })
-            })
-            .collect();
-        hosts.push(serde_json::json!({
-            "host": host,
-            "agent": h.agent,
-            "reachable": state.is_ok(),
-            "error": state.as_ref().err().map(|e| prefixed(host, e)),
-            "groups": groups,
-        }));
-    }
+    let status =
+        stretch_core::status::environment(&system, &home, store.as_ref(), env_name, true, &log)
+            .await?;
     if printer.json {
-        printer.json(
-            &serde_json::json!({"environment": env_name, "release": release, "hosts": hosts}),
-        );
-        return Ok(());
-    }
-    printer.out(format!(
-        "environment `{env_name}`: release {}",
-        release.as_deref().unwrap_or("(never deployed)")
-    ));
-    for h in &hosts {
-        let reach = if h["reachable"] == true {
-            "reachable".to_string()
-        } else {
-            format!("UNREACHABLE ({})", h["error"].as_str().unwrap_or(""))
-        };
-        printer.out(format!(
-            "  host {} ({}): {reach}",
-            h["host"].as_str().unwrap_or(""),
-            h["agent"].as_str().unwrap_or("")
-        ));
-        for g in h["groups"].as_array().into_iter().flatten() {
-            printer.out(format!(
-                "    group {:<12} node {:<10} release {:<22} config {:<14} instances {} {}",
-                g["group"].as_str().unwrap_or(""),
-                g["node"].as_str().unwrap_or(""),
-                g["release"].as_str().unwrap_or("-"),
-                g["config_version"].as_str().unwrap_or("-"),
-                g["instances"],
-                if g["healthy"] == true {
-                    "healthy"
-                } else {
-                    "NOT HEALTHY"
-                },
-            ));
-        }
+        printer.json(&status);
+    } else {
+        printer.out(status.to_string().trim_end());
     }
     Ok(())
 }

@@ -107,7 +107,7 @@ fn apply_converges_services_hosts_groups_and_instances() {
     assert_eq!(history[0]["kind"], "config");
     assert_eq!(history[0]["release"], r1.as_str());
     let status = w.ctx.run(&["status", "production", "--json"]).ok().json();
-    assert_eq!(status["release"], r1.as_str());
+    assert_eq!(status["release"]["id"], r1.as_str());
 
     // A host joins the group: it pulls and serves the running release.
     system(&w, "hi", &[0, 1, 2], &web(&w, "h0, h1, h2", ""));

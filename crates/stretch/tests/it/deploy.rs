@@ -225,7 +225,7 @@ fn deploy_and_rollback_three_hosts_without_downtime() {
 
     // Status and history.
     let status = w.ctx.run(&["status", "production", "--json"]).ok().json();
-    assert_eq!(status["release"], r1.as_str());
+    assert_eq!(status["release"]["id"], r1.as_str());
     for h in status["hosts"].as_array().unwrap() {
         assert_eq!(h["reachable"], true);
         assert_eq!(h["groups"][0]["release"], r1.as_str());
@@ -309,7 +309,7 @@ fn unreachable_agent_fails_before_switching() {
         Ok((200, w.body(&r1, 0)))
     );
     let status = w.ctx.run(&["status", "production", "--json"]).ok().json();
-    assert_eq!(status["release"], r1.as_str());
+    assert_eq!(status["release"]["id"], r1.as_str());
     assert_eq!(status["hosts"][1]["reachable"], false);
 }
 
@@ -369,7 +369,7 @@ fn unhealthy_release_switches_back_and_keeps_serving() {
     hammer.finish_without_failures();
     w.assert_serving(&r1);
     let status = w.ctx.run(&["status", "production", "--json"]).ok().json();
-    assert_eq!(status["release"], r1.as_str());
+    assert_eq!(status["release"]["id"], r1.as_str());
     let history = w.ctx.run(&["history", "production", "--json"]).ok().json();
     assert_eq!(history[0]["status"], "failed");
 }
@@ -460,7 +460,7 @@ fn two_deploys_at_once_and_agent_killed_mid_deploy() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let status = w.ctx.run(&["status", "production", "--json"]).ok().json();
-    assert_eq!(status["release"], r1.as_str());
+    assert_eq!(status["release"]["id"], r1.as_str());
     // Deploying again converges; `--wait` queues behind a running deploy.
     w.ctx.write("app/www/delay", "1\n");
     let r3 = w.build();
