@@ -132,23 +132,6 @@ fn template_error(file: &str, text: &str, e: &minijinja::Error) -> Error {
     )
 }
 
-/// The application context of one instance, for container templates.
-pub fn app_context(spec: &crate::agent::api::GroupSpec, index: u32) -> serde_json::Value {
-    let mut ctx = serde_json::json!({
-        "environment": spec.environment_name,
-        "config": spec.config,
-        "node": {"name": spec.node},
-        "host": {"name": spec.host},
-        "instance": {"index": index},
-        "release": spec.release,
-    });
-    // `existing_release` stays undefined on a first deploy.
-    if let (Some(x), Some(map)) = (&spec.existing_release, ctx.as_object_mut()) {
-        map.insert("existing_release".into(), serde_json::json!(x));
-    }
-    ctx
-}
-
 /// Render every container template (path → text) with `ctx`; output paths drop a
 /// `.jinja` suffix. Errors name `templates/PATH`.
 pub fn render_templates(

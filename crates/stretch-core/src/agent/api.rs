@@ -106,6 +106,27 @@ pub struct GroupSpec {
     pub environment_name: String,
 }
 
+impl GroupSpec {
+    /// The application context of instance `index`, for its container templates:
+    /// `environment` (the name), `config`, `node`, `host`, `instance`, `release` and,
+    /// after a first deploy, `existing_release`.
+    pub fn app_context(&self, index: u32) -> serde_json::Value {
+        let mut ctx = serde_json::json!({
+            "environment": self.environment_name,
+            "config": self.config,
+            "node": {"name": self.node},
+            "host": {"name": self.host},
+            "instance": {"index": index},
+            "release": self.release,
+        });
+        // `existing_release` stays undefined on a first deploy.
+        if let (Some(x), Some(map)) = (&self.existing_release, ctx.as_object_mut()) {
+            map.insert("existing_release".into(), serde_json::json!(x));
+        }
+        ctx
+    }
+}
+
 /// The answer to `PUT`: the image is there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Prepared {

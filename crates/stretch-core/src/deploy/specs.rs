@@ -182,7 +182,7 @@ pub fn build(
                 environment_name: env_name.to_string(),
             };
             for index in 0..spec.instances {
-                template::render_templates(&spec.templates, &template::app_context(&spec, index))?;
+                template::render_templates(&spec.templates, &spec.app_context(index))?;
             }
             out.push(HostGroup {
                 host: host.clone(),

@@ -14,7 +14,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::agent::api::GroupSpec;
-use crate::template::{app_context, render_templates};
+use crate::template::render_templates;
 use crate::{Error, Result};
 
 /// Where the folder is mounted inside the container.
@@ -28,7 +28,7 @@ pub fn render(spec: &GroupSpec, index: u32) -> Result<Vec<(String, String)>> {
     let config = serde_json::to_string_pretty(&spec.config)
         .map_err(|e| Error::invalid(format!("the configuration cannot be encoded: {e}")))?;
     let mut files = vec![("config.json".to_string(), config + "\n")];
-    let rendered = render_templates(&spec.templates, &app_context(spec, index))?;
+    let rendered = render_templates(&spec.templates, &spec.app_context(index))?;
     files.extend(
         rendered
             .into_iter()
