@@ -35,8 +35,9 @@ pub struct GlobalArgs {
     /// Print more (every log line).
     #[arg(short, long, global = true)]
     pub verbose: bool,
-    /// Go through a `stretch serve` at URL instead of the local home (token from
-    /// STRETCH_SERVER_TOKEN); for build, deploy, rollback, apply, releases, history, logs.
+    /// Go through a `stretch serve` at URL (`https://…`, or `http://…` on loopback)
+    /// instead of the local home (token from STRETCH_SERVER_TOKEN); for build, deploy,
+    /// rollback, apply, releases, history, logs.
     #[arg(long, global = true, env = "STRETCH_SERVER", value_name = "URL")]
     pub server: Option<String>,
     /// With an `https://` server: also trust certificates this CA file (PEM) signed.

@@ -3,6 +3,11 @@
 //! with the token from `STRETCH_SERVER_TOKEN`. Output and exit codes are the local
 //! commands': progress comes from the run's log stream (SSE), results as text or
 //! `--json`. Other commands run locally as usual.
+//!
+//! An `https://` server's certificate must chain to the system's authorities or
+//! `--server-ca`'s, or, with `STRETCH_SERVER_FINGERPRINT`, be exactly that one; a
+//! refusal names the server (and both fingerprints for a pin). `http://` stays for
+//! loopback and tunnels.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
