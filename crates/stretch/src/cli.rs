@@ -35,10 +35,15 @@ pub struct GlobalArgs {
     /// Print more (every log line).
     #[arg(short, long, global = true)]
     pub verbose: bool,
-    /// Go through a `stretch serve` at URL instead of the local home (token from
-    /// STRETCH_SERVER_TOKEN); for build, deploy, rollback, apply, releases, history, logs.
+    /// Go through a `stretch serve` at URL (`https://…`, or `http://…` on loopback)
+    /// instead of the local home (token from STRETCH_SERVER_TOKEN); for build, deploy,
+    /// rollback, apply, releases, history, logs.
     #[arg(long, global = true, env = "STRETCH_SERVER", value_name = "URL")]
     pub server: Option<String>,
+    /// With an `https://` server: also trust certificates this CA file (PEM) signed.
+    /// STRETCH_SERVER_FINGERPRINT (`sha256:…`) instead trusts only that certificate.
+    #[arg(long, global = true, env = "STRETCH_SERVER_CA", value_name = "FILE")]
+    pub server_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -183,4 +188,14 @@ pub struct ServeArgs {
     /// The age identity that builds started through the server decrypt secrets with.
     #[arg(short, long, env = "STRETCH_IDENTITY", value_name = "FILE")]
     pub identity: Option<PathBuf>,
+    /// Serve HTTPS with this certificate (PEM, leaf first, then its chain).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--tls-cert`.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Allow plain HTTP on an address other than loopback (e.g. behind a proxy that
+    /// terminates TLS): tokens and session cookies cross that network in the clear.
+    #[arg(long, conflicts_with = "tls_cert")]
+    pub insecure_http: bool,
 }

@@ -3,18 +3,33 @@
 //! with the token from `STRETCH_SERVER_TOKEN`. Output and exit codes are the local
 //! commands': progress comes from the run's log stream (SSE), results as text or
 //! `--json`. Other commands run locally as usual.
+//!
+//! An `https://` server's certificate must chain to the system's authorities or
+//! `--server-ca`'s, or, with `STRETCH_SERVER_FINGERPRINT`, be exactly that one; a
+//! refusal names the server (and both fingerprints for a pin). `http://` stays for
+//! loopback and tunnels.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode, header};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde_json::{Value, json};
 use stretch_core::log::Event;
+use stretch_core::net::tls::{
+    Expect, PeerCheck, Refusal, parse_fingerprint, provider, roots_from_pem, system_roots,
+};
 use stretch_core::store::LogLine;
 use stretch_core::{Error, Result};
 
@@ -23,20 +38,33 @@ use crate::printer::Printer;
 
 /// The environment variable holding the server's token.
 const TOKEN_ENV: &str = "STRETCH_SERVER_TOKEN";
+/// The environment variable pinning an `https://` server's certificate.
+const FINGERPRINT_ENV: &str = "STRETCH_SERVER_FINGERPRINT";
 
 #[derive(Debug, Clone)]
 pub struct Server {
     pub url: String,
     pub token: Option<String>,
+    /// `--server-ca`: a CA file trusted besides the system's.
+    pub ca: Option<PathBuf>,
+    /// `STRETCH_SERVER_FINGERPRINT` as given (checked when a client is made).
+    pub fingerprint: Option<String>,
 }
 
 impl Server {
-    pub fn from_env(url: String) -> Server {
-        let token = std::env::var(TOKEN_ENV)
-            .ok()
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty());
-        Server { url, token }
+    pub fn from_env(url: String, ca: Option<PathBuf>) -> Server {
+        let var = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+        };
+        Server {
+            url,
+            token: var(TOKEN_ENV),
+            ca,
+            fingerprint: var(FINGERPRINT_ENV),
+        }
     }
 }
 
@@ -65,7 +93,9 @@ pub async fn run(server: &Server, command: Command, printer: &Printer) -> Result
 struct Client {
     base: String,
     authorization: Option<String>,
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    http: HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// The check of an `https://` server's certificate, asked why after a refusal.
+    check: Option<Arc<PeerCheck>>,
 }
 
 /// Percent-encode one path segment or query value.
@@ -83,13 +113,7 @@ fn encode(s: &str) -> String {
 impl Client {
     fn new(server: &Server) -> Result<Client> {
         let url = server.url.trim().trim_end_matches('/');
-        if url.starts_with("https://") {
-            return Err(Error::invalid_with_help(
-                format!("`--server {url}`: the CLI speaks plain http only"),
-                "reach the server over http on a trusted network or through an SSH tunnel",
-            ));
-        }
-        let base = if url.starts_with("http://") {
+        let base = if url.starts_with("http://") || url.starts_with("https://") {
             url.to_string()
         } else {
             format!("http://{url}")
@@ -102,11 +126,52 @@ impl Client {
         }
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        // Needed for https:// URLs to reach the TLS layer.
+        connector.enforce_http(false);
+        let (check, tls) = if base.starts_with("https://") {
+            let (check, tls) = trust(server, &base)?;
+            (Some(check), tls)
+        } else {
+            // Plain http never makes a handshake; a pin nothing matches keeps it so.
+            let never = PeerCheck::new(Expect::Pinned(String::new()))?;
+            (None, never.client_config()?)
+        };
         Ok(Client {
             base,
             authorization: server.token.as_ref().map(|t| format!("Bearer {t}")),
-            http: HyperClient::builder(TokioExecutor::new()).build(connector),
+            http: HyperClient::builder(TokioExecutor::new()).build(https_connector(tls, connector)),
+            check,
         })
+    }
+
+    /// Why a request failed: a refused certificate says which and why; anything else
+    /// is an unreachable server.
+    fn unreachable(&self, e: impl std::fmt::Display) -> Error {
+        let base = &self.base;
+        match self.check.as_ref().and_then(|c| c.refusal()) {
+            Some(Refusal::Mismatch {
+                expected,
+                presented,
+            }) => Error::Failed {
+                stage: "server".into(),
+                message: format!(
+                    "refused the server at {base}: its certificate is {presented}, not the pinned {expected}"
+                ),
+                help: Some(format!(
+                    "if the server's certificate was replaced on purpose, set {FINGERPRINT_ENV} to the new one (check it on the server first); otherwise something stands between you and the server"
+                )),
+            },
+            Some(Refusal::Untrusted { presented, reason }) => Error::Failed {
+                stage: "server".into(),
+                message: format!(
+                    "refused the server at {base}: its certificate ({presented}) is not trusted: {reason}"
+                ),
+                help: Some(format!(
+                    "pass `--server-ca FILE` (or set STRETCH_SERVER_CA) with the CA that signed it, or pin the certificate with {FINGERPRINT_ENV}=sha256:… (as `stretch serve` prints it)"
+                )),
+            },
+            None => Error::failed("server", format!("cannot reach the server at {base}: {e}")),
+        }
     }
 
     async fn send(
@@ -130,12 +195,10 @@ impl Client {
         let req = req
             .body(Full::new(data))
             .map_err(|e| Error::invalid(format!("`--server`: bad URL `{url}`: {e}")))?;
-        self.http.request(req).await.map_err(|e| {
-            Error::failed(
-                "server",
-                format!("cannot reach the server at {}: {e}", self.base),
-            )
-        })
+        self.http
+            .request(req)
+            .await
+            .map_err(|e| self.unreachable(error_chain(&e)))
     }
 
     /// A JSON call: the status and body, or the error the server gave.
@@ -226,6 +289,136 @@ impl Client {
             "the server closed the log stream before the run ended",
         ))
     }
+}
+
+/// How an `https://` server's certificate is checked: against the pinned fingerprint,
+/// else a chain to the system's or `--server-ca`'s authorities.
+fn trust(server: &Server, base: &str) -> Result<(Arc<PeerCheck>, rustls::ClientConfig)> {
+    if let Some(given) = &server.fingerprint {
+        let Some(fp) = parse_fingerprint(given) else {
+            return Err(Error::invalid_with_help(
+                format!("{FINGERPRINT_ENV} is not a certificate fingerprint"),
+                "write it as `sha256:` and 64 hex digits, as `stretch serve` prints it",
+            ));
+        };
+        let check = PeerCheck::new(Expect::Pinned(fp))?;
+        let config = check.client_config()?;
+        return Ok((check, config));
+    }
+    let mut roots = system_roots();
+    let mut own = Vec::new();
+    if let Some(ca) = &server.ca {
+        let extra = roots_from_pem(ca)?;
+        roots.roots.extend(extra.roots);
+        // Already read once without error by `roots_from_pem`.
+        own = CertificateDer::pem_file_iter(ca)
+            .map(|certs| certs.filter_map(|c| c.ok()).collect())
+            .unwrap_or_default();
+    }
+    if roots.is_empty() {
+        return Err(Error::Failed {
+            stage: "server".into(),
+            message: format!(
+                "cannot check the certificate of the server at {base}: this machine trusts no certificate authority"
+            ),
+            help: Some(format!(
+                "pass `--server-ca FILE` (or set STRETCH_SERVER_CA) with the CA that signed it, or pin the certificate with {FINGERPRINT_ENV}=sha256:…"
+            )),
+        });
+    }
+    let check = PeerCheck::new(Expect::Roots(Arc::new(roots)))?;
+    if own.is_empty() {
+        let config = check.client_config()?;
+        return Ok((check, config));
+    }
+    let verifier = Arc::new(CaFileTrust {
+        check: check.clone(),
+        own,
+    });
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::failed("tls", e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok((check, config))
+}
+
+/// `--server-ca` holding the server's own self-signed certificate: `openssl req -x509`
+/// marks those as authorities, which the chain check refuses to see as a server's own.
+/// A server presenting exactly a certificate of that file is trusted like a pin (the
+/// handshake still proves it holds the key); any other goes through the chain check.
+#[derive(Debug)]
+struct CaFileTrust {
+    check: Arc<PeerCheck>,
+    own: Vec<CertificateDer<'static>>,
+}
+
+impl ServerCertVerifier for CaFileTrust {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        if self.own.iter().any(|c| c.as_ref() == end_entity.as_ref()) {
+            return Ok(ServerCertVerified::assertion());
+        }
+        self.check
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.check.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.check.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.check.supported_verify_schemes()
+    }
+}
+
+fn https_connector(
+    mut tls: rustls::ClientConfig,
+    http: HttpConnector,
+) -> HttpsConnector<HttpConnector> {
+    // The builder sets ALPN itself (and insists on setting it).
+    tls.alpn_protocols.clear();
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
+}
+
+/// An error and its causes on one line (hyper's own message is only "client error").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// The server's error answer as the CLI's error: bad input exit 2, else exit 1.

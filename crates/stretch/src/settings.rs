@@ -44,7 +44,10 @@ impl Settings {
             home,
             json: g.json,
             verbosity,
-            server: g.server.clone().map(crate::remote::Server::from_env),
+            server: g
+                .server
+                .clone()
+                .map(|url| crate::remote::Server::from_env(url, g.server_ca.clone())),
         }
     }
 }

@@ -17,6 +17,9 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         system_file: settings.system_file.clone(),
         home: settings.home.clone(),
         identity: args.identity,
+        // clap makes sure both or neither are given.
+        tls: args.tls_cert.zip(args.tls_key),
+        insecure_http: args.insecure_http,
     })
     .await
 }

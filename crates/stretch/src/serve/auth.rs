@@ -3,15 +3,21 @@
 //! hashes). State-changing calls made with the cookie must also come from the same
 //! origin and carry the session's CSRF token: the cookie is `SameSite=Strict`, and the
 //! origin check and token stop a cross-site form or script even where it is not.
+//!
+//! A wrong token (bearer or login form) is answered only after a pause that doubles
+//! with each failure from the same address in a row, and is logged (never the token).
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::Extensions;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use stretch_core::net::backoff::Backoff;
 
 use super::Shared;
 
@@ -23,6 +29,9 @@ const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 pub struct Auth {
     tokens: Vec<blake3::Hash>,
     sessions: Mutex<HashMap<String, Session>>,
+    /// Served over TLS: the session cookie is `Secure`.
+    secure: bool,
+    failures: Backoff,
 }
 
 struct Session {
@@ -58,11 +67,39 @@ impl Caller {
 }
 
 impl Auth {
-    pub fn new(tokens: &[String]) -> Auth {
+    pub fn new(tokens: &[String], secure: bool) -> Auth {
         Auth {
             tokens: tokens.iter().map(|t| blake3::hash(t.as_bytes())).collect(),
             sessions: Mutex::new(HashMap::new()),
+            secure,
+            failures: Backoff::default(),
         }
+    }
+
+    /// The attributes of the session cookie (after its value).
+    pub fn cookie_attributes(&self) -> &'static str {
+        if self.secure {
+            "Path=/; HttpOnly; SameSite=Strict; Secure"
+        } else {
+            "Path=/; HttpOnly; SameSite=Strict"
+        }
+    }
+
+    /// A wrong token from `ip`: wait before the answer, longer each time in a row.
+    pub async fn failed(&self, ip: IpAddr) {
+        let f = self.failures.failed(ip);
+        if f.worth_logging() {
+            eprintln!(
+                "stretch serve: failed authentication from {ip} ({} in a row)",
+                f.failures
+            );
+        }
+        tokio::time::sleep(f.delay).await;
+    }
+
+    /// A right token from `ip`: its failures are forgotten.
+    pub fn succeeded(&self, ip: IpAddr) {
+        self.failures.succeeded(ip);
     }
 
     /// Whether `given` is one of the tokens. `blake3::Hash` equality is constant-time,
@@ -113,6 +150,14 @@ impl Auth {
         }
         self.session(&session_cookie(headers)?)
     }
+}
+
+/// The client's address (set per connection by `serve`).
+pub fn peer_ip(extensions: &Extensions) -> IpAddr {
+    extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_canonical())
+        .unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED))
 }
 
 /// The session cookie's value.
@@ -169,9 +214,19 @@ pub async fn require(State(st): State<Shared>, mut req: Request, next: Next) -> 
     if path == "/login" {
         return next.run(req).await;
     }
+    let bearer = req.headers().contains_key(header::AUTHORIZATION);
+    let ip = peer_ip(req.extensions());
     let Some(caller) = st.auth.caller(req.headers()) else {
+        // No credentials (a browser before its login) or a stale session cookie (ids
+        // are not guessable) costs nothing; a wrong token does.
+        if bearer {
+            st.auth.failed(ip).await;
+        }
         return unauthorized(&st, api);
     };
+    if bearer {
+        st.auth.succeeded(ip);
+    }
     let changes_state = !matches!(*req.method(), Method::GET | Method::HEAD);
     if changes_state && let Caller::Session { csrf } = &caller {
         if !same_origin(req.headers()) {
@@ -225,7 +280,7 @@ mod tests {
 
     #[test]
     fn tokens_and_sessions() {
-        let a = Auth::new(&["one".into(), "two".into()]);
+        let a = Auth::new(&["one".into(), "two".into()], false);
         assert!(a.token_ok("one") && a.token_ok("two"));
         assert!(!a.token_ok("on") && !a.token_ok(""));
         let mut h = HeaderMap::new();

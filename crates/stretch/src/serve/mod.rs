@@ -14,12 +14,19 @@ mod jobs;
 mod pages;
 mod view;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
 use axum::routing::{get, post};
+use hyper::service::Service as _;
+use hyper_util::service::TowerToHyperService;
 use stretch_core::home::Home;
+use stretch_core::net;
+use stretch_core::net::serve::Limits;
+use stretch_core::net::tls::Identity;
 use stretch_core::store::Store;
 use stretch_core::system::System;
 use stretch_core::{Error, Result};
@@ -33,6 +40,10 @@ pub struct Options {
     pub home: PathBuf,
     /// The age identity builds decrypt secrets with.
     pub identity: Option<PathBuf>,
+    /// `--tls-cert`, `--tls-key`: serve HTTPS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// `--insecure-http`: plain HTTP is allowed beyond loopback.
+    pub insecure_http: bool,
 }
 
 /// Everything the handlers share.
@@ -92,32 +103,66 @@ pub fn router(state: Shared) -> Router {
 pub async fn serve(opts: Options) -> Result<()> {
     // A broken system file is bad input: fail now (exit 2), not on the first request.
     System::load(&opts.system_file)?;
-    let home = Home::open(&opts.home)?;
-    let store = Store::open(&home.db())?;
-    let reader = Store::open(&home.db())?;
-    let listener = tokio::net::TcpListener::bind(&opts.listen)
+    let identity = match &opts.tls {
+        Some((cert, key)) => Some(Identity::from_files(cert, key)?),
+        None => None,
+    };
+    let acceptor = identity.as_ref().map(Identity::acceptor).transpose()?;
+    let cannot_listen =
+        |e: std::io::Error| Error::invalid(format!("cannot listen on `{}`: {e}", opts.listen));
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&opts.listen)
         .await
-        .map_err(|e| Error::invalid(format!("cannot listen on `{}`: {e}", opts.listen)))?;
+        .map_err(cannot_listen)?
+        .collect();
+    // Checked before binding: a refused address is never listened on, even briefly.
+    let loopback = addrs.iter().all(|a| a.ip().to_canonical().is_loopback());
+    if identity.is_none() && !opts.insecure_http && !loopback {
+        return Err(Error::invalid_with_help(
+            format!(
+                "`stretch serve` will not listen on `{}` without TLS: tokens and session cookies would cross the network in the clear",
+                opts.listen
+            ),
+            "pass `--tls-cert FILE --tls-key FILE` to serve HTTPS, or listen on 127.0.0.1 and reach it through an SSH tunnel; behind a proxy that terminates TLS, `--insecure-http` allows it",
+        ));
+    }
+    let listener = tokio::net::TcpListener::bind(&addrs[..])
+        .await
+        .map_err(cannot_listen)?;
     let addr = listener
         .local_addr()
         .map_err(|e| Error::failed("serve", e.to_string()))?;
+    let home = Home::open(&opts.home)?;
+    let store = Store::open(&home.db())?;
+    let reader = Store::open(&home.db())?;
     let state = Arc::new(AppState {
         system_file: opts.system_file,
         home,
         store,
         reader,
         identity: opts.identity,
-        auth: auth::Auth::new(&opts.tokens),
+        auth: auth::Auth::new(&opts.tokens, identity.is_some()),
         jobs: jobs::Jobs::default(),
         feeds: feed::Feeds::default(),
         pages: pages::Pages::new()?,
     });
-    eprintln!("stretch serve: listening on http://{addr}");
-    let app = router(state.clone());
-    tokio::select! {
-        r = axum::serve(listener, app) => r.map_err(|e| Error::failed("serve", e.to_string()))?,
-        () = shutdown_signal() => {}
+    let scheme = if identity.is_some() { "https" } else { "http" };
+    eprintln!("stretch serve: listening on {scheme}://{addr}");
+    if let Some(id) = &identity {
+        eprintln!(
+            "stretch serve: certificate {} (clients may pin it with STRETCH_SERVER_FINGERPRINT)",
+            id.fingerprint()
+        );
     }
+    let app = router(state.clone());
+    let make = move |peer: SocketAddr| {
+        let app = TowerToHyperService::new(app.clone());
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            // Handlers and the auth middleware learn the client's address from this.
+            req.extensions_mut().insert(ConnectInfo(peer));
+            app.call(req)
+        })
+    };
+    net::serve::serve(listener, acceptor, Limits::SERVER, make, shutdown_signal()).await;
     // Runs still going (on their own threads) end with the process: say so in their
     // history.
     let cut = state.jobs.interrupt_all(&state.store);

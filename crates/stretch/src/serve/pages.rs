@@ -3,8 +3,9 @@
 //! EventSource. Buttons are plain forms carrying the session's CSRF token.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
@@ -93,19 +94,23 @@ pub struct LoginForm {
 
 pub async fn login(
     State(st): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
     if !same_origin(&headers) {
         return (StatusCode::FORBIDDEN, "cross-site request refused").into_response();
     }
+    let ip = peer.ip().to_canonical();
     if !st.auth.token_ok(form.token.trim()) {
+        st.auth.failed(ip).await;
         return (
             StatusCode::UNAUTHORIZED,
             st.pages.login(Some("wrong token")),
         )
             .into_response();
     }
+    st.auth.succeeded(ip);
     let Some(id) = st.auth.new_session() else {
         return st.pages.error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -114,8 +119,7 @@ pub async fn login(
         );
     };
     let mut resp = Redirect::to("/").into_response();
-    if let Ok(v) =
-        HeaderValue::from_str(&format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict"))
+    if let Ok(v) = HeaderValue::from_str(&format!("{COOKIE}={id}; {}", st.auth.cookie_attributes()))
     {
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }
@@ -144,7 +148,8 @@ pub async fn logout(
     }
     let mut resp = Redirect::to("/login").into_response();
     if let Ok(v) = HeaderValue::from_str(&format!(
-        "{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"
+        "{COOKIE}=; {}; Max-Age=0",
+        st.auth.cookie_attributes()
     )) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }

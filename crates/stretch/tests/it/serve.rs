@@ -1,7 +1,9 @@
 //! `stretch serve`: the real binary on a free loopback port against a temp system —
 //! tokens and sessions, builds and deploys through the API, the log over SSE (including
 //! a client that drops it), 404s and 409s, the CLI with `--server`, and the web page
-//! driven by headless Chromium through WebDriver (screenshots in `target/screenshots/`).
+//! driven by headless Chromium through WebDriver (screenshots in `target/screenshots/`);
+//! HTTPS and the CLI's trust in it, the plain-HTTP guard, slowed wrong tokens, and
+//! idle connections.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -108,8 +110,20 @@ fn request(
     headers: &[(&str, &str)],
     body: Option<String>,
 ) -> Resp {
-    let mut s = TcpStream::connect(addr).expect("connect");
+    let s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    exchange(s, addr, method, path, headers, body)
+}
+
+/// One request on `s`, then its answer.
+fn exchange<S: Read + Write>(
+    mut s: S,
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> Resp {
     let body = body.unwrap_or_default();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
@@ -170,8 +184,9 @@ fn request(
             reader.read_exact(&mut chunk).unwrap();
             bytes.extend_from_slice(&chunk[..n]);
         }
-    } else {
-        reader.read_to_end(&mut bytes).unwrap();
+    } else if let Err(e) = reader.read_to_end(&mut bytes) {
+        // A TLS peer may close without `close_notify`; the body is complete anyway.
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
     }
     resp.body = String::from_utf8_lossy(&bytes).into_owned();
     resp
@@ -821,6 +836,473 @@ fn the_cli_with_server_builds_and_lists_releases() {
     remote
         .run(&["--server", &url, "releases"])
         .fails(2, &["the server rejected the token"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// transport security: TLS, the plain-HTTP guard, slowed wrong tokens, idle connections
+
+/// A strong token (64 hex), as operators are told to make them.
+const STRONG: &str = "4f8a1c2e9b7d6053a1e4c8f2b9d07e6a5c3f1b8d2e4a6c9f0b7e5d3a1c8f6b2e";
+
+/// A `stretch serve` started with `args` (after `serve`), its stderr kept in a file;
+/// `addr` is a loopback address to reach it, from its ready line.
+struct Server {
+    addr: String,
+    url: String,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Server {
+    fn launch(ctx: &Ctx, args: &[&str]) -> Server {
+        let token_file = ctx.write("strong-token", format!("{STRONG}\n"));
+        let log = ctx.path().join(format!("serve-{}.log", unique("log")));
+        let child = Command::new(env!("CARGO_BIN_EXE_stretch"))
+            .arg("serve")
+            .args(args)
+            .arg("--token-file")
+            .arg(&token_file)
+            .current_dir(ctx.path())
+            .env_remove("STRETCH_HOME")
+            .env_remove("STRETCH_SERVER")
+            .env_remove("STRETCH_SERVER_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start stretch serve");
+        let mut s = Server {
+            addr: String::new(),
+            url: String::new(),
+            log,
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let prefix = "stretch serve: listening on ";
+        loop {
+            let log = s.log();
+            if let Some(line) = log.lines().find(|l| l.starts_with(prefix)) {
+                s.url = line[prefix.len()..].trim().to_string();
+                let hostport = s.url.split("://").nth(1).unwrap().to_string();
+                s.addr = hostport
+                    .replace("0.0.0.0:", "127.0.0.1:")
+                    .replace("[::]:", "127.0.0.1:");
+                return s;
+            }
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!("stretch serve ended ({status}):\n{log}");
+            }
+            assert!(Instant::now() < deadline, "no ready line:\n{log}");
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The certificate fingerprint the server announced.
+    fn fingerprint(&self) -> String {
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.starts_with("stretch serve: certificate sha256:"))
+            .unwrap_or_else(|| panic!("no fingerprint line:\n{log}"));
+        line.split_whitespace().nth(3).unwrap().to_string()
+    }
+
+    /// One request over TLS, trusting only the certificate `fingerprint`.
+    fn https(
+        &self,
+        fingerprint: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<String>,
+    ) -> Resp {
+        use stretch_core::net::tls::{Expect, PeerCheck};
+        let check = PeerCheck::new(Expect::Pinned(fingerprint.to_string())).unwrap();
+        let config = std::sync::Arc::new(check.client_config().unwrap());
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = rustls::ClientConnection::new(config, name).unwrap();
+        let tcp = TcpStream::connect(&self.addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        exchange(
+            rustls::StreamOwned::new(tls, tcp),
+            &self.addr,
+            method,
+            path,
+            headers,
+            body,
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Files of a test CA and a certificate it signed for 127.0.0.1 and localhost:
+/// `(ca.pem, cert.pem, key.pem, the certificate's fingerprint)`.
+fn ca_signed_cert(ctx: &Ctx) -> (PathBuf, PathBuf, PathBuf, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "stretch test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (
+        ctx.write("tls/ca.pem", ca_cert.pem()),
+        ctx.write("tls/cert.pem", leaf.pem()),
+        ctx.write("tls/key.pem", key.serialize_pem()),
+        stretch_core::net::tls::fingerprint(leaf.der()),
+    )
+}
+
+/// A self-signed certificate marked as an authority, as `openssl req -x509` makes them:
+/// `(cert.pem, key.pem)`.
+fn self_signed_ca_flagged(ctx: &Ctx) -> (PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
+    let cert = params.self_signed(&key).unwrap();
+    (
+        ctx.write("tls/self.pem", cert.pem()),
+        ctx.write("tls/self-key.pem", key.serialize_pem()),
+    )
+}
+
+#[test]
+fn serve_over_tls_and_the_cli_trusts_it_by_ca_or_fingerprint() {
+    let ctx = Ctx::new();
+    let name = unique("srv-tls");
+    system(&ctx, &name, 1, "0", &[], stretch_test::free_port());
+    let (ca, cert, key, fp) = ca_signed_cert(&ctx);
+    let port = stretch_test::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let s = Server::launch(
+        &ctx,
+        &[
+            "--listen",
+            &listen,
+            "--tls-cert",
+            cert_s,
+            "--tls-key",
+            key_s,
+        ],
+    );
+    assert_eq!(s.url, format!("https://{listen}"));
+    assert_eq!(s.fingerprint(), fp);
+    let bearer = format!("Bearer {STRONG}");
+    let r = s.https(
+        &fp,
+        "GET",
+        "/api/releases",
+        &[("Authorization", &bearer)],
+        None,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json(), json!([]));
+    // Plain HTTP to the TLS port gets no answer.
+    let mut plain = TcpStream::connect(&s.addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(plain, "GET /api/releases HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut got = String::new();
+    let _ = plain.read_to_string(&mut got);
+    assert!(!got.contains("200 OK"), "{got}");
+    // The login cookie only travels over TLS.
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let ok = s.https(
+        &fp,
+        "POST",
+        "/login",
+        &form,
+        Some(format!("token={STRONG}")),
+    );
+    assert_eq!(ok.status, 303, "{ok:?}");
+    let cookie = ok.header("set-cookie").unwrap();
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+
+    // The CLI, from an empty folder.
+    let url = s.url.clone();
+    let cli = |env: &[(&str, &str)], extra: &[&str]| {
+        let mut remote = Ctx::new();
+        remote
+            .env
+            .push(("STRETCH_SERVER_TOKEN".into(), STRONG.into()));
+        for (k, v) in env {
+            remote.env.push((k.to_string(), v.to_string()));
+        }
+        let mut args = vec!["--server", &url];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["releases", "--json"]);
+        remote.run(&args)
+    };
+    let ca_s = ca.to_str().unwrap();
+    assert_eq!(cli(&[], &["--server-ca", ca_s]).ok().json(), json!([]));
+    assert_eq!(
+        cli(&[("STRETCH_SERVER_CA", ca_s)], &[]).ok().json(),
+        json!([])
+    );
+    assert_eq!(
+        cli(&[("STRETCH_SERVER_FINGERPRINT", &fp)], &[]).ok().json(),
+        json!([])
+    );
+    // As openssl prints it: upper case, colons.
+    let openssl_style = format!(
+        "SHA256:{}",
+        fp["sha256:".len()..]
+            .to_uppercase()
+            .as_bytes()
+            .chunks(2)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect::<Vec<_>>()
+            .join(":")
+    );
+    cli(&[("STRETCH_SERVER_FINGERPRINT", &openssl_style)], &[]).ok();
+    // A pin wins over a CA: a wrong pin is refused, naming both fingerprints.
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let out = cli(
+        &[("STRETCH_SERVER_FINGERPRINT", &wrong)],
+        &["--server-ca", ca_s],
+    );
+    out.fails(1, &[&url, &wrong, &fp, "STRETCH_SERVER_FINGERPRINT"]);
+    // Neither: the test CA is nobody's.
+    cli(&[], &[]).fails(1, &[&url, "not trusted", "--server-ca"]);
+    cli(&[("STRETCH_SERVER_FINGERPRINT", "sha256:abc")], &[])
+        .fails(2, &["STRETCH_SERVER_FINGERPRINT", "64 hex"]);
+    let missing = ctx.path().join("nope.pem");
+    cli(&[], &["--server-ca", missing.to_str().unwrap()]).fails(2, &["nope.pem"]);
+    // The token never reaches the server's log.
+    assert!(!s.log().contains(STRONG), "{}", s.log());
+    drop(s);
+
+    // `--server-ca` may also be the server's own self-signed certificate, even marked
+    // as an authority (as `openssl req -x509` makes it).
+    let (own, own_key) = self_signed_ca_flagged(&ctx);
+    let listen = format!("127.0.0.1:{}", stretch_test::free_port());
+    let own_s = own.to_str().unwrap();
+    let s = Server::launch(
+        &ctx,
+        &[
+            "--listen",
+            &listen,
+            "--tls-cert",
+            own_s,
+            "--tls-key",
+            own_key.to_str().unwrap(),
+        ],
+    );
+    let mut remote = Ctx::new();
+    remote
+        .env
+        .push(("STRETCH_SERVER_TOKEN".into(), STRONG.into()));
+    remote
+        .run(&[
+            "--server",
+            &s.url,
+            "--server-ca",
+            own_s,
+            "releases",
+            "--json",
+        ])
+        .ok();
+    remote
+        .run(&[
+            "--server",
+            &s.url,
+            "--server-ca",
+            ca_s,
+            "releases",
+            "--json",
+        ])
+        .fails(1, &["not trusted"]);
+}
+
+#[test]
+fn plain_http_only_on_loopback_unless_insecure_http() {
+    let ctx = Ctx::new();
+    let name = unique("srv-plain");
+    system(&ctx, &name, 1, "0", &[], stretch_test::free_port());
+    let token_file = ctx.write("strong-token", format!("{STRONG}\n"));
+    let tf = token_file.to_str().unwrap();
+    for listen in ["0.0.0.0:0", "[::]:0"] {
+        ctx.run(&["serve", "--listen", listen, "--token-file", tf])
+            .fails(2, &["without TLS", "--tls-cert", "--insecure-http"]);
+    }
+    let (_, cert, key, _) = ca_signed_cert(&ctx);
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    for half in [["--tls-cert", cert], ["--tls-key", key]] {
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--token-file", tf];
+        args.extend_from_slice(&half);
+        ctx.run(&args).fails(2, &["--tls-"]);
+    }
+    // A key that is not the certificate's.
+    let other = Ctx::new();
+    let (_, _, other_key, _) = ca_signed_cert(&other);
+    ctx.run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--token-file",
+        tf,
+        "--tls-cert",
+        cert,
+        "--tls-key",
+        other_key.to_str().unwrap(),
+    ])
+    .fails(2, &["do not fit"]);
+    // Refused listens created nothing.
+    assert!(!ctx.home().exists(), "a refused serve made the home");
+    // `localhost` is loopback; `--insecure-http` opens the rest.
+    let s = Server::launch(&ctx, &["--listen", "localhost:0"]);
+    assert!(s.url.starts_with("http://"), "{}", s.url);
+    drop(s);
+    let port = stretch_test::free_port();
+    let s = Server::launch(
+        &ctx,
+        &["--listen", &format!("0.0.0.0:{port}"), "--insecure-http"],
+    );
+    assert_eq!(s.url, format!("http://0.0.0.0:{port}"));
+    let bearer = format!("Bearer {STRONG}");
+    let r = request(
+        &s.addr,
+        "GET",
+        "/api/releases",
+        &[("Authorization", &bearer)],
+        None,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    // Over plain HTTP the cookie cannot be `Secure` (browsers would drop it).
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let ok = request(
+        &s.addr,
+        "POST",
+        "/login",
+        &form,
+        Some(format!("token={STRONG}")),
+    );
+    assert_eq!(ok.status, 303, "{ok:?}");
+    assert!(!ok.header("set-cookie").unwrap().contains("Secure"));
+}
+
+#[test]
+fn wrong_tokens_are_answered_slower_and_never_logged() {
+    let ctx = Ctx::new();
+    let name = unique("srv-backoff");
+    system(&ctx, &name, 1, "0", &[], stretch_test::free_port());
+    let s = Server::launch(&ctx, &["--listen", "127.0.0.1:0"]);
+    let wrong = "0e1d2c3b4a5968778695a4b3c2d1e0f00e1d2c3b4a5968778695a4b3c2d1e0f0";
+    let timed = |token: &str| {
+        let t = Instant::now();
+        let bearer = format!("Bearer {token}");
+        let r = request(
+            &s.addr,
+            "GET",
+            "/api/releases",
+            &[("Authorization", &bearer)],
+            None,
+        );
+        (r.status, t.elapsed())
+    };
+    let mut times = Vec::new();
+    for _ in 0..4 {
+        let (status, took) = timed(wrong);
+        assert_eq!(status, 401);
+        times.push(took);
+    }
+    assert!(
+        times[3] >= Duration::from_millis(400),
+        "the 4th wrong token was answered in {:?} ({times:?})",
+        times[3]
+    );
+    assert!(times[3] > times[0], "{times:?}");
+    // A right token right after is answered at once, and forgives the address.
+    let (status, took) = timed(STRONG);
+    assert_eq!(status, 200);
+    assert!(
+        took < Duration::from_millis(300),
+        "the right token took {took:?}"
+    );
+    // The login form counts too.
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let t = Instant::now();
+    let bad = request(
+        &s.addr,
+        "POST",
+        "/login",
+        &form,
+        Some(format!("token={wrong}")),
+    );
+    assert_eq!(bad.status, 401);
+    assert!(bad.body.contains("wrong token"), "{bad:?}");
+    assert!(t.elapsed() >= Duration::from_millis(100));
+    // No credentials at all (a browser before logging in) costs nothing.
+    let t = Instant::now();
+    assert_eq!(request(&s.addr, "GET", "/", &[], None).status, 401);
+    assert!(t.elapsed() < Duration::from_millis(300));
+    let log = s.log();
+    assert!(
+        log.contains("stretch serve: failed authentication from 127.0.0.1 (4 in a row)"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("failed authentication from 127.0.0.1 (1 in a row)")
+            .count(),
+        2,
+        "the right token did not reset the count, or the form failure was not counted:\n{log}"
+    );
+    assert!(!log.contains(wrong) && !log.contains(STRONG), "{log}");
+}
+
+#[test]
+fn idle_connections_do_not_starve_an_authenticated_request() {
+    let ctx = Ctx::new();
+    let name = unique("srv-idle");
+    system(&ctx, &name, 1, "0", &[], stretch_test::free_port());
+    let s = Server::launch(&ctx, &["--listen", "127.0.0.1:0"]);
+    let held: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(&s.addr).unwrap())
+        .collect();
+    // One more trickles half a request head.
+    let mut slow = TcpStream::connect(&s.addr).unwrap();
+    slow.write_all(b"GET /api/releases HTTP/1.1\r\nHo").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let bearer = format!("Bearer {STRONG}");
+    let r = request(
+        &s.addr,
+        "GET",
+        "/api/releases",
+        &[("Authorization", &bearer)],
+        None,
+    );
+    let took = t.elapsed();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "answered in {took:?} with {} idle connections",
+        held.len()
+    );
+    drop(held);
 }
 
 // ---------------------------------------------------------------------------------------
