@@ -146,6 +146,7 @@ fn action_for(old: Option<&GroupSpec>, new: Option<&GroupSpec>) -> Option<Action
             } else if a.config_version != b.config_version
                 || a.reload != b.reload
                 || a.reload_signal != b.reload_signal
+                || a.response_timeout_ms != b.response_timeout_ms
             {
                 Some(ActionKind::Reload)
             } else {
@@ -443,6 +444,30 @@ mod tests {
                 ("changed", "services.b"),
                 ("added", "services.c")
             ]
+        );
+    }
+
+    #[test]
+    fn a_changed_proxy_timeout_is_applied_without_a_restart() {
+        let spec: GroupSpec = serde_json::from_value(serde_json::json!({
+            "key": {"system": "s", "environment": "e", "group": "g"},
+            "host": "h", "node": "n",
+            "release": {"id": "r", "name": "n", "created_at": ""},
+            "existing_release": null, "image": "i", "pull": false, "instances": 1,
+            "listen": 80, "port": 8080,
+            "health": {"path": "/", "interval_ms": 1000, "timeout_ms": 1000},
+            "reload": null, "stop_timeout_ms": null, "config": {}, "config_version": "v",
+            "templates": {}, "environment_name": "e"
+        }))
+        .unwrap();
+        assert_eq!(action_for(Some(&spec), Some(&spec)), None);
+        let slower = GroupSpec {
+            response_timeout_ms: Some(120_000),
+            ..spec.clone()
+        };
+        assert_eq!(
+            action_for(Some(&spec), Some(&slower)),
+            Some(ActionKind::Reload)
         );
     }
 }

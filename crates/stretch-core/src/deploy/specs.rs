@@ -52,11 +52,16 @@ pub fn environment_json(name: &str, env: &Environment) -> serde_json::Value {
         .groups
         .iter()
         .map(|(k, g)| {
-            (
-                k.clone(),
-                serde_json::json!({"name": k, "node": g.node, "hosts": g.hosts, "instances": g.instances.unwrap_or(1),
-                    "batch": g.batch, "listen": g.listen}),
-            )
+            let mut group = serde_json::json!({"name": k, "node": g.node, "hosts": g.hosts, "instances": g.instances.unwrap_or(1),
+                "batch": g.batch, "listen": g.listen});
+            // Only when set, so that records written before it existed read the same.
+            if let (Some(p), Some(map)) = (&g.proxy, group.as_object_mut()) {
+                map.insert(
+                    "proxy".into(),
+                    serde_json::json!({"response_timeout": p.response_timeout}),
+                );
+            }
+            (k.clone(), group)
         })
         .collect();
     serde_json::json!({"name": name, "hosts": hosts, "groups": groups, "services": env.services})

@@ -426,9 +426,18 @@ impl Agent {
                 spec.release.id
             )));
         }
-        let record = record.unwrap_or_else(|| GroupRecord::new(key.clone()));
+        let mut record = record.unwrap_or_else(|| GroupRecord::new(key.clone()));
         group.pool.set_response_timeout(spec.response_timeout_ms);
-        if current == spec && record.instances.len() == spec.instances as usize {
+        // Only the proxy's response timeout changed: nothing to restart or reload.
+        let same_but_proxy = GroupSpec {
+            response_timeout_ms: spec.response_timeout_ms,
+            ..current.clone()
+        };
+        if same_but_proxy == spec && record.instances.len() == spec.instances as usize {
+            if current != spec {
+                record.current = Some(spec);
+                self.commit(record)?;
+            }
             return Ok(self.status(&key).await);
         }
         let reloadable = (spec.reload.is_some() || spec.reload_signal.is_some())
