@@ -41,7 +41,7 @@ const TOKEN_ENV: &str = "STRETCH_SERVER_TOKEN";
 /// The environment variable pinning an `https://` server's certificate.
 const FINGERPRINT_ENV: &str = "STRETCH_SERVER_FINGERPRINT";
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Server {
     pub url: String,
     pub token: Option<String>,
@@ -49,6 +49,18 @@ pub struct Server {
     pub ca: Option<PathBuf>,
     /// `STRETCH_SERVER_FINGERPRINT` as given (checked when a client is made).
     pub fingerprint: Option<String>,
+}
+
+impl std::fmt::Debug for Server {
+    // Not derived: the token stays out of debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .field("ca", &self.ca)
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
 }
 
 impl Server {
