@@ -10,7 +10,6 @@
 //! loopback and tunnels.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,50 +34,7 @@ use stretch_core::{Error, Result};
 
 use crate::cli::{BuildArgs, Command, DeployArgs};
 use crate::printer::Printer;
-
-/// The environment variable holding the server's token.
-const TOKEN_ENV: &str = "STRETCH_SERVER_TOKEN";
-/// The environment variable pinning an `https://` server's certificate.
-const FINGERPRINT_ENV: &str = "STRETCH_SERVER_FINGERPRINT";
-
-#[derive(Clone)]
-pub struct Server {
-    pub url: String,
-    pub token: Option<String>,
-    /// `--server-ca`: a CA file trusted besides the system's.
-    pub ca: Option<PathBuf>,
-    /// `STRETCH_SERVER_FINGERPRINT` as given (checked when a client is made).
-    pub fingerprint: Option<String>,
-}
-
-impl std::fmt::Debug for Server {
-    // Not derived: the token stays out of debug output.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server")
-            .field("url", &self.url)
-            .field("token", &self.token.as_ref().map(|_| "…"))
-            .field("ca", &self.ca)
-            .field("fingerprint", &self.fingerprint)
-            .finish()
-    }
-}
-
-impl Server {
-    pub fn from_env(url: String, ca: Option<PathBuf>) -> Server {
-        let var = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .map(|t| t.trim().to_string())
-                .filter(|t| !t.is_empty())
-        };
-        Server {
-            url,
-            token: var(TOKEN_ENV),
-            ca,
-            fingerprint: var(FINGERPRINT_ENV),
-        }
-    }
-}
+use crate::settings::{FINGERPRINT_ENV, Server, TOKEN_ENV};
 
 /// Run `command` through the server; give it back when it is one to run locally.
 pub async fn run(server: &Server, command: Command, printer: &Printer) -> Result<Option<Command>> {

@@ -11,7 +11,7 @@ pub struct Settings {
     pub json: bool,
     pub verbosity: Verbosity,
     /// `--server URL`: commands that can go through a `stretch serve` do.
-    pub server: Option<crate::remote::Server>,
+    pub server: Option<Server>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +47,52 @@ impl Settings {
             server: g
                 .server
                 .clone()
-                .map(|url| crate::remote::Server::from_env(url, g.server_ca.clone())),
+                .map(|url| Server::from_env(url, g.server_ca.clone())),
+        }
+    }
+}
+
+/// `--server URL` as resolved: where the server is and how to trust and call it.
+/// The environment variable holding the server's token.
+pub const TOKEN_ENV: &str = "STRETCH_SERVER_TOKEN";
+/// The environment variable pinning an `https://` server's certificate.
+pub const FINGERPRINT_ENV: &str = "STRETCH_SERVER_FINGERPRINT";
+
+#[derive(Clone)]
+pub struct Server {
+    pub url: String,
+    pub token: Option<String>,
+    /// `--server-ca`: a CA file trusted besides the system's.
+    pub ca: Option<PathBuf>,
+    /// `STRETCH_SERVER_FINGERPRINT` as given (checked when a client is made).
+    pub fingerprint: Option<String>,
+}
+
+impl std::fmt::Debug for Server {
+    // Not derived: the token stays out of debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .field("ca", &self.ca)
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
+}
+
+impl Server {
+    pub fn from_env(url: String, ca: Option<PathBuf>) -> Server {
+        let var = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+        };
+        Server {
+            url,
+            token: var(TOKEN_ENV),
+            ca,
+            fingerprint: var(FINGERPRINT_ENV),
         }
     }
 }
