@@ -1,9 +1,13 @@
 //! The one error type of the core, and how it maps to the CLI's exit codes.
 //!
-//! `Config` and `Invalid` are bad input (exit 2, nothing changed); `Failed` means the
-//! pipeline ran and a stage failed (exit 1).
+//! `Config`, `Invalid` and `NotFound` are bad input (exit 2, nothing changed); `Busy`
+//! (an environment's lock is held) and `Failed` mean a stage could not go on (exit 1).
+//!
+//! [`ErrorBody`] is the same error as the server's API sends it: the CLI's `--server`
+//! mode turns it back into the `Error` the command would have given locally.
 
 use miette::{Diagnostic, NamedSource, SourceSpan};
+use serde::{Deserialize, Serialize};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -16,6 +20,26 @@ pub enum Error {
     #[error("{message}")]
     #[diagnostic()]
     Invalid {
+        message: String,
+        #[help]
+        help: Option<String>,
+    },
+
+    /// Something named does not exist: an environment, a release, a run.
+    #[error("{message}")]
+    #[diagnostic()]
+    NotFound {
+        message: String,
+        #[help]
+        help: Option<String>,
+    },
+
+    /// The stage could not start because another run holds what it needs (an
+    /// environment's lock). Shown like a failed stage.
+    #[error("{stage} failed: {message}")]
+    #[diagnostic()]
+    Busy {
+        stage: String,
         message: String,
         #[help]
         help: Option<String>,
@@ -64,6 +88,27 @@ impl Error {
         }
     }
 
+    /// Something named does not exist (`unknown release `x``, …).
+    pub fn not_found(message: impl Into<String>, help: impl Into<String>) -> Self {
+        Error::NotFound {
+            message: message.into(),
+            help: Some(help.into()),
+        }
+    }
+
+    /// `stage` cannot start: another run holds what it needs.
+    pub fn busy(
+        stage: impl Into<String>,
+        message: impl Into<String>,
+        help: Option<String>,
+    ) -> Self {
+        Error::Busy {
+            stage: stage.into(),
+            message: message.into(),
+            help,
+        }
+    }
+
     /// A stage of the pipeline failed.
     pub fn failed(stage: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Failed {
@@ -98,9 +143,38 @@ impl Error {
 
     /// Exit code of the CLI for this error: 2 for bad input, 1 for a failed stage.
     pub fn exit_code(&self) -> u8 {
+        match self.kind() {
+            ErrorKind::Invalid | ErrorKind::NotFound => 2,
+            ErrorKind::Busy | ErrorKind::Failed => 1,
+        }
+    }
+
+    /// What kind of error this is (the API's status follows it).
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Config(_) | Error::Invalid { .. } => 2,
-            Error::Failed { .. } => 1,
+            Error::Config(_) | Error::Invalid { .. } => ErrorKind::Invalid,
+            Error::NotFound { .. } => ErrorKind::NotFound,
+            Error::Busy { .. } => ErrorKind::Busy,
+            Error::Failed { .. } => ErrorKind::Failed,
+        }
+    }
+
+    /// The hint shown under the error, if any.
+    pub fn help(&self) -> Option<&str> {
+        match self {
+            Error::Config(c) => c.help.as_deref(),
+            Error::Invalid { help, .. }
+            | Error::NotFound { help, .. }
+            | Error::Busy { help, .. }
+            | Error::Failed { help, .. } => help.as_deref(),
+        }
+    }
+
+    /// The stage that failed (or could not start), for `Busy` and `Failed`.
+    pub fn stage(&self) -> Option<&str> {
+        match self {
+            Error::Busy { stage, .. } | Error::Failed { stage, .. } => Some(stage),
+            Error::Config(_) | Error::Invalid { .. } | Error::NotFound { .. } => None,
         }
     }
 
@@ -108,6 +182,19 @@ impl Error {
     pub fn context(self, what: &str) -> Self {
         match self {
             Error::Invalid { message, help } => Error::Invalid {
+                message: format!("{what}: {message}"),
+                help,
+            },
+            Error::NotFound { message, help } => Error::NotFound {
+                message: format!("{what}: {message}"),
+                help,
+            },
+            Error::Busy {
+                stage,
+                message,
+                help,
+            } => Error::Busy {
+                stage,
                 message: format!("{what}: {message}"),
                 help,
             },
@@ -121,6 +208,90 @@ impl Error {
                 help,
             },
             other => other,
+        }
+    }
+}
+
+/// The kinds of [`Error`] as the API names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Bad input (exit 2).
+    Invalid,
+    /// An environment, release or run that does not exist (exit 2).
+    NotFound,
+    /// The environment's lock is held by another run (exit 1).
+    Busy,
+    /// A stage failed (exit 1).
+    Failed,
+}
+
+/// An error as the server's API answers it, and as the CLI reads it back:
+/// `{"kind", "stage", "message", "help"}`. `stage` is set for `busy` and `failed`.
+/// An error at a file position travels as `invalid` with the position in its message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub kind: ErrorKind,
+    pub stage: Option<String>,
+    pub message: String,
+    pub help: Option<String>,
+}
+
+impl ErrorBody {
+    /// The error on one line, as the CLI shows it.
+    pub fn text(&self) -> String {
+        match (self.kind, &self.stage) {
+            (ErrorKind::Busy | ErrorKind::Failed, Some(stage)) => {
+                format!("{stage} failed: {}", self.message)
+            }
+            _ => self.message.clone(),
+        }
+    }
+}
+
+impl From<&Error> for ErrorBody {
+    fn from(e: &Error) -> ErrorBody {
+        let message = match e {
+            // The position is part of the message: `file:line:column: message`.
+            Error::Config(c) => c.to_string(),
+            Error::Invalid { message, .. }
+            | Error::NotFound { message, .. }
+            | Error::Busy { message, .. }
+            | Error::Failed { message, .. } => message.clone(),
+        };
+        ErrorBody {
+            kind: e.kind(),
+            stage: e.stage().map(String::from),
+            message,
+            help: e.help().map(String::from),
+        }
+    }
+}
+
+impl From<ErrorBody> for Error {
+    /// The error a body stands for. A `busy` or `failed` body without a stage (not
+    /// one written by [`From<&Error>`]) reads as a failure of stage `server`.
+    fn from(b: ErrorBody) -> Error {
+        let ErrorBody {
+            kind,
+            stage,
+            message,
+            help,
+        } = b;
+        let stage = || stage.unwrap_or_else(|| "server".to_string());
+        match kind {
+            ErrorKind::Invalid => Error::Invalid { message, help },
+            ErrorKind::NotFound => Error::NotFound { message, help },
+            ErrorKind::Busy => Error::Busy {
+                stage: stage(),
+                message,
+                help,
+            },
+            ErrorKind::Failed => Error::Failed {
+                stage: stage(),
+                message,
+                help,
+            },
         }
     }
 }
@@ -155,5 +326,60 @@ mod tests {
         assert_eq!(Error::invalid("x").exit_code(), 2);
         assert_eq!(Error::failed("build", "x").exit_code(), 1);
         assert_eq!(Error::config("f", "a\n", 1, 1, "m", None).exit_code(), 2);
+        assert_eq!(Error::not_found("unknown run `1`", "h").exit_code(), 2);
+        assert_eq!(Error::busy("lock", "held", None).exit_code(), 1);
+    }
+
+    /// Every kind survives the trip through the API's body: same text, stage, help,
+    /// exit code, and the same JSON.
+    #[test]
+    fn error_body_round_trip() {
+        let errors = [
+            Error::invalid("bad"),
+            Error::invalid_with_help("bad", "fix it"),
+            Error::config("f.yml", "a: 1\n", 1, 3, "m", Some("h".into())),
+            Error::not_found("unknown release `x`", "`stretch releases` lists them"),
+            Error::busy(
+                "lock",
+                "environment `prod` is locked by deploy of a",
+                Some("wait".into()),
+            ),
+            Error::failed("pull release", "no such file"),
+        ];
+        let kinds = [
+            "invalid",
+            "invalid",
+            "invalid",
+            "not_found",
+            "busy",
+            "failed",
+        ];
+        for (e, kind) in errors.iter().zip(kinds) {
+            let body = ErrorBody::from(e);
+            let json = serde_json::to_value(&body).unwrap();
+            assert_eq!(json["kind"], kind, "{json}");
+            assert_eq!(json.as_object().unwrap().len(), 4, "{json}");
+            assert_eq!(body.text(), e.to_string());
+            let back: ErrorBody = serde_json::from_value(json).unwrap();
+            assert_eq!(back, body);
+            let again = Error::from(back);
+            assert_eq!(again.to_string(), e.to_string());
+            assert_eq!(again.help(), e.help());
+            assert_eq!(again.stage(), e.stage());
+            assert_eq!(again.exit_code(), e.exit_code());
+            assert_eq!(again.kind(), e.kind());
+            assert_eq!(ErrorBody::from(&again), body);
+        }
+        let body: ErrorBody = serde_json::from_str(
+            r#"{"kind": "failed", "stage": null, "message": "m", "help": null}"#,
+        )
+        .unwrap();
+        assert_eq!(Error::from(body).to_string(), "server failed: m");
+        assert!(
+            serde_json::from_str::<ErrorBody>(
+                r#"{"kind": "odd", "stage": null, "message": "m", "help": null}"#
+            )
+            .is_err()
+        );
     }
 }

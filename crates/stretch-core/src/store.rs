@@ -25,14 +25,117 @@ pub struct ReleaseRecord {
     pub archive_hash: String,
 }
 
+/// What a run does. Stored (and sent as JSON) as its snake_case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunKind {
+    Build,
+    Deploy,
+    Rollback,
+    /// `stretch apply`: a config-only deploy.
+    Config,
+}
+
+/// Where a run stands. Stored (and sent as JSON) as its snake_case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl RunKind {
+    pub const ALL: [RunKind; 4] = [
+        RunKind::Build,
+        RunKind::Deploy,
+        RunKind::Rollback,
+        RunKind::Config,
+    ];
+
+    /// The name stored and shown (as serde writes it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunKind::Build => "build",
+            RunKind::Deploy => "deploy",
+            RunKind::Rollback => "rollback",
+            RunKind::Config => "config",
+        }
+    }
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 3] = [RunStatus::Running, RunStatus::Succeeded, RunStatus::Failed];
+
+    /// The name stored and shown (as serde writes it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+        }
+    }
+
+    /// How a finished run ended.
+    pub fn finished(ok: bool) -> RunStatus {
+        if ok {
+            RunStatus::Succeeded
+        } else {
+            RunStatus::Failed
+        }
+    }
+}
+
+impl std::str::FromStr for RunKind {
+    type Err = ();
+    fn from_str(s: &str) -> std::result::Result<RunKind, ()> {
+        RunKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or(())
+    }
+}
+
+impl std::str::FromStr for RunStatus {
+    type Err = ();
+    fn from_str(s: &str) -> std::result::Result<RunStatus, ()> {
+        RunStatus::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or(())
+    }
+}
+
+// `pad`, not `write_str`: tables align these with `{:<8}`.
+impl std::fmt::Display for RunKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl rusqlite::ToSql for RunKind {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::ToSql for RunStatus {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
     pub id: i64,
-    pub kind: String,
+    pub kind: RunKind,
     pub environment: Option<String>,
     pub release: Option<String>,
     pub existing_release: Option<String>,
-    pub status: String,
+    pub status: RunStatus,
     pub started_at: String,
     pub ended_at: Option<String>,
 }
@@ -142,10 +245,24 @@ fn process_gone(pid: u32, origin: Option<&str>) -> bool {
 /// A run as stored, with the pid and origin of the process that started it.
 type StoredRun = (RunRecord, Option<u32>, Option<String>);
 
-/// A run from a row whose first columns are `id, kind, environment, release,
-/// existing_release, status, started_at, ended_at`.
-fn run_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
-    Ok(RunRecord {
+/// A run's row as SQLite holds it: kind and status still text.
+struct RawRun {
+    id: i64,
+    kind: String,
+    environment: Option<String>,
+    release: Option<String>,
+    existing_release: Option<String>,
+    status: String,
+    started_at: String,
+    ended_at: Option<String>,
+    pid: Option<u32>,
+    origin: Option<String>,
+}
+
+/// A run from a row with the columns `id, kind, environment, release,
+/// existing_release, status, started_at, ended_at, pid, origin`.
+fn raw_run(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawRun> {
+    Ok(RawRun {
         id: row.get(0)?,
         kind: row.get(1)?,
         environment: row.get(2)?,
@@ -154,7 +271,46 @@ fn run_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
         status: row.get(5)?,
         started_at: row.get(6)?,
         ended_at: row.get(7)?,
+        pid: row.get(8)?,
+        origin: row.get(9)?,
     })
+}
+
+impl RawRun {
+    /// The run, or an error naming it if its kind or status is not one we know (a
+    /// damaged store, or one written by a newer stretch).
+    fn typed(self) -> Result<StoredRun> {
+        let damaged = |what: &str, value: &str| Error::Failed {
+            stage: "store".to_string(),
+            message: format!(
+                "the record of run {} is damaged: unknown {what} `{value}`",
+                self.id
+            ),
+            help: None,
+        };
+        let kind = self
+            .kind
+            .parse()
+            .map_err(|()| damaged("kind", &self.kind))?;
+        let status = self
+            .status
+            .parse()
+            .map_err(|()| damaged("status", &self.status))?;
+        Ok((
+            RunRecord {
+                id: self.id,
+                kind,
+                environment: self.environment,
+                release: self.release,
+                existing_release: self.existing_release,
+                status,
+                started_at: self.started_at,
+                ended_at: self.ended_at,
+            },
+            self.pid,
+            self.origin,
+        ))
+    }
 }
 
 /// Append a line to a run's log (its `seq` is the next one).
@@ -256,7 +412,7 @@ impl Store {
                 }
             }
         }
-        Err(Error::invalid_with_help(
+        Err(Error::not_found(
             format!("unknown release `{key}`"),
             "`stretch releases` lists them; use an id, a unique id prefix of 6 or more characters, or a name",
         ))
@@ -272,15 +428,15 @@ impl Store {
 
     pub fn start_run(
         &self,
-        kind: &str,
+        kind: RunKind,
         environment: Option<&str>,
         release: Option<&str>,
         existing: Option<&str>,
     ) -> Result<i64> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO runs (kind, environment, release, existing_release, status, started_at, pid, origin) VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7)",
-                params![kind, environment, release, existing, now_rfc3339(), std::process::id(), origin()],
+                "INSERT INTO runs (kind, environment, release, existing_release, status, started_at, pid, origin) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![kind, environment, release, existing, RunStatus::Running, now_rfc3339(), std::process::id(), origin()],
             )?;
             Ok(c.last_insert_rowid())
         })
@@ -298,7 +454,7 @@ impl Store {
     }
 
     pub fn finish_run(&self, run: i64, ok: bool) -> Result<()> {
-        let status = if ok { "succeeded" } else { "failed" };
+        let status = RunStatus::finished(ok);
         self.with(|c| {
             c.execute(
                 "UPDATE runs SET status = ?2, ended_at = ?3 WHERE id = ?1",
@@ -339,17 +495,20 @@ impl Store {
             let mut stmt = c.prepare(&format!(
                 "SELECT id, kind, environment, release, existing_release, status, started_at, ended_at, pid, origin FROM runs {filter}"
             ))?;
-            let rows = stmt.query_map([&arg], |row| {
-                Ok((run_from_row(row)?, row.get(8)?, row.get(9)?))
-            })?;
-            rows.collect()
-        })
+            let rows = stmt.query_map([&arg], raw_run)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })?
+        .into_iter()
+        .map(RawRun::typed)
+        .collect()
     }
 
     /// The run, marked failed first if it is running but its process is gone.
     fn checked(&self, (run, pid, origin): StoredRun) -> Result<RunRecord> {
         match pid {
-            Some(pid) if run.status == "running" && process_gone(pid, origin.as_deref()) => {
+            Some(pid)
+                if run.status == RunStatus::Running && process_gone(pid, origin.as_deref()) =>
+            {
                 self.abandon(run, pid)
             }
             _ => Ok(run),
@@ -365,8 +524,8 @@ impl Store {
             let tx = c.unchecked_transaction()?;
             let now = now_rfc3339();
             let changed = tx.execute(
-                "UPDATE runs SET status = 'failed', ended_at = ?2 WHERE id = ?1 AND status = 'running'",
-                params![run.id, now],
+                "UPDATE runs SET status = ?3, ended_at = ?2 WHERE id = ?1 AND status = ?4",
+                params![run.id, now, RunStatus::Failed, RunStatus::Running],
             )?;
             if changed > 0 {
                 insert_line(&tx, run.id, &now, "", &text)?;
@@ -576,9 +735,13 @@ mod tests {
     fn a_run_whose_process_is_gone_is_marked_failed() {
         let t = tempfile::tempdir().unwrap();
         let s = Store::open(&t.path().join("db")).unwrap();
-        let ours = s.start_run("build", None, None, None).unwrap();
-        let dead = s.start_run("deploy", Some("prod"), None, None).unwrap();
-        let elsewhere = s.start_run("deploy", Some("prod"), None, None).unwrap();
+        let ours = s.start_run(RunKind::Build, None, None, None).unwrap();
+        let dead = s
+            .start_run(RunKind::Deploy, Some("prod"), None, None)
+            .unwrap();
+        let elsewhere = s
+            .start_run(RunKind::Deploy, Some("prod"), None, None)
+            .unwrap();
         // A child that has exited and been reaped: its pid is free.
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let gone = child.id();
@@ -595,17 +758,17 @@ mod tests {
         })
         .unwrap();
         let status = |id| s.run(id).unwrap().unwrap().status;
-        assert_eq!(status(ours), "running", "our own process is alive");
-        assert_eq!(status(dead), "failed");
+        assert_eq!(status(ours), RunStatus::Running, "our own process is alive");
+        assert_eq!(status(dead), RunStatus::Failed);
         assert_eq!(
             status(elsewhere),
-            "running",
+            RunStatus::Running,
             "not judged from another place"
         );
         let log = s.log(dead, 0).unwrap();
         assert!(log[0].text.starts_with("abandoned:"), "{log:?}");
         // Marked once: the line is not added again.
-        assert_eq!(status(dead), "failed");
+        assert_eq!(status(dead), RunStatus::Failed);
         assert_eq!(s.log(dead, 0).unwrap().len(), 1);
     }
 
@@ -625,7 +788,7 @@ mod tests {
                             barrier.wait();
                             let s = Store::open(path)?;
                             if i % 2 == 0 {
-                                s.start_run("build", None, None, None)?;
+                                s.start_run(RunKind::Build, None, None, None)?;
                             }
                             s.runs(None).map(|_| ())
                         })
@@ -659,14 +822,104 @@ mod tests {
         assert_eq!(s.find_release("abcdef").unwrap(), r);
         assert!(s.find_release("abcde").is_err());
         assert!(s.name_taken("brave-otter").unwrap());
-        let run = s.start_run("build", None, None, None).unwrap();
+        let run = s.start_run(RunKind::Build, None, None, None).unwrap();
         s.add_line(run, "pull", "one").unwrap();
         s.add_line(run, "pull", "two").unwrap();
         s.finish_run(run, true).unwrap();
         let lines: Vec<String> = s.log(run, 0).unwrap().into_iter().map(|l| l.text).collect();
         assert_eq!(lines, ["one", "two"]);
         assert_eq!(s.log(run, 1).unwrap().len(), 1);
-        assert_eq!(s.runs(None).unwrap()[0].status, "succeeded");
+        assert_eq!(s.runs(None).unwrap()[0].status, RunStatus::Succeeded);
         assert!(s.runs(Some("prod")).unwrap().is_empty());
+    }
+
+    /// The names serde writes are the ones stored, and both read back; a stored value
+    /// we do not know is an error naming the run, not a default.
+    #[test]
+    fn kinds_and_statuses_round_trip() {
+        for k in RunKind::ALL {
+            let json = serde_json::to_string(&k).unwrap();
+            assert_eq!(json, format!("\"{}\"", k.as_str()));
+            assert_eq!(serde_json::from_str::<RunKind>(&json).unwrap(), k);
+            assert_eq!(k.as_str().parse::<RunKind>(), Ok(k));
+            assert_eq!(k.to_string(), k.as_str());
+        }
+        for st in RunStatus::ALL {
+            let json = serde_json::to_string(&st).unwrap();
+            assert_eq!(json, format!("\"{}\"", st.as_str()));
+            assert_eq!(serde_json::from_str::<RunStatus>(&json).unwrap(), st);
+            assert_eq!(st.as_str().parse::<RunStatus>(), Ok(st));
+        }
+        let names: Vec<&str> = RunKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["build", "deploy", "rollback", "config"]);
+        let names: Vec<&str> = RunStatus::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names, ["running", "succeeded", "failed"]);
+        assert_eq!(format!("{:<8}|", RunKind::Config), "config  |");
+
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::open(&t.path().join("db")).unwrap();
+        for k in RunKind::ALL {
+            let run = s.start_run(k, Some("prod"), None, None).unwrap();
+            let text: (String, String) = s
+                .with(|c| {
+                    c.query_row("SELECT kind, status FROM runs WHERE id = ?1", [run], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                })
+                .unwrap();
+            assert_eq!(text, (k.as_str().to_string(), "running".to_string()));
+            s.finish_run(run, k != RunKind::Config).unwrap();
+            let back = s.run(run).unwrap().unwrap();
+            assert_eq!(back.kind, k);
+            let want = if k == RunKind::Config {
+                "failed"
+            } else {
+                "succeeded"
+            };
+            assert_eq!(back.status.as_str(), want);
+            let json = serde_json::to_value(&back).unwrap();
+            assert_eq!(
+                (json["kind"].as_str(), json["status"].as_str()),
+                (Some(k.as_str()), Some(want))
+            );
+            assert_eq!(serde_json::from_value::<RunRecord>(json).unwrap(), back);
+        }
+        // Rows written as text by an older stretch read as before.
+        s.with(|c| {
+            c.execute(
+                "INSERT INTO runs (kind, status, started_at) VALUES ('rollback', 'succeeded', 't')",
+                [],
+            )
+        })
+        .unwrap();
+        let newest = &s.runs(None).unwrap()[0];
+        assert_eq!(
+            (newest.kind, newest.status),
+            (RunKind::Rollback, RunStatus::Succeeded)
+        );
+        let odd = s
+            .with(|c| {
+                c.execute(
+                    "INSERT INTO runs (kind, status, started_at) VALUES ('deploy', 'paused', 't')",
+                    [],
+                )?;
+                Ok(c.last_insert_rowid())
+            })
+            .unwrap();
+        let err = s.run(odd).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("run {odd}")) && err.contains("unknown status `paused`"),
+            "{err}"
+        );
+        assert!(s.runs(None).is_err());
+        s.with(|c| {
+            c.execute(
+                "UPDATE runs SET status = 'failed', kind = 'party' WHERE id = ?1",
+                [odd],
+            )
+        })
+        .unwrap();
+        let err = s.run(odd).unwrap_err().to_string();
+        assert!(err.contains("unknown kind `party`"), "{err}");
     }
 }

@@ -24,12 +24,16 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde::Deserialize;
 use serde_json::{Value, json};
+use stretch_core::deploy::Kind;
+use stretch_core::deploy::apply::{ActionKind, ChangeOp};
+use stretch_core::error::ErrorBody;
 use stretch_core::log::Event;
 use stretch_core::net::tls::{
     Expect, PeerCheck, Refusal, parse_fingerprint, provider, roots_from_pem, system_roots,
 };
-use stretch_core::store::LogLine;
+use stretch_core::store::{LogLine, RunStatus};
 use stretch_core::{Error, Result};
 
 use crate::cli::{BuildArgs, Command, DeployArgs};
@@ -41,8 +45,8 @@ pub async fn run(server: &Server, command: Command, printer: &Printer) -> Result
     let client = || Client::new(server);
     match command {
         Command::Build(args) => build(&client()?, args, printer).await?,
-        Command::Deploy(args) => deploy(&client()?, args, "deploy", printer).await?,
-        Command::Rollback(args) => deploy(&client()?, args, "rollback", printer).await?,
+        Command::Deploy(args) => deploy(&client()?, args, Kind::Deploy, printer).await?,
+        Command::Rollback(args) => deploy(&client()?, args, Kind::Rollback, printer).await?,
         Command::Apply {
             environment,
             dry_run,
@@ -389,30 +393,45 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// The server's error answer as the CLI's error: bad input exit 2, else exit 1.
+/// The server's error answer as the CLI's error: the one the command gives locally,
+/// from the answer's kind, stage, message and help.
 fn server_error(status: StatusCode, body: &Value) -> Error {
-    let message = body["error"]
-        .as_str()
-        .map(String::from)
-        .unwrap_or_else(|| format!("the server answered {status}"));
-    let help = body["help"].as_str().map(String::from);
-    match status {
-        StatusCode::UNAUTHORIZED => Error::invalid_with_help(
+    let parsed = ErrorBody::deserialize(body);
+    if status == StatusCode::UNAUTHORIZED {
+        let message = match &parsed {
+            Ok(b) => b.message.clone(),
+            Err(_) => format!("the server answered {status}"),
+        };
+        return Error::invalid_with_help(
             format!("the server rejected the token: {message}"),
             format!("set {TOKEN_ENV} to one of the server's tokens"),
-        ),
-        StatusCode::CONFLICT => Error::Failed {
-            stage: "lock".into(),
-            message,
-            help,
-        },
-        s if s.is_client_error() => Error::Invalid { message, help },
-        _ => Error::Failed {
-            stage: "server".into(),
-            message,
-            help,
-        },
+        );
     }
+    match parsed {
+        Ok(b) => b.into(),
+        // Not an answer of `stretch serve` (a proxy in front, an older server).
+        Err(_) => {
+            let message = body["error"]
+                .as_str()
+                .map(String::from)
+                .unwrap_or_else(|| format!("the server answered {status}"));
+            let help = body["help"].as_str().map(String::from);
+            match status {
+                StatusCode::CONFLICT => Error::busy("lock", message, help),
+                s if s.is_client_error() => Error::Invalid { message, help },
+                _ => Error::Failed {
+                    stage: "server".into(),
+                    message,
+                    help,
+                },
+            }
+        }
+    }
+}
+
+/// Whether a run's detail (or end event) says it succeeded.
+fn succeeded(detail: &Value) -> bool {
+    RunStatus::deserialize(&detail["status"]).is_ok_and(|s| s == RunStatus::Succeeded)
 }
 
 /// Show a log line as the local progress printer would.
@@ -448,32 +467,23 @@ fn finished(text: &str) -> Option<(String, bool, f64)> {
         .map(|s| (s.to_string(), false, secs))
 }
 
-/// A finished run that did not succeed, as the CLI's error.
+/// A finished run that did not succeed, as the CLI's error: the one the server's job
+/// gave, as it gave it.
 fn run_error(detail: &Value, what: &str) -> Error {
-    let text = detail["error"].as_str().unwrap_or("").to_string();
-    let help = detail["help"].as_str().map(String::from);
-    if detail["status"] == "invalid" {
-        return Error::Invalid {
-            message: text,
-            help,
-        };
+    if let Ok(body) = ErrorBody::deserialize(&detail["failure"]) {
+        return body.into();
     }
-    // The stored error reads `STAGE failed: MESSAGE`.
-    match text.split_once(" failed: ") {
-        Some((stage, message)) => Error::Failed {
-            stage: stage.to_string(),
-            message: message.to_string(),
-            help,
+    // A run this server did not run itself (or ran before it restarted): what its
+    // log says.
+    let text = detail["error"].as_str().unwrap_or("").to_string();
+    Error::Failed {
+        stage: what.to_string(),
+        message: if text.is_empty() {
+            format!("run ended {}", detail["status"])
+        } else {
+            text
         },
-        None => Error::Failed {
-            stage: what.to_string(),
-            message: if text.is_empty() {
-                format!("run ended {}", detail["status"])
-            } else {
-                text
-            },
-            help,
-        },
+        help: detail["help"].as_str().map(String::from),
     }
 }
 
@@ -504,7 +514,7 @@ async fn build(c: &Client, args: BuildArgs, printer: &Printer) -> Result<()> {
     printer.info(format!("build started on the server: run {run}"));
     c.follow(run, |l| show(printer, &l)).await?;
     let detail = c.get(&format!("/api/runs/{run}")).await?;
-    if detail["status"] != "succeeded" {
+    if !succeeded(&detail) {
         return Err(run_error(&detail, "build"));
     }
     let id = detail["release"].as_str().unwrap_or_default();
@@ -541,7 +551,7 @@ async fn start_on(
     let mut waiting = false;
     loop {
         match c.call(Method::POST, path, Some(body)).await {
-            Err(Error::Failed { stage, message, .. }) if stage == "lock" && wait => {
+            Err(Error::Busy { message, .. }) if wait => {
                 if !waiting {
                     printer.info(format!("waiting: {message}"));
                     waiting = true;
@@ -553,8 +563,12 @@ async fn start_on(
     }
 }
 
-async fn deploy(c: &Client, args: DeployArgs, kind: &str, printer: &Printer) -> Result<()> {
-    let path = format!("/api/environments/{}/{kind}", encode(&args.environment));
+async fn deploy(c: &Client, args: DeployArgs, kind: Kind, printer: &Printer) -> Result<()> {
+    let path = format!(
+        "/api/environments/{}/{}",
+        encode(&args.environment),
+        kind.as_str()
+    );
     let body = json!({ "release": args.release });
     let (_, started) = start_on(c, &path, &body, args.wait, printer).await?;
     let run = started["run"]
@@ -562,8 +576,8 @@ async fn deploy(c: &Client, args: DeployArgs, kind: &str, printer: &Printer) -> 
         .ok_or_else(|| Error::failed("server", "the server did not say which run"))?;
     c.follow(run, |l| show(printer, &l)).await?;
     let detail = c.get(&format!("/api/runs/{run}")).await?;
-    if detail["status"] != "succeeded" {
-        return Err(run_error(&detail, kind));
+    if !succeeded(&detail) {
+        return Err(run_error(&detail, kind.as_str()));
     }
     let name_of = |id: &Value| {
         let id = id.as_str().map(String::from);
@@ -582,13 +596,13 @@ async fn deploy(c: &Client, args: DeployArgs, kind: &str, printer: &Printer) -> 
     let existing = name_of(&detail["existing_release"]).await;
     if printer.json {
         printer.json(&json!({
-            "run": run, "kind": kind, "environment": args.environment,
+            "run": run, "kind": kind.as_str(), "environment": args.environment,
             "release": release, "existing_release": existing,
         }));
     } else {
         printer.out(format!(
             "{} {} ({}) is live on `{}`",
-            if kind == "rollback" {
+            if kind == Kind::Rollback {
                 "rolled back:"
             } else {
                 "deployed:"
@@ -612,7 +626,7 @@ async fn apply(c: &Client, env: &str, dry_run: bool, wait: bool, printer: &Print
             .ok_or_else(|| Error::failed("server", "the server did not say which run"))?;
         c.follow(run, |l| show(printer, &l)).await?;
         let detail = c.get(&format!("/api/runs/{run}")).await?;
-        if detail["status"] != "succeeded" {
+        if !succeeded(&detail) {
             return Err(run_error(&detail, "apply"));
         }
         detail["result"].clone()
@@ -640,10 +654,10 @@ async fn apply(c: &Client, env: &str, dry_run: bool, wait: bool, printer: &Print
     };
     for ch in &changes {
         let p = ch["path"].as_str().unwrap_or("");
-        match ch["op"].as_str().unwrap_or("") {
-            "added" => printer.out(format!("  + {p}: {}", show(&ch["new"]))),
-            "removed" => printer.out(format!("  - {p}: {}", show(&ch["old"]))),
-            _ => printer.out(format!(
+        match ChangeOp::deserialize(&ch["op"]) {
+            Ok(ChangeOp::Added) => printer.out(format!("  + {p}: {}", show(&ch["new"]))),
+            Ok(ChangeOp::Removed) => printer.out(format!("  - {p}: {}", show(&ch["old"]))),
+            Ok(ChangeOp::Changed) | Err(_) => printer.out(format!(
                 "  ~ {p}: {} -> {}",
                 show(&ch["old"]),
                 show(&ch["new"])
@@ -656,10 +670,10 @@ async fn apply(c: &Client, env: &str, dry_run: bool, wait: bool, printer: &Print
     }
     for a in &actions {
         let target = a["target"].as_str().unwrap_or("");
-        let (sign, what) = match a["kind"].as_str().unwrap_or("") {
-            "start" => ("+", "start (pull the running release's image)".to_string()),
-            "stop" => ("-", "stop".to_string()),
-            "reload" => (
+        let (sign, what) = match ActionKind::deserialize(&a["kind"]) {
+            Ok(ActionKind::Start) => ("+", "start (pull the running release's image)".to_string()),
+            Ok(ActionKind::Stop) => ("-", "stop".to_string()),
+            Ok(ActionKind::Reload) => (
                 "~",
                 format!(
                     "reload configuration {} -> {}",
@@ -667,7 +681,7 @@ async fn apply(c: &Client, env: &str, dry_run: bool, wait: bool, printer: &Print
                     a["to_config"].as_str().unwrap_or("-")
                 ),
             ),
-            _ => ("~", "replace instances (same image)".to_string()),
+            Ok(ActionKind::Replace) | Err(_) => ("~", "replace instances (same image)".to_string()),
         };
         printer.out(format!("  {sign} {target:<20} {what}"));
     }

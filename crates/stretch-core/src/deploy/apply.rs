@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::buffers::Buffers;
 use super::specs::{self, HostGroup};
@@ -19,7 +19,7 @@ use crate::agent::api::GroupSpec;
 use crate::agent::fleet::{Fleet, prefixed};
 use crate::home::Home;
 use crate::log::Log;
-use crate::store::{EnvironmentRecord, RunSink, Store};
+use crate::store::{EnvironmentRecord, RunKind, RunSink, Store};
 use crate::system::System;
 use crate::{Error, Result};
 
@@ -31,18 +31,26 @@ pub struct ApplyRequest {
     pub wait: bool,
 }
 
+/// How a value of the environment's definition differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeOp {
+    Added,
+    Changed,
+    Removed,
+}
+
 /// One difference in the environment's definition.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Change {
-    /// `added`, `changed` or `removed`.
-    pub op: &'static str,
+    pub op: ChangeOp,
     /// Dotted path, e.g. `services.mysql.host`, `groups.web.instances`, `hosts.web-3`.
     pub path: String,
     pub old: Option<serde_json::Value>,
     pub new: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ActionKind {
     /// A host new to a group: pull the running release's image and start serving.
@@ -114,9 +122,9 @@ pub fn diff(
         (None, None) => {}
         (old, new) => out.push(Change {
             op: match (old, new) {
-                (None, _) => "added",
-                (_, None) => "removed",
-                _ => "changed",
+                (None, _) => ChangeOp::Added,
+                (_, None) => ChangeOp::Removed,
+                _ => ChangeOp::Changed,
             },
             path: path.to_string(),
             old: old.cloned(),
@@ -307,7 +315,7 @@ pub async fn apply(
     let release = plan.release.clone().unwrap_or_default();
     let record = store.environment(&req.environment)?;
     let run = store.start_run(
-        "config",
+        RunKind::Config,
         Some(&req.environment),
         Some(&release),
         Some(&release),
@@ -436,15 +444,22 @@ mod tests {
         let new = serde_json::json!({"services": {"a": 1, "b": 3, "c": 4}, "hosts": {}});
         let mut out = Vec::new();
         diff("", Some(&old), Some(&new), &mut out);
-        let summary: Vec<(&str, &str)> = out.iter().map(|c| (c.op, c.path.as_str())).collect();
+        let summary: Vec<(ChangeOp, &str)> = out.iter().map(|c| (c.op, c.path.as_str())).collect();
         assert_eq!(
             summary,
             [
-                ("removed", "hosts.h1"),
-                ("changed", "services.b"),
-                ("added", "services.c")
+                (ChangeOp::Removed, "hosts.h1"),
+                (ChangeOp::Changed, "services.b"),
+                (ChangeOp::Added, "services.c")
             ]
         );
+        // As the API and `--json` show them.
+        let ops = serde_json::to_value(out.iter().map(|c| c.op).collect::<Vec<_>>()).unwrap();
+        assert_eq!(ops, serde_json::json!(["removed", "changed", "added"]));
+        for op in [ChangeOp::Added, ChangeOp::Changed, ChangeOp::Removed] {
+            let v = serde_json::to_value(op).unwrap();
+            assert_eq!(serde_json::from_value::<ChangeOp>(v).unwrap(), op);
+        }
     }
 
     #[test]

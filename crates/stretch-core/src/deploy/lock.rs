@@ -66,11 +66,11 @@ pub fn lock(home: &Home, env: &str, what: &str, wait: bool, log: &Log) -> Result
                 .map(|h| format!("{} (pid {}) since {}", h.what, h.pid, h.since))
                 .unwrap_or_else(|| "another process".into());
             if !wait {
-                return Err(Error::Failed {
-                    stage: "lock".into(),
-                    message: format!("environment `{env}` is locked by {who}"),
-                    help: Some("wait for it to finish, or pass `--wait` to queue behind it".into()),
-                });
+                return Err(Error::busy(
+                    "lock",
+                    format!("environment `{env}` is locked by {who}"),
+                    Some("wait for it to finish, or pass `--wait` to queue behind it".into()),
+                ));
             }
             log.line(format!("waiting for the lock of `{env}`, held by {who}"));
             file.lock().map_err(|e| {
@@ -118,7 +118,8 @@ mod tests {
         let home = Home::open(t.path()).unwrap();
         let first = lock(&home, "prod", "deploy of a", false, &Log::null()).unwrap();
         match lock(&home, "prod", "deploy of b", false, &Log::null()) {
-            Err(Error::Failed { message, .. }) => {
+            Err(Error::Busy { stage, message, .. }) => {
+                assert_eq!(stage, "lock");
                 assert!(message.contains("locked by deploy of a (pid"), "{message}")
             }
             other => panic!("{:?}", other.err()),

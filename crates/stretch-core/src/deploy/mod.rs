@@ -20,12 +20,13 @@ use crate::home::Home;
 use crate::log::Log;
 use crate::plugin::{self, Facts, Hook, ReleaseFacts};
 use crate::release::config::ReleaseConfig;
-use crate::store::{EnvironmentRecord, ReleaseRecord, RunSink, Store};
+use crate::store::{EnvironmentRecord, ReleaseRecord, RunKind, RunSink, Store};
 use crate::system::{Environment, System};
 use crate::{Error, Result};
 
 pub use specs::HostGroup;
 
+/// What a deploy step does: the two kinds of run it records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Deploy,
@@ -33,11 +34,22 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub fn as_str(self) -> &'static str {
+    /// The run this records.
+    pub fn run_kind(self) -> RunKind {
         match self {
-            Kind::Deploy => "deploy",
-            Kind::Rollback => "rollback",
+            Kind::Deploy => RunKind::Deploy,
+            Kind::Rollback => RunKind::Rollback,
         }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.run_kind().as_str()
+    }
+}
+
+impl From<Kind> for RunKind {
+    fn from(k: Kind) -> RunKind {
+        k.run_kind()
     }
 }
 
@@ -68,7 +80,7 @@ pub fn environment<'a>(system: &'a System, name: &str) -> Result<&'a Environment
             .keys()
             .map(String::as_str)
             .collect();
-        Error::invalid_with_help(
+        Error::not_found(
             format!("unknown environment `{name}`"),
             if known.is_empty() {
                 "`system.yml` declares no environments".to_string()
@@ -196,7 +208,7 @@ pub async fn deploy(
         plan
     };
     let run = store.start_run(
-        req.kind.as_str(),
+        req.kind.run_kind(),
         Some(&plan.env_name),
         Some(&plan.release.id),
         plan.existing.as_ref().map(|r| r.id.as_str()),

@@ -4,8 +4,8 @@ use stretch_core::build::{self, BuildOptions};
 use stretch_core::deploy::{self, DeployRequest, Kind};
 use stretch_core::home::Home;
 use stretch_core::log::Log;
-use stretch_core::store::RunSink;
 use stretch_core::store::Store;
+use stretch_core::store::{RunKind, RunSink};
 use stretch_core::system::System;
 use stretch_core::{Error, Result};
 
@@ -23,7 +23,7 @@ pub async fn run(args: BuildArgs, settings: &Settings, printer: &Printer) -> Res
         system.override_ref(name, git_ref)?;
     }
     let (home, store) = super::open_home(settings)?;
-    let run = store.start_run("build", None, None, None)?;
+    let run = store.start_run(RunKind::Build, None, None, None)?;
     let log = Log::new(vec![printer.progress()]).with(std::sync::Arc::new(RunSink {
         store: store.clone(),
         run,

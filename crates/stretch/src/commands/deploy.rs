@@ -1,7 +1,7 @@
 //! `stretch deploy`, `stretch rollback` and `stretch status`.
 
 use stretch_core::Result;
-use stretch_core::deploy::apply::{ActionKind, ApplyRequest};
+use stretch_core::deploy::apply::{ActionKind, ApplyRequest, ChangeOp};
 use stretch_core::deploy::{self, DeployRequest, Kind};
 use stretch_core::log::Log;
 
@@ -82,9 +82,9 @@ pub async fn apply(
         let show =
             |v: &Option<serde_json::Value>| v.as_ref().map(|v| v.to_string()).unwrap_or_default();
         match c.op {
-            "added" => printer.out(format!("  + {}: {}", c.path, show(&c.new))),
-            "removed" => printer.out(format!("  - {}: {}", c.path, show(&c.old))),
-            _ => printer.out(format!(
+            ChangeOp::Added => printer.out(format!("  + {}: {}", c.path, show(&c.new))),
+            ChangeOp::Removed => printer.out(format!("  - {}: {}", c.path, show(&c.old))),
+            ChangeOp::Changed => printer.out(format!(
                 "  ~ {}: {} -> {}",
                 c.path,
                 show(&c.old),

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use stretch_core::store::RunStatus;
 use stretch_core::{Error, Result};
 
 use crate::printer::Printer;
@@ -59,10 +60,12 @@ pub fn history(environment: Option<&str>, settings: &Settings, printer: &Printer
 }
 
 pub async fn logs(id: i64, follow: bool, settings: &Settings, printer: &Printer) -> Result<()> {
-    let store = super::open_store_if_any(settings)?
-        .ok_or_else(|| Error::invalid(format!("unknown run `{id}`: no history yet")))?;
+    let store = super::open_store_if_any(settings)?.ok_or_else(|| Error::NotFound {
+        message: format!("unknown run `{id}`: no history yet"),
+        help: None,
+    })?;
     if store.run(id)?.is_none() {
-        return Err(Error::invalid_with_help(
+        return Err(Error::not_found(
             format!("unknown run `{id}`"),
             "`stretch history` lists the runs",
         ));
@@ -78,7 +81,9 @@ pub async fn logs(id: i64, follow: bool, settings: &Settings, printer: &Printer)
             }
             after = l.seq;
         }
-        let running = store.run(id)?.is_some_and(|r| r.status == "running");
+        let running = store
+            .run(id)?
+            .is_some_and(|r| r.status == RunStatus::Running);
         if !follow || (!running && lines.is_empty()) {
             return Ok(());
         }

@@ -9,78 +9,96 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use stretch_core::Error;
 use stretch_core::deploy::Kind;
+use stretch_core::error::{ErrorBody, ErrorKind};
+use stretch_core::store::RunKind;
 
 use super::jobs::{self, Started};
 use super::{Shared, view};
 
-/// An error answer: `{"error": message, "help": …}` with a status that says what kind.
+/// An error answer: the core's [`ErrorBody`] (`kind`, `stage`, `message`, `help`),
+/// with a status that follows its kind, plus `error` (the one-line text clients read
+/// before `kind` existed) and, for 409, `holder`.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub message: String,
-    pub help: Option<String>,
+    pub body: ErrorBody,
     /// For 409: who holds the environment's lock and since when.
     pub holder: Option<serde_json::Value>,
 }
 
+/// The status that answers an error of `kind`.
+fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Busy => StatusCode::CONFLICT,
+        ErrorKind::Failed => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            message: message.into(),
-            help: None,
-            holder: None,
+    /// The one-line text of the answer's `error`: a busy environment's message alone
+    /// (as it always was), otherwise the error as the CLI prints it.
+    pub fn text(&self) -> String {
+        match self.body.kind {
+            ErrorKind::Busy => self.body.message.clone(),
+            _ => self.body.text(),
         }
     }
 }
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> ApiError {
-        let help = jobs::help_of(&e);
-        let status = match &e {
-            Error::Failed { stage, .. } if stage == "lock" => StatusCode::CONFLICT,
-            Error::Failed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            // The core says "unknown environment `x`", "unknown release `x`", ….
-            Error::Invalid { message, .. } if message.starts_with("unknown ") => {
-                StatusCode::NOT_FOUND
-            }
-            Error::Invalid { .. } | Error::Config(_) => StatusCode::BAD_REQUEST,
-        };
-        let message = match &e {
-            Error::Failed { message, stage, .. } if stage == "lock" => message.clone(),
-            _ => e.to_string(),
-        };
+        let body = ErrorBody::from(&e);
         ApiError {
-            status,
-            message,
-            help,
+            status: status_of(body.kind),
+            body,
             holder: None,
         }
     }
 }
 
+/// What an error answer carries.
+#[derive(Serialize)]
+struct Answer<'a> {
+    #[serde(flatten)]
+    body: &'a ErrorBody,
+    error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    holder: Option<&'a serde_json::Value>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({"error": self.message});
-        if let Some(h) = self.help {
-            body["help"] = json!(h);
-        }
-        if let Some(h) = self.holder {
-            body["holder"] = h;
-        }
-        (self.status, Json(body)).into_response()
+        let answer = Answer {
+            body: &self.body,
+            error: self.text(),
+            holder: self.holder.as_ref(),
+        };
+        (self.status, Json(answer)).into_response()
     }
 }
 
+/// An answer that is not the core's error (authentication, the router): bad input,
+/// or not found for a 404.
 pub fn error_body(status: StatusCode, message: &str, help: Option<&str>) -> Response {
+    let kind = if status == StatusCode::NOT_FOUND {
+        ErrorKind::NotFound
+    } else {
+        ErrorKind::Invalid
+    };
     ApiError {
         status,
-        message: message.to_string(),
-        help: help.map(String::from),
+        body: ErrorBody {
+            kind,
+            stage: None,
+            message: message.to_string(),
+            help: help.map(String::from),
+        },
         holder: None,
     }
     .into_response()
@@ -166,10 +184,11 @@ pub async fn history(State(st): State<Shared>, Query(q): Query<HistoryQuery>) ->
 }
 
 fn unknown_run(id: i64) -> ApiError {
-    ApiError {
-        help: Some("`GET /api/history` lists the runs".into()),
-        ..ApiError::new(StatusCode::NOT_FOUND, format!("unknown run `{id}`"))
-    }
+    Error::not_found(
+        format!("unknown run `{id}`"),
+        "`GET /api/history` lists the runs",
+    )
+    .into()
 }
 
 /// One run with its timeline and whole log. A build that turned out to be bad input
@@ -191,7 +210,8 @@ pub async fn run(State(st): State<Shared>, Path(id): Path<i64>) -> ApiResult<Res
         }
         None => match st.jobs.outcome(id) {
             Some(o) => Ok(Json(json!({
-                "id": id, "kind": "build", "status": o.status, "error": o.error, "help": o.help, "stages": [], "log": [],
+                "id": id, "kind": RunKind::Build, "status": o.status, "error": o.error, "help": o.help,
+                "failure": o.failure, "stages": [], "log": [],
             })).into_response()),
             None => Err(unknown_run(id)),
         },
@@ -261,7 +281,7 @@ fn body<T: serde::de::DeserializeOwned + Default>(bytes: &Bytes) -> Result<T, Ap
         return Ok(T::default());
     }
     serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
+        .map_err(|e| Error::invalid(format!("bad request body: {e}")).into())
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -296,7 +316,7 @@ struct ApplyBody {
 
 /// A 409 with who holds the environment's lock (from its lock file).
 pub fn with_holder(st: &Shared, env: &str, mut e: ApiError) -> ApiError {
-    if e.status == StatusCode::CONFLICT {
+    if e.body.kind == ErrorKind::Busy {
         let path = st.home.root.join("locks").join(format!("{env}.lock"));
         e.holder = std::fs::read(path)
             .ok()

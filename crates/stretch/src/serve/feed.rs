@@ -16,6 +16,7 @@ use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+use stretch_core::store::RunStatus;
 use tokio::sync::watch;
 
 use super::Shared;
@@ -110,16 +111,26 @@ async fn poll(st: Shared, run: i64, feed: Weak<Feed>) {
                     .collect();
                 (rendered, None)
             }
-            Ok(Ok((Some(r), _))) if r.status == "running" => (Vec::new(), None),
+            // A job of this server ends a moment after its record: the end waits for
+            // its outcome, so whoever reads the run after the end finds it.
+            Ok(Ok((record, _)))
+                if record
+                    .as_ref()
+                    .is_some_and(|r| r.status == RunStatus::Running)
+                    || st.jobs.is_active(run) =>
+            {
+                (Vec::new(), None)
+            }
             Ok(Ok((record, _))) => {
                 // Finished, or gone: a build that was bad input is deleted from the
                 // history; the server that ran it still knows why.
                 let outcome = st.jobs.outcome(run);
                 let release = record.as_ref().and_then(|r| r.release.clone());
-                let status = record
-                    .map(|r| r.status)
-                    .or_else(|| outcome.as_ref().map(|o| o.status.clone()))
-                    .unwrap_or_else(|| "unknown".into());
+                let status = match (&record, &outcome) {
+                    (Some(r), _) => json!(r.status),
+                    (None, Some(o)) => json!(o.status),
+                    (None, None) => json!("unknown"),
+                };
                 let error = outcome.and_then(|o| o.error);
                 let body = json!({"status": status, "release": release, "error": error});
                 (Vec::new(), Some(end_event(&body)))

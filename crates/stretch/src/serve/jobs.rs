@@ -15,8 +15,9 @@ use serde::Serialize;
 use stretch_core::build::{self, BuildOptions};
 use stretch_core::deploy::apply::{self, ApplyRequest};
 use stretch_core::deploy::{self, DeployRequest, Kind};
+use stretch_core::error::ErrorBody;
 use stretch_core::log::{Event, Log, Sink};
-use stretch_core::store::{RunSink, Store};
+use stretch_core::store::{RunKind, RunSink, Store};
 use stretch_core::{Error, Result};
 use tokio::sync::oneshot;
 
@@ -27,10 +28,12 @@ use super::Shared;
 /// that was bad input, whose run is deleted from the history like the CLI's.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    /// `succeeded`, `failed`, or `invalid` (bad input: nothing was recorded).
-    pub status: String,
+    pub status: JobStatus,
+    /// The error on one line, as the CLI prints it.
     pub error: Option<String>,
     pub help: Option<String>,
+    /// The error with its kind and stage, for `--server` clients to rebuild it.
+    pub failure: Option<ErrorBody>,
     pub exit_code: u8,
     pub reused: Option<bool>,
     pub release: Option<String>,
@@ -38,13 +41,24 @@ pub struct Outcome {
     pub result: Option<serde_json::Value>,
 }
 
+/// How a job the server ran ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Succeeded,
+    Failed,
+    /// Bad input: nothing was recorded.
+    Invalid,
+}
+
 impl Outcome {
     fn of<T>(r: &Result<T>, reused: Option<bool>, release: Option<String>) -> Outcome {
         match r {
             Ok(_) => Outcome {
-                status: "succeeded".into(),
+                status: JobStatus::Succeeded,
                 error: None,
                 help: None,
+                failure: None,
                 exit_code: 0,
                 reused,
                 release,
@@ -52,26 +66,19 @@ impl Outcome {
             },
             Err(e) => Outcome {
                 status: if e.exit_code() == 2 {
-                    "invalid"
+                    JobStatus::Invalid
                 } else {
-                    "failed"
-                }
-                .into(),
+                    JobStatus::Failed
+                },
                 error: Some(e.to_string()),
-                help: help_of(e),
+                help: e.help().map(String::from),
+                failure: Some(ErrorBody::from(e)),
                 exit_code: e.exit_code(),
                 reused: None,
                 release,
                 result: None,
             },
         }
-    }
-}
-
-pub fn help_of(e: &Error) -> Option<String> {
-    match e {
-        Error::Invalid { help, .. } | Error::Failed { help, .. } => help.clone(),
-        Error::Config(c) => c.help.clone(),
     }
 }
 
@@ -100,25 +107,36 @@ impl Jobs {
         }
     }
 
+    /// The job of `run` ended: keep its outcome, then stop calling it active, so
+    /// whoever sees it inactive also sees the outcome.
     fn end(&self, run: i64, outcome: Outcome) {
-        if let Ok(mut a) = self.active.lock() {
-            a.remove(&run);
-        }
         if let Ok(mut o) = self.outcomes.lock() {
             o.insert(run, outcome);
         }
+        if let Ok(mut a) = self.active.lock() {
+            a.remove(&run);
+        }
+    }
+
+    /// Whether this server runs `run` and its job has not ended yet (its record may
+    /// already say it finished: the outcome comes a moment later).
+    pub fn is_active(&self, run: i64) -> bool {
+        self.active.lock().is_ok_and(|a| a.contains(&run))
     }
 
     /// Mark every run still going as failed (the server is stopping). Returns how many.
     pub fn interrupt_all(&self, store: &Store) -> usize {
-        let Ok(active) = self.active.lock() else {
+        let Ok(mut active) = self.active.lock() else {
             return 0;
         };
         for run in active.iter() {
             let _ = store.add_line(*run, "error", "interrupted: `stretch serve` stopped");
             let _ = store.finish_run(*run, false);
         }
-        active.len()
+        // Their followers get the end now; no outcome will come.
+        let n = active.len();
+        active.clear();
+        n
     }
 }
 
@@ -153,7 +171,7 @@ pub fn start_build(state: &Shared, sources: &BTreeMap<String, String>) -> Result
     for (name, git_ref) in sources {
         system.override_ref(name, git_ref)?;
     }
-    let run = state.store.start_run("build", None, None, None)?;
+    let run = state.store.start_run(RunKind::Build, None, None, None)?;
     state.jobs.begin(run);
     spawn_pipeline(state, move |st| async move {
         // The build waits for the home's build lock; say so rather than sit silent.
@@ -248,7 +266,7 @@ pub async fn start_deploy(
     start_recorded(
         state,
         environment,
-        kind.as_str(),
+        kind.run_kind(),
         move |st, log| async move {
             let r = deploy::deploy(&system, &st.home, &st.store, &req, &log).await;
             let release = r.as_ref().ok().map(|o| o.release.id.clone());
@@ -267,15 +285,20 @@ pub async fn start_apply(state: &Shared, environment: &str, dry_run: bool) -> Re
         dry_run,
         wait: false,
     };
-    start_recorded(state, environment, "config", move |st, log| async move {
-        let r = apply::apply(&system, &st.home, &st.store, &req, &log).await;
-        let release = r.as_ref().ok().and_then(|o| o.plan.release.clone());
-        let r = r.map(|o| {
-            let body = serde_json::to_value(&o).unwrap_or_default();
-            (o.run, body)
-        });
-        (r, release)
-    })
+    start_recorded(
+        state,
+        environment,
+        RunKind::Config,
+        move |st, log| async move {
+            let r = apply::apply(&system, &st.home, &st.store, &req, &log).await;
+            let release = r.as_ref().ok().and_then(|o| o.plan.release.clone());
+            let r = r.map(|o| {
+                let body = serde_json::to_value(&o).unwrap_or_default();
+                (o.run, body)
+            });
+            (r, release)
+        },
+    )
     .await
 }
 
@@ -286,7 +309,7 @@ type JobResult = (Result<(Option<i64>, serde_json::Value)>, Option<String>);
 async fn start_recorded<F, Fut>(
     state: &Shared,
     environment: &str,
-    kind: &'static str,
+    kind: RunKind,
     job: F,
 ) -> Result<Started>
 where
@@ -331,7 +354,7 @@ where
             Ok(Ok((Some(run), _))) => Ok(Started::Run(run)),
             Ok(Ok((None, body))) => Ok(Started::Done(body)),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(Error::failed(kind, "the job ended without a word")),
+            Err(_) => Err(Error::failed(kind.as_str(), "the job ended without a word")),
         },
     }
 }
@@ -342,7 +365,7 @@ where
 struct RunFinder {
     store: Store,
     environment: String,
-    kind: &'static str,
+    kind: RunKind,
     after: i64,
     found: Mutex<Option<i64>>,
     tx: Mutex<Option<oneshot::Sender<i64>>>,

@@ -13,6 +13,7 @@ use minijinja::value::{Serde, Value};
 use minijinja::{Environment, context};
 use serde::Deserialize;
 use stretch_core::deploy::Kind;
+use stretch_core::store::RunStatus;
 use stretch_core::{Error, Result};
 
 use super::api::{ApiError, with_holder};
@@ -75,8 +76,8 @@ impl Pages {
 
     fn api_error(&self, e: ApiError) -> Response {
         let holder = e.holder.as_ref().map(|h| h.to_string());
-        let help = e.help.or(holder);
-        self.error(e.status, &e.message, help.as_deref())
+        let help = e.body.help.clone().or(holder);
+        self.error(e.status, &e.text(), help.as_deref())
     }
 }
 
@@ -248,7 +249,7 @@ pub async fn run(
                 lines => Value::from(Serde(&lines[skipped..])),
                 skipped,
                 after,
-                running => record.status == "running",
+                running => record.status == RunStatus::Running,
                 csrf => caller.csrf(),
             },
         )

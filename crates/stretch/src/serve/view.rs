@@ -5,7 +5,7 @@
 use serde::Serialize;
 use stretch_core::Result;
 use stretch_core::home::Home;
-use stretch_core::store::{LogLine, ReleaseRecord, RunRecord, Store};
+use stretch_core::store::{LogLine, ReleaseRecord, RunRecord, RunStatus, Store};
 use stretch_core::system::System;
 
 /// An environment as the API and the pages show it: the core's status.
@@ -100,6 +100,7 @@ pub fn run_json(
             .find(|l| l.stage == "error")
             .map(|l| l.text.clone())
     });
+    let failed = run.status == RunStatus::Failed;
     serde_json::json!({
         "id": run.id,
         "kind": run.kind,
@@ -109,7 +110,8 @@ pub fn run_json(
         "status": run.status,
         "started_at": run.started_at,
         "ended_at": run.ended_at,
-        "error": if run.status == "failed" { error } else { None },
+        "error": if failed { error } else { None },
+        "failure": if failed { outcome.and_then(|o| o.failure.clone()) } else { None },
         "reused": outcome.and_then(|o| o.reused),
         "result": outcome.and_then(|o| o.result.clone()),
         "stages": stages(lines),

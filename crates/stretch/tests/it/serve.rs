@@ -738,6 +738,86 @@ fn a_deploy_while_the_environment_is_busy_is_409_naming_the_holder() {
     drop(lock);
 }
 
+/// A deploy refused because the environment is busy, and one of an unknown release:
+/// through `--server` the CLI prints the same error, stage and help, and exits with the
+/// same code, as it does on the server's own home.
+#[test]
+fn busy_and_unknown_release_read_the_same_through_the_server() {
+    let ctx = Ctx::new();
+    let name = unique("srv-same");
+    let _images = image_cleanup(&name);
+    system(&ctx, &name, 1, "0", &[], stretch_test::free_port());
+    ctx.run(&["build"]).ok();
+    let s = Serve::start(&ctx);
+    let mut remote = Ctx::new();
+    remote
+        .env
+        .push(("STRETCH_SERVER_TOKEN".into(), TOKEN.into()));
+    let url = s.url();
+    let both = |args: &[&str]| {
+        let local = ctx.run(args);
+        let mut through = vec!["--server", url.as_str()];
+        through.extend_from_slice(args);
+        (local, remote.run(&through))
+    };
+
+    let (local, through) = both(&["deploy", "production", "no-such-release"]);
+    for out in [&local, &through] {
+        assert_eq!(out.code, 2, "{out}");
+        assert!(
+            out.stderr.contains("unknown release `no-such-release`")
+                && out.stderr.contains("`stretch releases` lists them"),
+            "{out}"
+        );
+    }
+    assert_eq!(
+        local.stderr, through.stderr,
+        "local:\n{local}\nthrough:\n{through}"
+    );
+
+    // Hold the environment's lock as a deploy in another process would.
+    std::fs::create_dir_all(ctx.home().join("locks")).unwrap();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(ctx.home().join("locks/production.lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    let holder = json!({"pid": std::process::id(), "what": "deploy of test-holder (0123)", "since": "2026-01-01T00:00:00.000Z"});
+    std::fs::write(ctx.home().join("locks/production.lock"), holder.to_string()).unwrap();
+    let (local, through) = both(&["deploy", "production"]);
+    for out in [&local, &through] {
+        assert_eq!(out.code, 1, "{out}");
+        assert!(
+            out.stderr.contains(
+                "lock failed: environment `production` is locked by deploy of test-holder (0123)"
+            ) && out.stderr.contains("pass `--wait`"),
+            "{out}"
+        );
+    }
+    assert_eq!(
+        local.stderr, through.stderr,
+        "local:\n{local}\nthrough:\n{through}"
+    );
+    // The answer itself says what kind of error it is.
+    let r = s.call("POST", "/api/environments/production/deploy", None);
+    assert_eq!(r.status, 409, "{r:?}");
+    let body = r.json();
+    assert_eq!(
+        (&body["kind"], &body["stage"]),
+        (&json!("busy"), &json!("lock")),
+        "{body}"
+    );
+    let r = s.call("GET", "/api/releases/no-such-release", None);
+    assert_eq!(
+        (r.status, &r.json()["kind"]),
+        (404, &json!("not_found")),
+        "{r:?}"
+    );
+    drop(lock);
+}
+
 #[test]
 fn deploy_through_the_api_and_the_environment_view() {
     let ctx = Ctx::new();

@@ -268,6 +268,8 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let status = match e {
             Error::Config(_) | Error::Invalid { .. } => StatusCode::BAD_REQUEST,
+            Error::NotFound { .. } => StatusCode::NOT_FOUND,
+            Error::Busy { .. } => StatusCode::CONFLICT,
             Error::Failed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())
