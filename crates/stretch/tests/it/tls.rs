@@ -382,6 +382,9 @@ fn a_switch_whose_answer_is_lost_ends_on_the_old_release() {
     retarget(&w, 0, &relay.addr, "");
     let r1 = w.build();
     w.ctx.run(&["deploy", "production"]).ok();
+    // The new release takes 3 s to come up, so the switch answers well after the
+    // `batch 1` line that arms the cut, even on a loaded machine.
+    w.ctx.write("app/www/delay", "3\n");
     let r2 = w.next_release(2);
 
     // Cut h0's connection when its switch answers (batch 1 is h0 alone).
