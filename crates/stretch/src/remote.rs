@@ -20,10 +20,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use stretch_core::deploy::Kind;
@@ -31,7 +29,7 @@ use stretch_core::deploy::apply::{ActionKind, ChangeOp};
 use stretch_core::error::ErrorBody;
 use stretch_core::log::Event;
 use stretch_core::net::tls::{
-    Expect, PeerCheck, Refusal, parse_fingerprint, provider, roots_from_pem, system_roots,
+    Expect, PeerCheck, Refusal, fingerprint, parse_fingerprint, roots_from_pem, system_roots,
 };
 use stretch_core::store::{LogLine, RunStatus};
 use stretch_core::{Error, Result};
@@ -298,73 +296,15 @@ fn trust(server: &Server, base: &str) -> Result<(Arc<PeerCheck>, rustls::ClientC
             )),
         });
     }
-    let check = PeerCheck::new(Expect::Roots(Arc::new(roots)))?;
-    if own.is_empty() {
-        let config = check.client_config()?;
-        return Ok((check, config));
-    }
-    let verifier = Arc::new(CaFileTrust {
-        check: check.clone(),
-        own,
-    });
-    let config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::failed("tls", e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+    // A server's own self-signed certificate in the CA file is trusted exactly, like a
+    // pin (openssl marks those as authorities, which the chain check refuses as a leaf).
+    let exact = own.iter().map(|c| fingerprint(c.as_ref())).collect();
+    let check = PeerCheck::new(Expect::Roots(Arc::new(roots), exact))?;
+    let config = check.client_config()?;
     Ok((check, config))
 }
 
-/// `--server-ca` holding the server's own self-signed certificate: `openssl req -x509`
-/// marks those as authorities, which the chain check refuses to see as a server's own.
-/// A server presenting exactly a certificate of that file is trusted like a pin (the
-/// handshake still proves it holds the key); any other goes through the chain check.
-#[derive(Debug)]
-struct CaFileTrust {
-    check: Arc<PeerCheck>,
-    own: Vec<CertificateDer<'static>>,
-}
-
-impl ServerCertVerifier for CaFileTrust {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        if self.own.iter().any(|c| c.as_ref() == end_entity.as_ref()) {
-            return Ok(ServerCertVerified::assertion());
-        }
-        self.check
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.check.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.check.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.check.supported_verify_schemes()
-    }
-}
-
+/// hyper over rustls, for `https://` and `http://` URLs alike.
 fn https_connector(
     mut tls: rustls::ClientConfig,
     http: HttpConnector,

@@ -159,7 +159,10 @@ impl EnvTrust {
             return (Expect::Pinned(fp), Basis::Pinned);
         }
         if let Some((path, roots)) = &self.ca {
-            return (Expect::Roots(roots.clone()), Basis::Ca(path.clone()));
+            return (
+                Expect::Roots(roots.clone(), Vec::new()),
+                Basis::Ca(path.clone()),
+            );
         }
         let known = self.known.get(&host.agent).map(String::from);
         let first = known.is_none();

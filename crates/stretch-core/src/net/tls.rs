@@ -177,8 +177,10 @@ pub enum Expect {
     /// Trust on first use: the fingerprint recorded at the first contact, if any.
     /// Without one, any certificate is accepted (and should be recorded after).
     FirstUse(Option<String>),
-    /// A chain to these roots, for the name the client connects to.
-    Roots(Arc<RootCertStore>),
+    /// A chain to these roots, for the name the client connects to; or exactly one
+    /// of these certificates (fingerprints): a server's own self-signed certificate
+    /// given as a CA file, which the chain check refuses to see as a server's own.
+    Roots(Arc<RootCertStore>, Vec<String>),
 }
 
 impl std::fmt::Debug for Expect {
@@ -186,7 +188,9 @@ impl std::fmt::Debug for Expect {
         match self {
             Expect::Pinned(p) => write!(f, "Pinned({p})"),
             Expect::FirstUse(p) => write!(f, "FirstUse({p:?})"),
-            Expect::Roots(r) => write!(f, "Roots({} certificates)", r.len()),
+            Expect::Roots(r, exact) => {
+                write!(f, "Roots({} certificates, {} exact)", r.len(), exact.len())
+            }
         }
     }
 }
@@ -219,7 +223,7 @@ impl PeerCheck {
     pub fn new(expect: Expect) -> Result<Arc<PeerCheck>> {
         let provider = provider();
         let webpki = match &expect {
-            Expect::Roots(roots) => Some(
+            Expect::Roots(roots, _) => Some(
                 WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
                     .build()
                     .map_err(|e| Error::invalid(format!("bad trusted certificates: {e}")))?,
@@ -294,7 +298,10 @@ impl ServerCertVerifier for PeerCheck {
                 first = slot.get_or_insert_with(|| presented.clone()).clone();
                 Some(&first)
             }
-            Expect::Roots(_) => {
+            Expect::Roots(_, exact) if exact.contains(&presented) => {
+                return Ok(ServerCertVerified::assertion());
+            }
+            Expect::Roots(..) => {
                 let Some(webpki) = &self.webpki else {
                     return Err(rustls::Error::General("no trusted roots".into()));
                 };
@@ -440,6 +447,6 @@ mod tests {
         assert!(first.verify_server_cert(leaf, &[], &name, &[], now).is_ok());
 
         let roots = Arc::new(RootCertStore::empty());
-        assert!(PeerCheck::new(Expect::Roots(roots)).is_err());
+        assert!(PeerCheck::new(Expect::Roots(roots, vec![])).is_err());
     }
 }
