@@ -140,12 +140,79 @@ pub struct RunRecord {
     pub ended_at: Option<String>,
 }
 
+/// One entry of a run's log. `text` is what a reader sees (`==> stage`, `<== stage done
+/// in 1.23s`, a line); `event` says what it is, as data, so nobody parses the text.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LogLine {
     pub seq: i64,
     pub at: String,
     pub stage: String,
     pub text: String,
+    /// Absent only from servers older than the field: then [`LogLine::entry`] reads the
+    /// text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<LogEntry>,
+}
+
+/// What a log line is.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LogEntry {
+    Line,
+    StageStarted,
+    StageFinished { ok: bool, elapsed_ms: u64 },
+}
+
+impl LogLine {
+    /// What this line is: its `event`, or for lines stored before events were, what
+    /// its text says.
+    pub fn entry(&self) -> LogEntry {
+        self.event
+            .unwrap_or_else(|| legacy_entry(&self.stage, &self.text))
+    }
+
+    /// The log event this line records.
+    pub fn to_event(&self) -> Event {
+        match self.entry() {
+            LogEntry::Line => Event::Line {
+                stage: self.stage.clone(),
+                text: self.text.clone(),
+            },
+            LogEntry::StageStarted => Event::StageStarted {
+                stage: self.stage.clone(),
+            },
+            LogEntry::StageFinished { ok, elapsed_ms } => Event::StageFinished {
+                stage: self.stage.clone(),
+                elapsed: std::time::Duration::from_millis(elapsed_ms),
+                ok,
+            },
+        }
+    }
+}
+
+/// Lines stored before events were: `==> STAGE` and `<== STAGE done|failed in 1.23s`.
+fn legacy_entry(stage: &str, text: &str) -> LogEntry {
+    if text.strip_prefix("==> ") == Some(stage) {
+        return LogEntry::StageStarted;
+    }
+    let finished = text
+        .strip_prefix("<== ")
+        .and_then(|rest| rest.strip_prefix(stage))
+        .and_then(|rest| rest.strip_prefix(' '))
+        .and_then(|rest| rest.split_once(" in "))
+        .and_then(|(word, secs)| {
+            let secs: f64 = secs.strip_suffix('s')?.parse().ok()?;
+            let ok = match word {
+                "done" => true,
+                "failed" => false,
+                _ => return None,
+            };
+            Some(LogEntry::StageFinished {
+                ok,
+                elapsed_ms: (secs * 1000.0).round() as u64,
+            })
+        });
+    finished.unwrap_or(LogEntry::Line)
 }
 
 #[derive(Clone)]
@@ -198,6 +265,15 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     if !has_origin {
         conn.execute_batch("ALTER TABLE runs ADD COLUMN origin TEXT")?;
     }
+    // Homes made before log lines recorded their event (NULL: read from the text).
+    let has_event: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('log_lines') WHERE name = 'event'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )? > 0;
+    if !has_event {
+        conn.execute_batch("ALTER TABLE log_lines ADD COLUMN event TEXT")?;
+    }
     Ok(conn)
 }
 
@@ -211,7 +287,7 @@ CREATE TABLE IF NOT EXISTS runs (
   started_at TEXT NOT NULL, ended_at TEXT, pid INTEGER, origin TEXT);
 CREATE TABLE IF NOT EXISTS log_lines (
   run INTEGER NOT NULL, seq INTEGER NOT NULL, at TEXT NOT NULL, stage TEXT NOT NULL,
-  text TEXT NOT NULL, PRIMARY KEY (run, seq));
+  text TEXT NOT NULL, event TEXT, PRIMARY KEY (run, seq));
 CREATE TABLE IF NOT EXISTS environments (
   name TEXT PRIMARY KEY, release TEXT, existing_release TEXT, updated_at TEXT NOT NULL,
   applied TEXT, specs TEXT);
@@ -320,11 +396,13 @@ fn insert_line(
     at: &str,
     stage: &str,
     text: &str,
+    event: Option<&LogEntry>,
 ) -> rusqlite::Result<()> {
+    let event = event.and_then(|e| serde_json::to_string(e).ok());
     c.execute(
-        "INSERT INTO log_lines (run, seq, at, stage, text)
-         VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM log_lines WHERE run = ?1), ?2, ?3, ?4)",
-        params![run, at, stage, text],
+        "INSERT INTO log_lines (run, seq, at, stage, text, event)
+         VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM log_lines WHERE run = ?1), ?2, ?3, ?4, ?5)",
+        params![run, at, stage, text, event],
     )
     .map(|_| ())
 }
@@ -528,7 +606,7 @@ impl Store {
                 params![run.id, now, RunStatus::Failed, RunStatus::Running],
             )?;
             if changed > 0 {
-                insert_line(&tx, run.id, &now, "", &text)?;
+                insert_line(&tx, run.id, &now, "", &text, Some(&LogEntry::Line))?;
             }
             tx.commit()
         })?;
@@ -541,15 +619,28 @@ impl Store {
     }
 
     pub fn add_line(&self, run: i64, stage: &str, text: &str) -> Result<()> {
-        self.with(|c| insert_line(c, run, &now_rfc3339(), stage, text))
+        self.add_entry(run, stage, text, LogEntry::Line)
+    }
+
+    /// Append a line that records `entry` (a stage's start or end, or a plain line).
+    pub fn add_entry(&self, run: i64, stage: &str, text: &str, entry: LogEntry) -> Result<()> {
+        self.with(|c| insert_line(c, run, &now_rfc3339(), stage, text, Some(&entry)))
     }
 
     /// Log lines of a run after `after` (a seq), in order.
     pub fn log(&self, run: i64, after: i64) -> Result<Vec<LogLine>> {
         self.with(|c| {
-            let mut stmt = c.prepare("SELECT seq, at, stage, text FROM log_lines WHERE run = ?1 AND seq > ?2 ORDER BY seq")?;
+            let mut stmt = c.prepare("SELECT seq, at, stage, text, event FROM log_lines WHERE run = ?1 AND seq > ?2 ORDER BY seq")?;
             let rows = stmt.query_map(params![run, after], |row| {
-                Ok(LogLine { seq: row.get(0)?, at: row.get(1)?, stage: row.get(2)?, text: row.get(3)? })
+                let (stage, text): (String, String) = (row.get(2)?, row.get(3)?);
+                let event: Option<String> = row.get(4)?;
+                // Stored by this code: JSON of a LogEntry; older lines: their text.
+                let event = Some(
+                    event
+                        .and_then(|e| serde_json::from_str(&e).ok())
+                        .unwrap_or_else(|| legacy_entry(&stage, &text)),
+                );
+                Ok(LogLine { seq: row.get(0)?, at: row.get(1)?, stage, text, event })
             })?;
             rows.collect()
         })
@@ -684,11 +775,13 @@ impl Sink for RunSink {
     fn event(&self, event: &Event) {
         // A log line that cannot be stored must not fail the pipeline.
         let _ = match event {
-            Event::StageStarted { stage } => {
-                self.store
-                    .add_line(self.run, stage, &format!("==> {stage}"))
-            }
-            Event::StageFinished { stage, elapsed, ok } => self.store.add_line(
+            Event::StageStarted { stage } => self.store.add_entry(
+                self.run,
+                stage,
+                &format!("==> {stage}"),
+                LogEntry::StageStarted,
+            ),
+            Event::StageFinished { stage, elapsed, ok } => self.store.add_entry(
                 self.run,
                 stage,
                 &format!(
@@ -696,6 +789,10 @@ impl Sink for RunSink {
                     if *ok { "done" } else { "failed" },
                     elapsed.as_secs_f64()
                 ),
+                LogEntry::StageFinished {
+                    ok: *ok,
+                    elapsed_ms: elapsed.as_millis() as u64,
+                },
             ),
             Event::Line { stage, text } => self.store.add_line(self.run, stage, text),
         };
@@ -705,6 +802,62 @@ impl Sink for RunSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stage_events_are_stored_as_data_and_old_lines_still_read() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::open(&t.path().join("db")).unwrap();
+        let run = s.start_run(RunKind::Build, None, None, None).unwrap();
+        let sink = RunSink {
+            store: s.clone(),
+            run,
+        };
+        sink.event(&Event::StageStarted {
+            stage: "pull".into(),
+        });
+        sink.event(&Event::Line {
+            stage: "pull".into(),
+            text: "<== pull done in 9.99s".into(), // looks like an end, is a line
+        });
+        sink.event(&Event::StageFinished {
+            stage: "pull".into(),
+            elapsed: std::time::Duration::from_millis(1234),
+            ok: false,
+        });
+        // A line written before events were stored.
+        s.with(|c| {
+            c.execute(
+                "INSERT INTO log_lines (run, seq, at, stage, text) VALUES (?1, 99, 't', 'push', '<== push done in 0.50s')",
+                [run],
+            )
+        })
+        .unwrap();
+        let entries: Vec<LogEntry> = s.log(run, 0).unwrap().iter().map(LogLine::entry).collect();
+        assert_eq!(
+            entries,
+            [
+                LogEntry::StageStarted,
+                LogEntry::Line,
+                LogEntry::StageFinished {
+                    ok: false,
+                    elapsed_ms: 1234
+                },
+                LogEntry::StageFinished {
+                    ok: true,
+                    elapsed_ms: 500
+                },
+            ]
+        );
+        let lines = s.log(run, 0).unwrap();
+        assert_eq!(lines[2].text, "<== pull failed in 1.23s");
+        let json = serde_json::to_value(&lines[2]).unwrap();
+        assert_eq!(
+            json["event"],
+            serde_json::json!({"type": "stage_finished", "ok": false, "elapsed_ms": 1234})
+        );
+        assert_eq!(legacy_entry("push", "<== pull done in 1s"), LogEntry::Line);
+        assert_eq!(legacy_entry("push", "==> push"), LogEntry::StageStarted);
+    }
 
     #[test]
     fn a_damaged_environment_record_fails_loudly() {

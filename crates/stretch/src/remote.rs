@@ -27,7 +27,6 @@ use serde_json::{Value, json};
 use stretch_core::deploy::Kind;
 use stretch_core::deploy::apply::{ActionKind, ChangeOp};
 use stretch_core::error::ErrorBody;
-use stretch_core::log::Event;
 use stretch_core::net::tls::{
     Expect, PeerCheck, Refusal, fingerprint, parse_fingerprint, roots_from_pem, system_roots,
 };
@@ -376,35 +375,7 @@ fn succeeded(detail: &Value) -> bool {
 
 /// Show a log line as the local progress printer would.
 fn show(printer: &Printer, l: &LogLine) {
-    let event = if let Some(stage) = l.text.strip_prefix("==> ") {
-        Event::StageStarted {
-            stage: stage.to_string(),
-        }
-    } else if let Some((stage, ok, secs)) = finished(&l.text) {
-        Event::StageFinished {
-            stage,
-            elapsed: Duration::from_secs_f64(secs),
-            ok,
-        }
-    } else {
-        Event::Line {
-            stage: l.stage.clone(),
-            text: l.text.clone(),
-        }
-    };
-    stretch_core::log::Sink::event(printer, &event);
-}
-
-/// `<== STAGE done in 1.23s` → (stage, ok, seconds).
-fn finished(text: &str) -> Option<(String, bool, f64)> {
-    let rest = text.strip_prefix("<== ")?;
-    let (head, secs) = rest.rsplit_once(" in ")?;
-    let secs: f64 = secs.strip_suffix('s')?.parse().ok()?;
-    if let Some(stage) = head.strip_suffix(" done") {
-        return Some((stage.to_string(), true, secs));
-    }
-    head.strip_suffix(" failed")
-        .map(|s| (s.to_string(), false, secs))
+    stretch_core::log::Sink::event(printer, &l.to_event());
 }
 
 /// A finished run that did not succeed, as the CLI's error: the one the server's job
@@ -712,16 +683,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stage_lines() {
-        assert_eq!(
-            finished("<== pull done in 1.50s"),
-            Some(("pull".into(), true, 1.5))
-        );
-        assert_eq!(
-            finished("<== change release failed in 0.20s"),
-            Some(("change release".into(), false, 0.2))
-        );
-        assert_eq!(finished("<== nope"), None);
+    fn paths_are_encoded() {
         assert_eq!(encode("a b/é"), "a%20b%2F%C3%A9");
     }
 }

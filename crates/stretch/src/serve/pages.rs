@@ -340,6 +340,7 @@ mod tests {
             at: "2026-01-01T00:00:00.000Z".into(),
             stage: evil.into(),
             text: evil.into(),
+            event: None,
         }];
         let html = pages.render(
             "run.html",

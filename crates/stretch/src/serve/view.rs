@@ -5,7 +5,7 @@
 use serde::Serialize;
 use stretch_core::Result;
 use stretch_core::home::Home;
-use stretch_core::store::{LogLine, ReleaseRecord, RunRecord, RunStatus, Store};
+use stretch_core::store::{LogEntry, LogLine, ReleaseRecord, RunRecord, RunStatus, Store};
 use stretch_core::system::System;
 
 /// An environment as the API and the pages show it: the core's status.
@@ -50,7 +50,7 @@ pub fn release_json(r: &ReleaseRecord) -> serde_json::Value {
     })
 }
 
-/// One stage of a run, from its `==> stage` / `<== stage done in 1.23s` lines.
+/// One stage of a run, from its log's stage events.
 #[derive(Debug, Clone, Serialize)]
 pub struct Stage {
     pub name: String,
@@ -63,25 +63,25 @@ pub struct Stage {
 pub fn stages(lines: &[LogLine]) -> Vec<Stage> {
     let mut out: Vec<Stage> = Vec::new();
     for l in lines {
-        if let Some(name) = l.text.strip_prefix("==> ") {
-            out.push(Stage {
-                name: name.to_string(),
+        match l.entry() {
+            LogEntry::StageStarted => out.push(Stage {
+                name: l.stage.clone(),
                 status: "running".into(),
                 elapsed: None,
                 started_at: l.at.clone(),
-            });
-        } else if let Some(rest) = l.text.strip_prefix("<== ") {
-            let Some(s) = out
-                .iter_mut()
-                .rev()
-                .find(|s| s.status == "running" && rest.starts_with(&format!("{} ", s.name)))
-            else {
-                continue;
-            };
-            let tail = &rest[s.name.len() + 1..];
-            let (word, elapsed) = tail.split_once(" in ").unwrap_or((tail, ""));
-            s.status = if word == "done" { "done" } else { "failed" }.into();
-            s.elapsed = (!elapsed.is_empty()).then(|| elapsed.to_string());
+            }),
+            LogEntry::StageFinished { ok, elapsed_ms } => {
+                let Some(s) = out
+                    .iter_mut()
+                    .rev()
+                    .find(|s| s.status == "running" && s.name == l.stage)
+                else {
+                    continue;
+                };
+                s.status = if ok { "done" } else { "failed" }.into();
+                s.elapsed = Some(format!("{:.2}s", elapsed_ms as f64 / 1000.0));
+            }
+            LogEntry::Line => {}
         }
     }
     out
@@ -122,24 +122,42 @@ pub fn run_json(
 mod tests {
     use super::*;
 
-    fn line(seq: i64, text: &str) -> LogLine {
+    fn line(seq: i64, stage: &str, text: &str, event: Option<LogEntry>) -> LogLine {
         LogLine {
             seq,
             at: format!("t{seq}"),
-            stage: "s".into(),
+            stage: stage.into(),
             text: text.into(),
+            event,
         }
     }
 
     #[test]
     fn timeline() {
+        let done = |ms| {
+            Some(LogEntry::StageFinished {
+                ok: true,
+                elapsed_ms: ms,
+            })
+        };
         let l = [
-            line(1, "==> pull"),
-            line(2, "cloning"),
-            line(3, "<== pull done in 0.50s"),
-            line(4, "==> change release"),
-            line(5, "<== change release failed in 2.00s"),
-            line(6, "==> post-deploy plugins"),
+            line(1, "pull", "==> pull", Some(LogEntry::StageStarted)),
+            line(2, "pull", "cloning", Some(LogEntry::Line)),
+            line(3, "pull", "<== pull done in 0.50s", done(500)),
+            // A line stored before events were: read from its text.
+            line(4, "change release", "==> change release", None),
+            line(
+                5,
+                "change release",
+                "<== change release failed in 2.00s",
+                None,
+            ),
+            line(
+                6,
+                "post-deploy plugins",
+                "==> post-deploy plugins",
+                Some(LogEntry::StageStarted),
+            ),
         ];
         let s = stages(&l);
         assert_eq!(s.len(), 3);
