@@ -599,6 +599,45 @@ pub(crate) async fn put_and_switch(
     client.switch(&spec.key, &req).await.map(|_| ())
 }
 
+/// What [`auto_deploy`] is doing, for the caller to report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AutoDeploy<'a> {
+    Starting { environment: &'a str },
+    Deployed { environment: &'a str },
+}
+
+/// After a build: deploy release `id` to every `auto_deploy` environment not already
+/// running it, in `system.yml` order, each recorded as its own run. Stops at the first
+/// failure and returns it (the CLI and the server both run this, once).
+pub async fn auto_deploy(
+    system: &System,
+    home: &Home,
+    store: &Store,
+    id: &str,
+    log: &Log,
+    mut report: impl FnMut(AutoDeploy<'_>),
+) -> Result<()> {
+    for (name, env) in &system.spec.environments {
+        if !env.auto_deploy {
+            continue;
+        }
+        let current = store.environment(name)?.and_then(|e| e.release);
+        if current.as_deref() == Some(id) {
+            continue;
+        }
+        report(AutoDeploy::Starting { environment: name });
+        let req = DeployRequest {
+            environment: name.clone(),
+            release: Some(id.to_string()),
+            kind: Kind::Deploy,
+            wait: true,
+        };
+        deploy(system, home, store, &req, log).await?;
+        report(AutoDeploy::Deployed { environment: name });
+    }
+    Ok(())
+}
+
 /// The folder of an environment's buffers.
 pub fn environment_dir(home: &Home, env: &str) -> PathBuf {
     home.root.join("environments").join(env)

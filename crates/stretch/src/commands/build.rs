@@ -1,7 +1,7 @@
 //! `stretch build`: run the build step and print the release.
 
 use stretch_core::build::{self, BuildOptions};
-use stretch_core::deploy::{self, DeployRequest, Kind};
+use stretch_core::deploy::{self, AutoDeploy};
 use stretch_core::home::Home;
 use stretch_core::log::Log;
 use stretch_core::store::Store;
@@ -86,26 +86,16 @@ async fn auto_deploy(
     id: &str,
     printer: &Printer,
 ) -> Result<()> {
-    for (name, env) in &system.spec.environments {
-        if !env.auto_deploy {
-            continue;
+    let log = Log::new(vec![printer.progress()]);
+    deploy::auto_deploy(system, home, store, id, &log, |step| match step {
+        AutoDeploy::Starting { environment } => {
+            printer.info(format!("auto_deploy: deploying {id} to `{environment}`"))
         }
-        let current = store.environment(name)?.and_then(|e| e.release);
-        if current.as_deref() == Some(id) {
-            continue;
+        AutoDeploy::Deployed { environment } => {
+            if !printer.json {
+                printer.out(format!("deployed: {id} is live on `{environment}`"));
+            }
         }
-        printer.info(format!("auto_deploy: deploying {id} to `{name}`"));
-        let req = DeployRequest {
-            environment: name.clone(),
-            release: Some(id.to_string()),
-            kind: Kind::Deploy,
-            wait: true,
-        };
-        let log = Log::new(vec![printer.progress()]);
-        deploy::deploy(system, home, store, &req, &log).await?;
-        if !printer.json {
-            printer.out(format!("deployed: {id} is live on `{name}`"));
-        }
-    }
-    Ok(())
+    })
+    .await
 }

@@ -218,29 +218,13 @@ pub fn start_build(state: &Shared, sources: &BTreeMap<String, String>) -> Result
     Ok(run)
 }
 
-/// Deploy a new release to every `auto_deploy` environment not already on it, as the
-/// CLI does after a build. Each deploy records its own run.
+/// Deploy a new release to every `auto_deploy` environment not already on it (each
+/// deploy records its own run); a failure is said on the server's stderr too.
 async fn auto_deploy(st: &Shared, system: &stretch_core::system::System, id: &str) {
-    for (name, env) in &system.spec.environments {
-        if !env.auto_deploy {
-            continue;
-        }
-        let current = st
-            .store
-            .environment(name)
-            .ok()
-            .flatten()
-            .and_then(|e| e.release);
-        if current.as_deref() == Some(id) {
-            continue;
-        }
-        let req = DeployRequest {
-            environment: name.clone(),
-            release: Some(id.to_string()),
-            kind: Kind::Deploy,
-            wait: true,
-        };
-        let _ = deploy::deploy(system, &st.home, &st.store, &req, &Log::null()).await;
+    let log = Log::null();
+    let done = deploy::auto_deploy(system, &st.home, &st.store, id, &log, |_| {}).await;
+    if let Err(e) = done {
+        eprintln!("stretch serve: auto_deploy of {id} failed: {e}");
     }
 }
 
