@@ -20,6 +20,11 @@ pub enum Event {
         stage: String,
         text: String,
     },
+    /// The run this log belongs to was recorded in the store (its id), so that a
+    /// caller that started the work learns it without looking.
+    RunStarted {
+        run: i64,
+    },
 }
 
 /// Something that receives events.
@@ -65,6 +70,11 @@ impl Log {
 
     fn current(&self) -> String {
         self.stage.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Say which recorded run this log belongs to.
+    pub fn run_started(&self, run: i64) {
+        self.emit(Event::RunStarted { run });
     }
 
     /// One line of output (a command's output, a message of ours).

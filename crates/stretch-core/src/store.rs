@@ -795,6 +795,7 @@ impl Sink for RunSink {
                 },
             ),
             Event::Line { stage, text } => self.store.add_line(self.run, stage, text),
+            Event::RunStarted { .. } => Ok(()),
         };
     }
 }

@@ -106,6 +106,7 @@ impl Sink for Printer {
                 )
             }
             Event::Line { text, .. } => format!("    {}", self.paint("2", text)),
+            Event::RunStarted { .. } => return,
         };
         let mut err = std::io::stderr().lock();
         let _ = writeln!(err, "{line}");

@@ -324,6 +324,7 @@ pub async fn apply(
         store: store.clone(),
         run,
     }));
+    log.run_started(run);
     let fleet = Fleet::new(system, &req.environment, env, home, &token)?;
     let result = log
         .stage("apply", converge(&plan, &old_specs, &targets, &fleet, &log))

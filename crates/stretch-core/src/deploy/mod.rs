@@ -217,6 +217,7 @@ pub async fn deploy(
         store: store.clone(),
         run,
     }));
+    log.run_started(run);
     log.line(format!(
         "{} {} ({}) to `{}`{}",
         req.kind.as_str(),

@@ -247,16 +247,11 @@ pub async fn start_deploy(
         kind,
         wait: false,
     };
-    start_recorded(
-        state,
-        environment,
-        kind.run_kind(),
-        move |st, log| async move {
-            let r = deploy::deploy(&system, &st.home, &st.store, &req, &log).await;
-            let release = r.as_ref().ok().map(|o| o.release.id.clone());
-            (r.map(|o| (Some(o.run), serde_json::Value::Null)), release)
-        },
-    )
+    start_recorded(state, kind.run_kind(), move |st, log| async move {
+        let r = deploy::deploy(&system, &st.home, &st.store, &req, &log).await;
+        let release = r.as_ref().ok().map(|o| o.release.id.clone());
+        (r.map(|o| (Some(o.run), serde_json::Value::Null)), release)
+    })
     .await
 }
 
@@ -269,45 +264,31 @@ pub async fn start_apply(state: &Shared, environment: &str, dry_run: bool) -> Re
         dry_run,
         wait: false,
     };
-    start_recorded(
-        state,
-        environment,
-        RunKind::Config,
-        move |st, log| async move {
-            let r = apply::apply(&system, &st.home, &st.store, &req, &log).await;
-            let release = r.as_ref().ok().and_then(|o| o.plan.release.clone());
-            let r = r.map(|o| {
-                let body = serde_json::to_value(&o).unwrap_or_default();
-                (o.run, body)
-            });
-            (r, release)
-        },
-    )
+    start_recorded(state, RunKind::Config, move |st, log| async move {
+        let r = apply::apply(&system, &st.home, &st.store, &req, &log).await;
+        let release = r.as_ref().ok().and_then(|o| o.plan.release.clone());
+        let r = r.map(|o| {
+            let body = serde_json::to_value(&o).unwrap_or_default();
+            (o.run, body)
+        });
+        (r, release)
+    })
     .await
 }
 
 type JobResult = (Result<(Option<i64>, serde_json::Value)>, Option<String>);
 
-/// Start a job that records its own run of `kind` on `environment`; answer with that
-/// run as soon as it exists, or with how the job ended if it ended first.
-async fn start_recorded<F, Fut>(
-    state: &Shared,
-    environment: &str,
-    kind: RunKind,
-    job: F,
-) -> Result<Started>
+/// Start a job that records its own run of `kind`; answer with that run as soon as it
+/// exists (the core says so with a `RunStarted` event), or with how the job ended if
+/// it ended first.
+async fn start_recorded<F, Fut>(state: &Shared, kind: RunKind, job: F) -> Result<Started>
 where
     F: FnOnce(Shared, Log) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = JobResult>,
 {
-    let after = state.reader.runs(None)?.first().map(|r| r.id).unwrap_or(0);
     let (found_tx, found_rx) = oneshot::channel();
     let (done_tx, done_rx) = oneshot::channel();
     let finder = Arc::new(RunFinder {
-        store: state.reader.clone(),
-        environment: environment.to_string(),
-        kind,
-        after,
         found: Mutex::new(None),
         tx: Mutex::new(Some(found_tx)),
         jobs: state.clone(),
@@ -343,14 +324,9 @@ where
     }
 }
 
-/// Finds the run a deploy records: on its first events, the newest run of the
-/// environment and kind started after the job. While the job holds the environment's
-/// lock, no other process can start one.
+/// Learns the run a deploy, rollback or apply records from the core's `RunStarted`
+/// event, and answers the request that started it with that id.
 struct RunFinder {
-    store: Store,
-    environment: String,
-    kind: RunKind,
-    after: i64,
     found: Mutex<Option<i64>>,
     tx: Mutex<Option<oneshot::Sender<i64>>>,
     jobs: Shared,
@@ -363,25 +339,16 @@ impl RunFinder {
 }
 
 impl Sink for RunFinder {
-    fn event(&self, _event: &Event) {
-        let Ok(mut tx) = self.tx.lock() else { return };
-        if tx.is_none() {
-            return;
-        }
-        let Ok(runs) = self.store.runs(Some(&self.environment)) else {
+    fn event(&self, event: &Event) {
+        let Event::RunStarted { run } = event else {
             return;
         };
-        if let Some(r) = runs
-            .iter()
-            .find(|r| r.id > self.after && r.kind == self.kind)
-        {
-            if let Ok(mut f) = self.found.lock() {
-                *f = Some(r.id);
-            }
-            self.jobs.jobs.begin(r.id);
-            if let Some(tx) = tx.take() {
-                let _ = tx.send(r.id);
-            }
+        if let Ok(mut f) = self.found.lock() {
+            *f = Some(*run);
+        }
+        self.jobs.jobs.begin(*run);
+        if let Some(tx) = self.tx.lock().ok().and_then(|mut tx| tx.take()) {
+            let _ = tx.send(*run);
         }
     }
 }
