@@ -12,6 +12,7 @@ pub mod log;
 pub mod net;
 pub mod plugin;
 pub mod release;
+pub mod run;
 pub mod secrets;
 pub mod source;
 pub mod status;

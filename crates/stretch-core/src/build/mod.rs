@@ -14,9 +14,10 @@ use crate::log::Log;
 use crate::plugin::{self, Facts, Hook, ReleaseFacts};
 use crate::release::config::{ConfigTemplate, FORMAT, NodeConfig, Plugin, ReleaseConfig};
 use crate::release::{archive, name};
+use crate::run::Run;
 use crate::secrets::{self, Identities};
 use crate::source::{self, Pulled};
-use crate::store::{ReleaseRecord, Store};
+use crate::store::{ReleaseRecord, RunKind, Store};
 use crate::system::System;
 use crate::system::project::Project;
 use crate::util::now_rfc3339;
@@ -30,6 +31,8 @@ pub struct BuildOptions {
 
 #[derive(Debug, Clone)]
 pub struct BuildOutcome {
+    /// The build's run in the store.
+    pub run: i64,
     pub release: ReleaseRecord,
     /// True when the sources produced a release that already existed.
     pub reused: bool,
@@ -42,7 +45,8 @@ struct Decrypted {
     files: BTreeMap<String, Vec<u8>>,
 }
 
-/// Run the whole build step.
+/// Run the whole build step, recorded as a run of the store (callers learn its id
+/// from the log's `RunStarted`). Bad input leaves no run behind; a failed stage does.
 pub async fn build(
     system: &System,
     home: &Home,
@@ -50,8 +54,31 @@ pub async fn build(
     opts: &BuildOptions,
     log: &Log,
 ) -> Result<BuildOutcome> {
+    let (run, log) = Run::start(store, RunKind::Build, None, None, None, log)?;
+    let run = run.forget_bad_input();
+    let result = stages(system, home, store, opts, &log).await;
+    if let Ok(o) = &result {
+        run.set_release(&o.release.id)?;
+    }
+    let id = run.id();
+    run.finish(result).map(|o| BuildOutcome { run: id, ..o })
+}
+
+async fn stages(
+    system: &System,
+    home: &Home,
+    store: &Store,
+    opts: &BuildOptions,
+    log: &Log,
+) -> Result<BuildOutcome> {
     // One build at a time per home: they share the buffer folder.
-    let _lock = home.lock("build", true)?;
+    let _lock = match home.lock("build", false)? {
+        Some(lock) => Some(lock),
+        None => {
+            log.line("another build of this home is running: waiting for it");
+            home.lock("build", true)?
+        }
+    };
     sweep_unrecorded(home, store, log)?;
     let (pulled, merged) = log
         .stage("pull", async {
@@ -75,6 +102,7 @@ pub async fn build(
             record.id, record.name
         ));
         return Ok(BuildOutcome {
+            run: 0,
             release: record,
             reused: true,
         });
@@ -107,6 +135,7 @@ pub async fn build(
     };
     match rest.await {
         Ok(record) => Ok(BuildOutcome {
+            run: 0,
             release: record,
             reused: false,
         }),

@@ -9,7 +9,6 @@
 //! a failure retries exactly what is left.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +18,8 @@ use crate::agent::api::GroupSpec;
 use crate::agent::fleet::{Fleet, prefixed};
 use crate::home::Home;
 use crate::log::Log;
-use crate::store::{EnvironmentRecord, RunKind, RunSink, Store};
+use crate::run::Run;
+use crate::store::{EnvironmentRecord, RunKind, Store};
 use crate::system::System;
 use crate::{Error, Result};
 
@@ -314,17 +314,14 @@ pub async fn apply(
     }
     let release = plan.release.clone().unwrap_or_default();
     let record = store.environment(&req.environment)?;
-    let run = store.start_run(
+    let (run, log) = Run::start(
+        store,
         RunKind::Config,
         Some(&req.environment),
         Some(&release),
         Some(&release),
+        log,
     )?;
-    let log = log.with(Arc::new(RunSink {
-        store: store.clone(),
-        run,
-    }));
-    log.run_started(run);
     let fleet = Fleet::new(system, &req.environment, env, home, &token)?;
     let result = log
         .stage("apply", converge(&plan, &old_specs, &targets, &fleet, &log))
@@ -344,7 +341,7 @@ pub async fn apply(
     let outcome = match (&result, failures.is_empty()) {
         (Ok(_), true) => Ok(ApplyOutcome {
             plan,
-            run: Some(run),
+            run: Some(run.id()),
             applied: true,
             note: None,
         }),
@@ -358,11 +355,7 @@ pub async fn apply(
         )),
         (Err(e), _) => Err(Error::failed("apply", e.to_string())),
     };
-    let _ = store.finish_run(run, outcome.is_ok());
-    if let Err(e) = &outcome {
-        let _ = store.add_line(run, "error", &e.to_string());
-    }
-    outcome
+    run.finish(outcome)
 }
 
 /// Carry out every action at once; returns the specs now in force and the failures.

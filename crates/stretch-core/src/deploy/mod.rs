@@ -11,7 +11,6 @@ mod specs;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use crate::agent::api::{GroupKey, GroupSpec, Switch};
 use crate::agent::client::{AgentClient, AgentError};
@@ -20,7 +19,8 @@ use crate::home::Home;
 use crate::log::Log;
 use crate::plugin::{self, Facts, Hook, ReleaseFacts};
 use crate::release::config::ReleaseConfig;
-use crate::store::{EnvironmentRecord, ReleaseRecord, RunKind, RunSink, Store};
+use crate::run::Run;
+use crate::store::{EnvironmentRecord, ReleaseRecord, RunKind, Store};
 use crate::system::{Environment, System};
 use crate::{Error, Result};
 
@@ -207,17 +207,14 @@ pub async fn deploy(
     } else {
         plan
     };
-    let run = store.start_run(
+    let (run, log) = Run::start(
+        store,
         req.kind.run_kind(),
         Some(&plan.env_name),
         Some(&plan.release.id),
         plan.existing.as_ref().map(|r| r.id.as_str()),
+        log,
     )?;
-    let log = log.with(Arc::new(RunSink {
-        store: store.clone(),
-        run,
-    }));
-    log.run_started(run);
     log.line(format!(
         "{} {} ({}) to `{}`{}",
         req.kind.as_str(),
@@ -229,13 +226,10 @@ pub async fn deploy(
             .map(|x| format!(", replacing {} ({})", x.name, x.id))
             .unwrap_or_default()
     ));
+    let id = run.id();
     let result = execute(system, home, store, req.kind, &plan, &log).await;
-    let _ = store.finish_run(run, result.is_ok());
-    if let Err(e) = &result {
-        let _ = store.add_line(run, "error", &e.to_string());
-    }
-    result.map(|()| DeployOutcome {
-        run,
+    run.finish(result).map(|()| DeployOutcome {
+        run: id,
         release: plan.release,
         existing: plan.existing,
     })

@@ -5,7 +5,6 @@ use stretch_core::deploy::{self, AutoDeploy};
 use stretch_core::home::Home;
 use stretch_core::log::Log;
 use stretch_core::store::Store;
-use stretch_core::store::{RunKind, RunSink};
 use stretch_core::system::System;
 use stretch_core::{Error, Result};
 
@@ -23,11 +22,7 @@ pub async fn run(args: BuildArgs, settings: &Settings, printer: &Printer) -> Res
         system.override_ref(name, git_ref)?;
     }
     let (home, store) = super::open_home(settings)?;
-    let run = store.start_run(RunKind::Build, None, None, None)?;
-    let log = Log::new(vec![printer.progress()]).with(std::sync::Arc::new(RunSink {
-        store: store.clone(),
-        run,
-    }));
+    let log = Log::new(vec![printer.progress()]);
     let result = build::build(
         &system,
         &home,
@@ -38,44 +33,29 @@ pub async fn run(args: BuildArgs, settings: &Settings, printer: &Printer) -> Res
         &log,
     )
     .await;
-    match result {
-        Ok(outcome) => {
-            let r = &outcome.release;
-            store.set_run_release(run, &r.id)?;
-            store.finish_run(run, true)?;
-            if printer.json {
-                printer.json(&serde_json::json!({
-                    "id": r.id,
-                    "name": r.name,
-                    "created_at": r.created_at,
-                    "images": r.images,
-                    "sources": r.sources,
-                    "reused": outcome.reused,
-                }));
-            } else {
-                let verb = if outcome.reused {
-                    "unchanged:"
-                } else {
-                    "built"
-                };
-                printer.out(format!("{verb} release {} ({})", r.id, r.name));
-                for i in &r.images {
-                    printer.info(format!("  image {i}"));
-                }
-            }
-            auto_deploy(&system, &home, &store, &r.id, printer).await
-        }
-        Err(e) => {
-            // Bad input changes nothing, not even the history; a failed stage is recorded.
-            if e.exit_code() == 2 {
-                let _ = store.delete_run(run);
-            } else {
-                let _ = store.add_line(run, "error", &e.to_string());
-                let _ = store.finish_run(run, false);
-            }
-            Err(e)
+    let outcome = result?;
+    let r = &outcome.release;
+    if printer.json {
+        printer.json(&serde_json::json!({
+            "id": r.id,
+            "name": r.name,
+            "created_at": r.created_at,
+            "images": r.images,
+            "sources": r.sources,
+            "reused": outcome.reused,
+        }));
+    } else {
+        let verb = if outcome.reused {
+            "unchanged:"
+        } else {
+            "built"
+        };
+        printer.out(format!("{verb} release {} ({})", r.id, r.name));
+        for i in &r.images {
+            printer.info(format!("  image {i}"));
         }
     }
+    auto_deploy(&system, &home, &store, &r.id, printer).await
 }
 
 /// Deploy a new release to every `auto_deploy` environment not already running it.

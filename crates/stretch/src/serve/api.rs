@@ -293,11 +293,13 @@ struct BuildBody {
 }
 
 pub async fn build(State(st): State<Shared>, bytes: Bytes) -> Response {
-    let run = body::<BuildBody>(&bytes)
-        .and_then(|b| jobs::start_build(&st, &b.sources).map_err(ApiError::from));
-    match run {
-        Ok(run) => started(Started::Run(run)),
-        Err(e) => e.into_response(),
+    let b = match body::<BuildBody>(&bytes) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    match jobs::start_build(&st, &b.sources).await {
+        Ok(s) => started(s),
+        Err(e) => ApiError::from(e).into_response(),
     }
 }
 

@@ -17,7 +17,7 @@ use stretch_core::deploy::apply::{self, ApplyRequest};
 use stretch_core::deploy::{self, DeployRequest, Kind};
 use stretch_core::error::ErrorBody;
 use stretch_core::log::{Event, Log, Sink};
-use stretch_core::store::{RunKind, RunSink, Store};
+use stretch_core::store::{RunKind, Store};
 use stretch_core::{Error, Result};
 use tokio::sync::oneshot;
 
@@ -165,57 +165,31 @@ where
     }
 }
 
-/// Start a build: its run id at once. `sources` overrides git refs (`--source`).
-pub fn start_build(state: &Shared, sources: &BTreeMap<String, String>) -> Result<i64> {
+/// Start a build: its run as soon as the core records it. `sources` overrides git
+/// refs (`--source`). A new release then goes to the `auto_deploy` environments.
+pub async fn start_build(state: &Shared, sources: &BTreeMap<String, String>) -> Result<Started> {
     let mut system = state.system()?;
     for (name, git_ref) in sources {
         system.override_ref(name, git_ref)?;
     }
-    let run = state.store.start_run(RunKind::Build, None, None, None)?;
-    state.jobs.begin(run);
-    spawn_pipeline(state, move |st| async move {
-        // The build waits for the home's build lock; say so rather than sit silent.
-        if matches!(st.home.lock("build", false), Ok(None)) {
-            let _ = st.store.add_line(
-                run,
-                "pull",
-                "another build of this home is running: waiting for it",
-            );
-        }
-        let log = Log::new(vec![Arc::new(RunSink {
-            store: st.store.clone(),
-            run,
-        })]);
+    start_recorded(state, RunKind::Build, move |st, log| async move {
         let opts = BuildOptions {
             identity: st.identity.clone(),
         };
         let result = build::build(&system, &st.home, &st.store, &opts, &log).await;
-        let outcome = Outcome::of(
-            &result,
-            result.as_ref().ok().map(|o| o.reused),
-            result.as_ref().ok().map(|o| o.release.id.clone()),
-        );
-        match &result {
-            Ok(o) => {
-                let _ = st.store.set_run_release(run, &o.release.id);
-                let _ = st.store.finish_run(run, true);
-            }
-            // Bad input changes nothing, not even the history (as with the CLI); the
-            // watcher learns why from the outcome kept here.
-            Err(e) if e.exit_code() == 2 => {
-                let _ = st.store.delete_run(run);
-            }
-            Err(e) => {
-                let _ = st.store.add_line(run, "error", &e.to_string());
-                let _ = st.store.finish_run(run, false);
-            }
+        let then: Option<Then> = result.as_ref().ok().map(|o| {
+            let id = o.release.id.clone();
+            let st = st.clone();
+            Box::pin(async move { auto_deploy(&st, &system, &id).await }) as Then
+        });
+        JobEnd {
+            release: result.as_ref().ok().map(|o| o.release.id.clone()),
+            reused: result.as_ref().ok().map(|o| o.reused),
+            result: result.map(|o| (Some(o.run), serde_json::Value::Null)),
+            then,
         }
-        st.jobs.end(run, outcome);
-        if let Ok(o) = result {
-            auto_deploy(&st, &system, &o.release.id).await;
-        }
-    });
-    Ok(run)
+    })
+    .await
 }
 
 /// Deploy a new release to every `auto_deploy` environment not already on it (each
@@ -249,8 +223,7 @@ pub async fn start_deploy(
     };
     start_recorded(state, kind.run_kind(), move |st, log| async move {
         let r = deploy::deploy(&system, &st.home, &st.store, &req, &log).await;
-        let release = r.as_ref().ok().map(|o| o.release.id.clone());
-        (r.map(|o| (Some(o.run), serde_json::Value::Null)), release)
+        JobEnd::of(r.map(|o| (Some(o.run), serde_json::Value::Null)), None)
     })
     .await
 }
@@ -271,12 +244,33 @@ pub async fn start_apply(state: &Shared, environment: &str, dry_run: bool) -> Re
             let body = serde_json::to_value(&o).unwrap_or_default();
             (o.run, body)
         });
-        (r, release)
+        JobEnd::of(r, release)
     })
     .await
 }
 
-type JobResult = (Result<(Option<i64>, serde_json::Value)>, Option<String>);
+/// What runs after a job's run has ended (a build's auto-deploys).
+type Then = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+/// How a job ended: its run (none when it ended without one) and what it returned
+/// beyond it.
+struct JobEnd {
+    result: Result<(Option<i64>, serde_json::Value)>,
+    release: Option<String>,
+    reused: Option<bool>,
+    then: Option<Then>,
+}
+
+impl JobEnd {
+    fn of(result: Result<(Option<i64>, serde_json::Value)>, release: Option<String>) -> JobEnd {
+        JobEnd {
+            result,
+            release,
+            reused: None,
+            then: None,
+        }
+    }
+}
 
 /// Start a job that records its own run of `kind`; answer with that run as soon as it
 /// exists (the core says so with a `RunStarted` event), or with how the job ended if
@@ -284,7 +278,7 @@ type JobResult = (Result<(Option<i64>, serde_json::Value)>, Option<String>);
 async fn start_recorded<F, Fut>(state: &Shared, kind: RunKind, job: F) -> Result<Started>
 where
     F: FnOnce(Shared, Log) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = JobResult>,
+    Fut: std::future::Future<Output = JobEnd>,
 {
     let (found_tx, found_rx) = oneshot::channel();
     let (done_tx, done_rx) = oneshot::channel();
@@ -295,14 +289,19 @@ where
     });
     spawn_pipeline(state, move |st| async move {
         let log = Log::new(vec![finder.clone()]);
-        let (result, release) = job(st.clone(), log).await;
+        let JobEnd {
+            result,
+            release,
+            reused,
+            then,
+        } = job(st.clone(), log).await;
         let run = result
             .as_ref()
             .ok()
             .and_then(|(run, _)| *run)
             .or_else(|| finder.found());
         if let Some(run) = run {
-            let mut outcome = Outcome::of(&result, None, release);
+            let mut outcome = Outcome::of(&result, reused, release);
             outcome.result = result
                 .as_ref()
                 .ok()
@@ -311,6 +310,9 @@ where
             st.jobs.end(run, outcome);
         }
         let _ = done_tx.send(result);
+        if let Some(then) = then {
+            then.await;
+        }
     });
     tokio::select! {
         biased;
@@ -324,7 +326,7 @@ where
     }
 }
 
-/// Learns the run a deploy, rollback or apply records from the core's `RunStarted`
+/// Learns the run a build, deploy, rollback or apply records from the core's `RunStarted`
 /// event, and answers the request that started it with that id.
 struct RunFinder {
     found: Mutex<Option<i64>>,

@@ -286,9 +286,10 @@ pub async fn action(
     let env = form.environment.trim().to_string();
     let release = Some(form.release.trim().to_string()).filter(|r| !r.is_empty());
     let started = match action.as_str() {
-        "build" => parse_sources(&form.sources)
-            .and_then(|s| jobs::start_build(&st, &s))
-            .map(Started::Run),
+        "build" => match parse_sources(&form.sources) {
+            Ok(s) => jobs::start_build(&st, &s).await,
+            Err(e) => Err(e),
+        },
         "deploy" => jobs::start_deploy(&st, &env, release, Kind::Deploy).await,
         "rollback" => jobs::start_deploy(&st, &env, release, Kind::Rollback).await,
         "apply" => jobs::start_apply(&st, &env, false).await,
