@@ -96,6 +96,14 @@ impl Error {
         }
     }
 
+    /// A run id the store does not hold (the same words from the CLI and the API).
+    pub fn unknown_run(id: i64) -> Self {
+        Error::not_found(
+            format!("unknown run `{id}`"),
+            "`stretch history` (`GET /api/history`) lists the runs",
+        )
+    }
+
     /// `stage` cannot start: another run holds what it needs.
     pub fn busy(
         stage: impl Into<String>,
@@ -228,13 +236,52 @@ pub enum ErrorKind {
 
 /// An error as the server's API answers it, and as the CLI reads it back:
 /// `{"kind", "stage", "message", "help"}`. `stage` is set for `busy` and `failed`.
-/// An error at a file position travels as `invalid` with the position in its message.
+/// An error at a file position travels as `invalid` with the position in its message,
+/// and in `at` with the lines around it, so a client shows it as the CLI would.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub kind: ErrorKind,
     pub stage: Option<String>,
     pub message: String,
     pub help: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<Box<ErrorAt>>,
+}
+
+/// Where in a file an error is: the position and the lines around it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorAt {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    /// The error's message without the position.
+    pub message: String,
+    /// Lines `first_line` and on, up to one past the error's line.
+    pub excerpt: String,
+    pub first_line: usize,
+}
+
+/// Lines around an error shown with it: one before and one after.
+const CONTEXT_LINES: usize = 1;
+
+impl ErrorAt {
+    fn of(c: &ConfigError) -> ErrorAt {
+        let src = c.src.inner();
+        let first_line = c.line.saturating_sub(CONTEXT_LINES).max(1);
+        let excerpt: String = src
+            .split_inclusive('\n')
+            .skip(first_line - 1)
+            .take(c.line + CONTEXT_LINES + 1 - first_line)
+            .collect();
+        ErrorAt {
+            file: c.file.clone(),
+            line: c.line,
+            column: c.column,
+            message: c.message.clone(),
+            excerpt,
+            first_line,
+        }
+    }
 }
 
 impl ErrorBody {
@@ -264,6 +311,10 @@ impl From<&Error> for ErrorBody {
             stage: e.stage().map(String::from),
             message,
             help: e.help().map(String::from),
+            at: match e {
+                Error::Config(c) => Some(Box::new(ErrorAt::of(c))),
+                _ => None,
+            },
         }
     }
 }
@@ -277,7 +328,20 @@ impl From<ErrorBody> for Error {
             stage,
             message,
             help,
+            at,
         } = b;
+        if let (ErrorKind::Invalid, Some(at)) = (kind, at) {
+            // Blank lines before the excerpt keep its line numbers.
+            let src = "\n".repeat(at.first_line.saturating_sub(1)) + &at.excerpt;
+            let ErrorAt {
+                file,
+                line,
+                column,
+                message,
+                ..
+            } = *at;
+            return Error::config(file, &src, line, column, message, help);
+        }
         let stage = || stage.unwrap_or_else(|| "server".to_string());
         match kind {
             ErrorKind::Invalid => Error::Invalid { message, help },
@@ -312,6 +376,32 @@ fn offset_of(src: &str, line: usize, column: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_position_survives_the_trip_through_the_api() {
+        let src = "system: x\nsources:\n- path ./app\n- path: ./b\nenvironments: {}\n";
+        let e = Error::config(
+            "system.yml",
+            src,
+            3,
+            3,
+            "expected a map",
+            Some("see docs".into()),
+        );
+        let body = ErrorBody::from(&e);
+        let json = serde_json::to_string(&body).unwrap();
+        let back = Error::from(serde_json::from_str::<ErrorBody>(&json).unwrap());
+        assert_eq!(back.to_string(), e.to_string());
+        assert_eq!(back.help(), Some("see docs"));
+        let Error::Config(c) = back else {
+            panic!("not a config error: {back:?}")
+        };
+        // The same lines, at the same numbers, the same spot marked.
+        assert_eq!(c.src.inner(), "\nsources:\n- path ./app\n- path: ./b\n");
+        assert_eq!((c.line, c.column), (3, 3));
+        let at = c.span.map(|s| &c.src.inner()[s.offset()..]);
+        assert_eq!(at.map(|t| &t[..9]), Some("path ./ap"));
+    }
 
     #[test]
     fn offsets() {
@@ -358,7 +448,8 @@ mod tests {
             let body = ErrorBody::from(e);
             let json = serde_json::to_value(&body).unwrap();
             assert_eq!(json["kind"], kind, "{json}");
-            assert_eq!(json.as_object().unwrap().len(), 4, "{json}");
+            let fields = if matches!(e, Error::Config(_)) { 5 } else { 4 };
+            assert_eq!(json.as_object().unwrap().len(), fields, "{json}");
             assert_eq!(body.text(), e.to_string());
             let back: ErrorBody = serde_json::from_value(json).unwrap();
             assert_eq!(back, body);

@@ -10,6 +10,7 @@ pub mod error;
 pub mod home;
 pub mod log;
 pub mod net;
+pub mod outcome;
 pub mod plugin;
 pub mod release;
 pub mod run;

@@ -4,6 +4,7 @@ mod cli;
 mod commands;
 mod printer;
 mod remote;
+mod render;
 mod serve;
 mod settings;
 

@@ -1,8 +1,9 @@
 //! `--server URL` (or `STRETCH_SERVER`): `build`, `deploy`, `rollback`, `apply`,
-//! `releases`, `history` and `logs` go through a `stretch serve`'s API instead of the local home,
-//! with the token from `STRETCH_SERVER_TOKEN`. Output and exit codes are the local
-//! commands': progress comes from the run's log stream (SSE), results as text or
-//! `--json`. Other commands run locally as usual.
+//! `status`, `releases`, `history` and `logs` go through a `stretch serve`'s API instead of the local home,
+//! with the token from `STRETCH_SERVER_TOKEN`. This is transport only: progress comes
+//! from the run's log stream (SSE), results as the core's outcome types, printed by
+//! `render` like the local commands', so output and exit codes are theirs. Other
+//! commands run locally as usual.
 //!
 //! An `https://` server's certificate must chain to the system's authorities or
 //! `--server-ca`'s, or, with `STRETCH_SERVER_FINGERPRINT`, be exactly that one; a
@@ -25,16 +26,19 @@ use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use stretch_core::deploy::Kind;
-use stretch_core::deploy::apply::{ActionKind, ChangeOp};
+use stretch_core::deploy::apply::ApplyOutcome;
 use stretch_core::error::ErrorBody;
 use stretch_core::net::tls::{
     Expect, PeerCheck, Refusal, fingerprint, parse_fingerprint, roots_from_pem, system_roots,
 };
-use stretch_core::store::{LogLine, RunStatus};
+use stretch_core::outcome::{Built, Deployed, Release};
+use stretch_core::status::EnvironmentStatus;
+use stretch_core::store::{LogLine, RunRecord, RunStatus};
 use stretch_core::{Error, Result};
 
 use crate::cli::{BuildArgs, Command, DeployArgs};
 use crate::printer::Printer;
+use crate::render;
 use crate::settings::{FINGERPRINT_ENV, Server, TOKEN_ENV};
 
 /// Run `command` through the server; give it back when it is one to run locally.
@@ -50,6 +54,7 @@ pub async fn run(server: &Server, command: Command, printer: &Printer) -> Result
             wait,
         } => apply(&client()?, &environment, dry_run, wait, printer).await?,
         Command::Releases => releases(&client()?, printer).await?,
+        Command::Status { environment } => status(&client()?, &environment, printer).await?,
         Command::History { environment } => {
             history(&client()?, environment.as_deref(), printer).await?
         }
@@ -398,6 +403,27 @@ fn run_error(detail: &Value, what: &str) -> Error {
     }
 }
 
+/// A value of the server's answer, as the type both sides share.
+fn typed<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> Result<T> {
+    serde_json::from_value(v)
+        .map_err(|e| Error::failed("server", format!("the server's {what} did not read: {e}")))
+}
+
+/// What a run the server ran gave: its typed result, or its error.
+async fn result_of<T: serde::de::DeserializeOwned>(c: &Client, run: i64, what: &str) -> Result<T> {
+    let detail = c.get(&format!("/api/runs/{run}")).await?;
+    if !succeeded(&detail) {
+        return Err(run_error(&detail, what));
+    }
+    typed(detail["result"].clone(), what)
+}
+
+fn run_of(started: &Value) -> Result<i64> {
+    started["run"]
+        .as_i64()
+        .ok_or_else(|| Error::failed("server", "the server did not say which run"))
+}
+
 async fn build(c: &Client, args: BuildArgs, printer: &Printer) -> Result<()> {
     let mut sources = BTreeMap::new();
     for s in &args.sources {
@@ -419,34 +445,10 @@ async fn build(c: &Client, args: BuildArgs, printer: &Printer) -> Result<()> {
             Some(&json!({ "sources": sources })),
         )
         .await?;
-    let run = started["run"]
-        .as_i64()
-        .ok_or_else(|| Error::failed("server", "the server did not say which run"))?;
-    printer.info(format!("build started on the server: run {run}"));
+    let run = run_of(&started)?;
     c.follow(run, |l| show(printer, &l)).await?;
-    let detail = c.get(&format!("/api/runs/{run}")).await?;
-    if !succeeded(&detail) {
-        return Err(run_error(&detail, "build"));
-    }
-    let id = detail["release"].as_str().unwrap_or_default();
-    let r = c.get(&format!("/api/releases/{}", encode(id))).await?;
-    let reused = detail["reused"].as_bool().unwrap_or(false);
-    if printer.json {
-        printer.json(&json!({
-            "id": r["id"], "name": r["name"], "created_at": r["created_at"],
-            "images": r["images"], "sources": r["sources"], "reused": reused,
-        }));
-    } else {
-        let verb = if reused { "unchanged:" } else { "built" };
-        printer.out(format!(
-            "{verb} release {} ({})",
-            r["id"].as_str().unwrap_or(""),
-            r["name"].as_str().unwrap_or("")
-        ));
-        for i in r["images"].as_array().into_iter().flatten() {
-            printer.info(format!("  image {}", i.as_str().unwrap_or("")));
-        }
-    }
+    let built: Built = result_of(c, run, "build").await?;
+    render::show(printer, &built);
     Ok(())
 }
 
@@ -482,47 +484,10 @@ async fn deploy(c: &Client, args: DeployArgs, kind: Kind, printer: &Printer) -> 
     );
     let body = json!({ "release": args.release });
     let (_, started) = start_on(c, &path, &body, args.wait, printer).await?;
-    let run = started["run"]
-        .as_i64()
-        .ok_or_else(|| Error::failed("server", "the server did not say which run"))?;
+    let run = run_of(&started)?;
     c.follow(run, |l| show(printer, &l)).await?;
-    let detail = c.get(&format!("/api/runs/{run}")).await?;
-    if !succeeded(&detail) {
-        return Err(run_error(&detail, kind.as_str()));
-    }
-    let name_of = |id: &Value| {
-        let id = id.as_str().map(String::from);
-        async move {
-            match id {
-                Some(id) => c
-                    .get(&format!("/api/releases/{}", encode(&id)))
-                    .await
-                    .ok()
-                    .map(|r| json!({"id": r["id"], "name": r["name"]})),
-                None => None,
-            }
-        }
-    };
-    let release = name_of(&detail["release"]).await.unwrap_or(Value::Null);
-    let existing = name_of(&detail["existing_release"]).await;
-    if printer.json {
-        printer.json(&json!({
-            "run": run, "kind": kind.as_str(), "environment": args.environment,
-            "release": release, "existing_release": existing,
-        }));
-    } else {
-        printer.out(format!(
-            "{} {} ({}) is live on `{}`",
-            if kind == Kind::Rollback {
-                "rolled back:"
-            } else {
-                "deployed:"
-            },
-            release["name"].as_str().unwrap_or(""),
-            release["id"].as_str().unwrap_or(""),
-            args.environment
-        ));
-    }
+    let deployed: Deployed = result_of(c, run, kind.as_str()).await?;
+    render::show(printer, &deployed);
     Ok(())
 }
 
@@ -531,101 +496,27 @@ async fn apply(c: &Client, env: &str, dry_run: bool, wait: bool, printer: &Print
     let (status, started) =
         start_on(c, &path, &json!({ "dry_run": dry_run }), wait, printer).await?;
     // 200: nothing ran (a dry run, nothing to apply): the answer is the outcome itself.
-    let outcome = if status == StatusCode::ACCEPTED {
-        let run = started["run"]
-            .as_i64()
-            .ok_or_else(|| Error::failed("server", "the server did not say which run"))?;
+    let outcome: ApplyOutcome = if status == StatusCode::ACCEPTED {
+        let run = run_of(&started)?;
         c.follow(run, |l| show(printer, &l)).await?;
-        let detail = c.get(&format!("/api/runs/{run}")).await?;
-        if !succeeded(&detail) {
-            return Err(run_error(&detail, "apply"));
-        }
-        detail["result"].clone()
+        result_of(c, run, "apply").await?
     } else {
-        started
+        typed(started, "apply")?
     };
-    if printer.json {
-        printer.json(&outcome);
-        return Ok(());
-    }
-    let plan = &outcome["plan"];
-    if let Some(release) = plan["release"].as_str() {
-        printer.out(format!("environment `{env}` runs release {release}"));
-    }
-    let changes = plan["changes"].as_array().cloned().unwrap_or_default();
-    if changes.is_empty() && plan["release"].is_string() {
-        printer.out("no changes in its definition");
-    }
-    let show = |v: &Value| {
-        if v.is_null() {
-            String::new()
-        } else {
-            v.to_string()
-        }
-    };
-    for ch in &changes {
-        let p = ch["path"].as_str().unwrap_or("");
-        match ChangeOp::deserialize(&ch["op"]) {
-            Ok(ChangeOp::Added) => printer.out(format!("  + {p}: {}", show(&ch["new"]))),
-            Ok(ChangeOp::Removed) => printer.out(format!("  - {p}: {}", show(&ch["old"]))),
-            Ok(ChangeOp::Changed) | Err(_) => printer.out(format!(
-                "  ~ {p}: {} -> {}",
-                show(&ch["old"]),
-                show(&ch["new"])
-            )),
-        }
-    }
-    let actions = plan["actions"].as_array().cloned().unwrap_or_default();
-    if !actions.is_empty() {
-        printer.out("actions:");
-    }
-    for a in &actions {
-        let target = a["target"].as_str().unwrap_or("");
-        let (sign, what) = match ActionKind::deserialize(&a["kind"]) {
-            Ok(ActionKind::Start) => ("+", "start (pull the running release's image)".to_string()),
-            Ok(ActionKind::Stop) => ("-", "stop".to_string()),
-            Ok(ActionKind::Reload) => (
-                "~",
-                format!(
-                    "reload configuration {} -> {}",
-                    a["from_config"].as_str().unwrap_or("-"),
-                    a["to_config"].as_str().unwrap_or("-")
-                ),
-            ),
-            Ok(ActionKind::Replace) | Err(_) => ("~", "replace instances (same image)".to_string()),
-        };
-        printer.out(format!("  {sign} {target:<20} {what}"));
-    }
-    if let Some(note) = outcome["note"].as_str() {
-        printer.info(note);
-    } else if outcome["applied"] == true {
-        printer.out(format!(
-            "applied: `{env}` converged ({} action(s))",
-            actions.len()
-        ));
-    }
+    render::show(printer, &outcome);
     Ok(())
 }
 
 async fn releases(c: &Client, printer: &Printer) -> Result<()> {
-    let list = c.get("/api/releases").await?;
-    if printer.json {
-        printer.json(&list);
-        return Ok(());
-    }
-    let list = list.as_array().cloned().unwrap_or_default();
-    if list.is_empty() {
-        printer.info("no releases yet: run `stretch build`");
-    }
-    for r in &list {
-        let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
-        printer.out(format!(
-            "{}  {:<24} {}",
-            s("id"),
-            s("name"),
-            s("created_at")
-        ));
-    }
+    let list: Vec<Release> = typed(c.get("/api/releases").await?, "releases")?;
+    render::show(printer, &list);
+    Ok(())
+}
+
+async fn status(c: &Client, env: &str, printer: &Printer) -> Result<()> {
+    let path = format!("/api/environments/{}", encode(env));
+    let status: EnvironmentStatus = typed(c.get(&path).await?, "status")?;
+    render::show(printer, &status);
     Ok(())
 }
 
@@ -634,47 +525,18 @@ async fn history(c: &Client, environment: Option<&str>, printer: &Printer) -> Re
         Some(e) => format!("/api/history?environment={}", encode(e)),
         None => "/api/history".to_string(),
     };
-    let runs = c.get(&path).await?;
-    if printer.json {
-        printer.json(&runs);
-        return Ok(());
-    }
-    let runs = runs.as_array().cloned().unwrap_or_default();
-    if runs.is_empty() {
-        printer.info("no builds or deploys yet");
-    }
-    for r in &runs {
-        let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
-        printer.out(format!(
-            "{:>4}  {:<8} {:<12} {:<20} {:<20} {:<9} {}  {}",
-            r["id"],
-            s("kind"),
-            s("environment"),
-            s("release"),
-            s("existing_release"),
-            s("status"),
-            s("started_at"),
-            s("ended_at")
-        ));
-    }
+    let runs: Vec<RunRecord> = typed(c.get(&path).await?, "history")?;
+    render::show(printer, &runs);
     Ok(())
 }
 
 async fn logs(c: &Client, id: i64, follow: bool, printer: &Printer) -> Result<()> {
-    let print = |l: &LogLine| {
-        if printer.json {
-            printer.out(serde_json::to_string(l).unwrap_or_default());
-        } else {
-            printer.out(format!("{} [{}] {}", l.at, l.stage, l.text));
-        }
-    };
     if follow {
-        c.follow(id, |l| print(&l)).await?;
+        c.follow(id, |l| render::log_line(printer, &l)).await?;
         return Ok(());
     }
-    let lines: Vec<LogLine> =
-        serde_json::from_value(c.get(&format!("/api/runs/{id}/logs")).await?).unwrap_or_default();
-    lines.iter().for_each(print);
+    let lines: Vec<LogLine> = typed(c.get(&format!("/api/runs/{id}/logs")).await?, "log")?;
+    lines.iter().for_each(|l| render::log_line(printer, l));
     Ok(())
 }
 

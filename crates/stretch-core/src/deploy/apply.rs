@@ -41,7 +41,7 @@ pub enum ChangeOp {
 }
 
 /// One difference in the environment's definition.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Change {
     pub op: ChangeOp,
     /// Dotted path, e.g. `services.mysql.host`, `groups.web.instances`, `hosts.web-3`.
@@ -64,7 +64,7 @@ pub enum ActionKind {
 }
 
 /// What one group on one host needs.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Action {
     pub target: String,
     pub group: String,
@@ -75,7 +75,7 @@ pub struct Action {
     pub to_config: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
     pub environment: String,
     pub release: Option<String>,
@@ -83,7 +83,7 @@ pub struct Plan {
     pub actions: Vec<Action>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApplyOutcome {
     pub plan: Plan,
     /// The run recorded (none for a dry run, a never-deployed environment or no actions).
@@ -297,7 +297,10 @@ pub async fn apply(
             log,
         )?)
     };
-    let Some((plan, old_specs, targets)) = self::plan(system, home, store, &req.environment, log)?
+    // Planning says what it found through the plan alone: the same words locally and
+    // through a server, which streams only what a run logs.
+    let Some((plan, old_specs, targets)) =
+        self::plan(system, home, store, &req.environment, &Log::null())?
     else {
         return Ok(nothing(format!(
             "environment `{}` has never been deployed: nothing to apply",

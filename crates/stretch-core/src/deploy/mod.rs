@@ -27,7 +27,8 @@ use crate::{Error, Result};
 pub use specs::HostGroup;
 
 /// What a deploy step does: the two kinds of run it records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Kind {
     Deploy,
     Rollback,

@@ -8,8 +8,11 @@ use stretch_core::store::Store;
 use stretch_core::system::System;
 use stretch_core::{Error, Result};
 
+use stretch_core::outcome::{Built, Release};
+
 use crate::cli::BuildArgs;
 use crate::printer::Printer;
+use crate::render;
 use crate::settings::Settings;
 
 pub async fn run(args: BuildArgs, settings: &Settings, printer: &Printer) -> Result<()> {
@@ -34,28 +37,12 @@ pub async fn run(args: BuildArgs, settings: &Settings, printer: &Printer) -> Res
     )
     .await;
     let outcome = result?;
-    let r = &outcome.release;
-    if printer.json {
-        printer.json(&serde_json::json!({
-            "id": r.id,
-            "name": r.name,
-            "created_at": r.created_at,
-            "images": r.images,
-            "sources": r.sources,
-            "reused": outcome.reused,
-        }));
-    } else {
-        let verb = if outcome.reused {
-            "unchanged:"
-        } else {
-            "built"
-        };
-        printer.out(format!("{verb} release {} ({})", r.id, r.name));
-        for i in &r.images {
-            printer.info(format!("  image {i}"));
-        }
-    }
-    auto_deploy(&system, &home, &store, &r.id, printer).await
+    let built = Built {
+        release: Release::from(&outcome.release),
+        reused: outcome.reused,
+    };
+    render::show(printer, &built);
+    auto_deploy(&system, &home, &store, &built.release.id, printer).await
 }
 
 /// Deploy a new release to every `auto_deploy` environment not already running it.

@@ -1,12 +1,14 @@
 //! `stretch deploy`, `stretch rollback` and `stretch status`.
 
 use stretch_core::Result;
-use stretch_core::deploy::apply::{ActionKind, ApplyRequest, ChangeOp};
+use stretch_core::deploy::apply::ApplyRequest;
 use stretch_core::deploy::{self, DeployRequest, Kind};
 use stretch_core::log::Log;
+use stretch_core::outcome::Deployed;
 
 use crate::cli::DeployArgs;
 use crate::printer::Printer;
+use crate::render;
 use crate::settings::Settings;
 
 pub async fn deploy(
@@ -25,28 +27,7 @@ pub async fn deploy(
     };
     let log = Log::new(vec![printer.progress()]);
     let outcome = deploy::deploy(&system, &home, &store, &req, &log).await?;
-    let r = &outcome.release;
-    if printer.json {
-        printer.json(&serde_json::json!({
-            "run": outcome.run,
-            "kind": kind.as_str(),
-            "environment": req.environment,
-            "release": {"id": r.id, "name": r.name},
-            "existing_release": outcome.existing.as_ref().map(|x| serde_json::json!({"id": x.id, "name": x.name})),
-        }));
-    } else {
-        printer.out(format!(
-            "{} {} ({}) is live on `{}`",
-            if kind == Kind::Rollback {
-                "rolled back:"
-            } else {
-                "deployed:"
-            },
-            r.name,
-            r.id,
-            req.environment
-        ));
-    }
+    render::show(printer, &Deployed::of(&outcome, kind, &req.environment));
     Ok(())
 }
 
@@ -67,58 +48,7 @@ pub async fn apply(
     // The plan is printed before anything changes; progress follows.
     let log = Log::new(vec![printer.progress()]);
     let outcome = deploy::apply::apply(&system, &home, &store, &req, &log).await?;
-    if printer.json {
-        printer.json(&outcome);
-        return Ok(());
-    }
-    let plan = &outcome.plan;
-    if let Some(release) = &plan.release {
-        printer.out(format!("environment `{env}` runs release {release}"));
-    }
-    if plan.changes.is_empty() && plan.release.is_some() {
-        printer.out("no changes in its definition");
-    }
-    for c in &plan.changes {
-        let show =
-            |v: &Option<serde_json::Value>| v.as_ref().map(|v| v.to_string()).unwrap_or_default();
-        match c.op {
-            ChangeOp::Added => printer.out(format!("  + {}: {}", c.path, show(&c.new))),
-            ChangeOp::Removed => printer.out(format!("  - {}: {}", c.path, show(&c.old))),
-            ChangeOp::Changed => printer.out(format!(
-                "  ~ {}: {} -> {}",
-                c.path,
-                show(&c.old),
-                show(&c.new)
-            )),
-        }
-    }
-    if !plan.actions.is_empty() {
-        printer.out("actions:");
-    }
-    for a in &plan.actions {
-        let (sign, what) = match a.kind {
-            ActionKind::Start => ("+", "start (pull the running release's image)".to_string()),
-            ActionKind::Stop => ("-", "stop".to_string()),
-            ActionKind::Reload => (
-                "~",
-                format!(
-                    "reload configuration {} -> {}",
-                    a.from_config.as_deref().unwrap_or("-"),
-                    a.to_config.as_deref().unwrap_or("-")
-                ),
-            ),
-            ActionKind::Replace => ("~", "replace instances (same image)".to_string()),
-        };
-        printer.out(format!("  {sign} {:<20} {what}", a.target));
-    }
-    if let Some(note) = &outcome.note {
-        printer.info(note);
-    } else if outcome.applied {
-        printer.out(format!(
-            "applied: `{env}` converged ({} action(s))",
-            plan.actions.len()
-        ));
-    }
+    render::show(printer, &outcome);
     Ok(())
 }
 
@@ -130,10 +60,6 @@ pub async fn status(env_name: &str, settings: &Settings, printer: &Printer) -> R
     let status =
         stretch_core::status::environment(&system, &home, store.as_ref(), env_name, true, &log)
             .await?;
-    if printer.json {
-        printer.json(&status);
-    } else {
-        printer.out(status.to_string().trim_end());
-    }
+    render::show(printer, &status);
     Ok(())
 }

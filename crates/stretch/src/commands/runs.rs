@@ -5,7 +5,10 @@ use std::time::Duration;
 use stretch_core::store::RunStatus;
 use stretch_core::{Error, Result};
 
+use stretch_core::outcome::Release;
+
 use crate::printer::Printer;
+use crate::render;
 use crate::settings::Settings;
 
 pub fn releases(settings: &Settings, printer: &Printer) -> Result<()> {
@@ -13,20 +16,8 @@ pub fn releases(settings: &Settings, printer: &Printer) -> Result<()> {
         Some(store) => store.releases()?,
         None => Vec::new(),
     };
-    if printer.json {
-        let list: Vec<_> = releases
-            .iter()
-            .map(|r| serde_json::json!({"id": r.id, "name": r.name, "created_at": r.created_at, "sources": r.sources, "images": r.images}))
-            .collect();
-        printer.json(&list);
-        return Ok(());
-    }
-    if releases.is_empty() {
-        printer.info("no releases yet: run `stretch build`");
-    }
-    for r in &releases {
-        printer.out(format!("{}  {:<24} {}", r.id, r.name, r.created_at));
-    }
+    let list: Vec<Release> = releases.iter().map(Release::from).collect();
+    render::show(printer, &list);
     Ok(())
 }
 
@@ -35,50 +26,20 @@ pub fn history(environment: Option<&str>, settings: &Settings, printer: &Printer
         Some(store) => store.runs(environment)?,
         None => Vec::new(),
     };
-    if printer.json {
-        printer.json(&runs);
-        return Ok(());
-    }
-    if runs.is_empty() {
-        printer.info("no builds or deploys yet");
-    }
-    let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
-    for r in &runs {
-        printer.out(format!(
-            "{:>4}  {:<8} {:<12} {:<20} {:<20} {:<9} {}  {}",
-            r.id,
-            r.kind,
-            dash(&r.environment),
-            dash(&r.release),
-            dash(&r.existing_release),
-            r.status,
-            r.started_at,
-            dash(&r.ended_at)
-        ));
-    }
+    render::show(printer, &runs);
     Ok(())
 }
 
 pub async fn logs(id: i64, follow: bool, settings: &Settings, printer: &Printer) -> Result<()> {
-    let store = super::open_store_if_any(settings)?.ok_or_else(|| Error::NotFound {
-        message: format!("unknown run `{id}`: no history yet"),
-        help: None,
-    })?;
+    let store = super::open_store_if_any(settings)?.ok_or_else(|| Error::unknown_run(id))?;
     if store.run(id)?.is_none() {
-        return Err(Error::not_found(
-            format!("unknown run `{id}`"),
-            "`stretch history` lists the runs",
-        ));
+        return Err(Error::unknown_run(id));
     }
     let mut after = 0;
     loop {
         let lines = store.log(id, after)?;
         for l in &lines {
-            if printer.json {
-                printer.out(serde_json::to_string(l).unwrap_or_default());
-            } else {
-                printer.out(format!("{} [{}] {}", l.at, l.stage, l.text));
-            }
+            render::log_line(printer, l);
             after = l.seq;
         }
         let running = store

@@ -27,7 +27,7 @@ pub struct ApiError {
     pub status: StatusCode,
     pub body: ErrorBody,
     /// For 409: who holds the environment's lock and since when.
-    pub holder: Option<serde_json::Value>,
+    pub holder: Option<Box<serde_json::Value>>,
 }
 
 /// The status that answers an error of `kind`.
@@ -77,7 +77,7 @@ impl IntoResponse for ApiError {
         let answer = Answer {
             body: &self.body,
             error: self.text(),
-            holder: self.holder.as_ref(),
+            holder: self.holder.as_deref(),
         };
         (self.status, Json(answer)).into_response()
     }
@@ -98,6 +98,7 @@ pub fn error_body(status: StatusCode, message: &str, help: Option<&str>) -> Resp
             stage: None,
             message: message.to_string(),
             help: help.map(String::from),
+            at: None,
         },
         holder: None,
     }
@@ -184,11 +185,7 @@ pub async fn history(State(st): State<Shared>, Query(q): Query<HistoryQuery>) ->
 }
 
 fn unknown_run(id: i64) -> ApiError {
-    Error::not_found(
-        format!("unknown run `{id}`"),
-        "`GET /api/history` lists the runs",
-    )
-    .into()
+    Error::unknown_run(id).into()
 }
 
 /// One run with its timeline and whole log. A build that turned out to be bad input
@@ -322,7 +319,8 @@ pub fn with_holder(st: &Shared, env: &str, mut e: ApiError) -> ApiError {
         let path = st.home.root.join("locks").join(format!("{env}.lock"));
         e.holder = std::fs::read(path)
             .ok()
-            .and_then(|d| serde_json::from_slice(&d).ok());
+            .and_then(|d| serde_json::from_slice(&d).ok())
+            .map(Box::new);
     }
     e
 }

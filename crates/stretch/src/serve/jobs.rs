@@ -17,6 +17,7 @@ use stretch_core::deploy::apply::{self, ApplyRequest};
 use stretch_core::deploy::{self, DeployRequest, Kind};
 use stretch_core::error::ErrorBody;
 use stretch_core::log::{Event, Log, Sink};
+use stretch_core::outcome::{Built, Deployed, Release};
 use stretch_core::store::{RunKind, Store};
 use stretch_core::{Error, Result};
 use tokio::sync::oneshot;
@@ -185,7 +186,13 @@ pub async fn start_build(state: &Shared, sources: &BTreeMap<String, String>) -> 
         JobEnd {
             release: result.as_ref().ok().map(|o| o.release.id.clone()),
             reused: result.as_ref().ok().map(|o| o.reused),
-            result: result.map(|o| (Some(o.run), serde_json::Value::Null)),
+            result: result.map(|o| {
+                let built = Built {
+                    release: Release::from(&o.release),
+                    reused: o.reused,
+                };
+                (Some(o.run), to_json(&built))
+            }),
             then,
         }
     })
@@ -223,7 +230,13 @@ pub async fn start_deploy(
     };
     start_recorded(state, kind.run_kind(), move |st, log| async move {
         let r = deploy::deploy(&system, &st.home, &st.store, &req, &log).await;
-        JobEnd::of(r.map(|o| (Some(o.run), serde_json::Value::Null)), None)
+        let r = r.map(|o| {
+            (
+                Some(o.run),
+                to_json(&Deployed::of(&o, kind, &req.environment)),
+            )
+        });
+        JobEnd::of(r, None)
     })
     .await
 }
@@ -240,13 +253,15 @@ pub async fn start_apply(state: &Shared, environment: &str, dry_run: bool) -> Re
     start_recorded(state, RunKind::Config, move |st, log| async move {
         let r = apply::apply(&system, &st.home, &st.store, &req, &log).await;
         let release = r.as_ref().ok().and_then(|o| o.plan.release.clone());
-        let r = r.map(|o| {
-            let body = serde_json::to_value(&o).unwrap_or_default();
-            (o.run, body)
-        });
+        let r = r.map(|o| (o.run, to_json(&o)));
         JobEnd::of(r, release)
     })
     .await
+}
+
+/// An outcome as the API sends it (and `--server` reads it back).
+fn to_json(v: &impl Serialize) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_default()
 }
 
 /// What runs after a job's run has ended (a build's auto-deploys).

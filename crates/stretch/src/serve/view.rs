@@ -5,6 +5,7 @@
 use serde::Serialize;
 use stretch_core::Result;
 use stretch_core::home::Home;
+use stretch_core::outcome::Release;
 use stretch_core::store::{LogEntry, LogLine, ReleaseRecord, RunRecord, RunStatus, Store};
 use stretch_core::system::System;
 
@@ -41,13 +42,7 @@ pub async fn environments(
 }
 
 pub fn release_json(r: &ReleaseRecord) -> serde_json::Value {
-    serde_json::json!({
-        "id": r.id,
-        "name": r.name,
-        "created_at": r.created_at,
-        "sources": r.sources,
-        "images": r.images,
-    })
+    serde_json::to_value(Release::from(r)).unwrap_or_default()
 }
 
 /// One stage of a run, from its log's stage events.

@@ -11,4 +11,5 @@ mod common;
 mod deploy;
 mod secrets;
 mod serve;
+mod snapshots;
 mod tls;

@@ -15,19 +15,19 @@ use serde_json::{Value, json};
 
 use super::common::*;
 
-const TOKEN: &str = "36d5efddd3a1eb05d34047f9f80bf30e9371b36166e63b87aca25d55d70fdc37";
+pub const TOKEN: &str = "36d5efddd3a1eb05d34047f9f80bf30e9371b36166e63b87aca25d55d70fdc37";
 const AGENT_TOKEN: &str = "98c3a55190c89e6ed7164d2a2adc78996f3ecab179b5b0a3373e08f73686e93f";
 /// A second token of the server's file, base64 rather than hex.
 const OTHER_TOKEN: &str = "n6wNI6vS02NyvxB77d3YslOLM-5W7VUWnsExT-dwz1g";
 
 /// A `stretch serve` process, killed on drop.
-struct Serve {
-    addr: String,
+pub struct Serve {
+    pub addr: String,
     child: Child,
 }
 
 impl Serve {
-    fn start(ctx: &Ctx) -> Serve {
+    pub fn start(ctx: &Ctx) -> Serve {
         let token_file = ctx.write("server-token", format!("{OTHER_TOKEN}\n{TOKEN}\n"));
         let addr = format!("127.0.0.1:{}", stretch_test::free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_stretch"))
@@ -53,7 +53,7 @@ impl Serve {
         s
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 

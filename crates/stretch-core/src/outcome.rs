@@ -1,0 +1,66 @@
+//! What commands give back, as data: one type per outcome, shared by the CLI, the
+//! server's API and `--server` mode, so each has one JSON form and one human form.
+
+use serde::{Deserialize, Serialize};
+
+use crate::deploy::{DeployOutcome, Kind};
+use crate::source::Pulled;
+use crate::status::ReleaseName;
+use crate::store::ReleaseRecord;
+
+/// A release as commands show it (`releases`, `build`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+    pub sources: Vec<Pulled>,
+    pub images: Vec<String>,
+}
+
+impl From<&ReleaseRecord> for Release {
+    fn from(r: &ReleaseRecord) -> Release {
+        Release {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            created_at: r.created_at.clone(),
+            sources: r.sources.clone(),
+            images: r.images.clone(),
+        }
+    }
+}
+
+/// What `build` made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Built {
+    #[serde(flatten)]
+    pub release: Release,
+    /// The sources gave a release that already existed.
+    pub reused: bool,
+}
+
+/// What `deploy` or `rollback` did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deployed {
+    pub run: i64,
+    pub kind: Kind,
+    pub environment: String,
+    pub release: ReleaseName,
+    pub existing_release: Option<ReleaseName>,
+}
+
+impl Deployed {
+    pub fn of(o: &DeployOutcome, kind: Kind, environment: &str) -> Deployed {
+        let name = |r: &ReleaseRecord| ReleaseName {
+            id: r.id.clone(),
+            name: Some(r.name.clone()),
+        };
+        Deployed {
+            run: o.run,
+            kind,
+            environment: environment.to_string(),
+            release: name(&o.release),
+            existing_release: o.existing.as_ref().map(name),
+        }
+    }
+}
