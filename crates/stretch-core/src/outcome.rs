@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::deploy::{DeployOutcome, Kind};
 use crate::source::Pulled;
 use crate::status::ReleaseName;
-use crate::store::ReleaseRecord;
+use crate::store::{Image, ReleaseRecord};
 
 /// A release as commands show it (`releases`, `build`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -15,7 +15,7 @@ pub struct Release {
     pub name: String,
     pub created_at: String,
     pub sources: Vec<Pulled>,
-    pub images: Vec<String>,
+    pub images: Vec<Image>,
 }
 
 impl From<&ReleaseRecord> for Release {

@@ -20,9 +20,39 @@ pub struct ReleaseRecord {
     pub name: String,
     pub created_at: String,
     pub sources: Vec<Pulled>,
-    pub images: Vec<String>,
+    pub images: Vec<Image>,
     /// blake3 of the archive's uncompressed tar, checked before every extraction.
     pub archive_hash: String,
+}
+
+/// An image a release runs: its reference by tag, and what the tag pointed at when
+/// the build pushed it (the manifest digest in a registry, the image id for
+/// `registry: local`). Releases recorded before digests were have none: they run by tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "ImageRepr")]
+pub struct Image {
+    pub name: String,
+    pub digest: Option<String>,
+}
+
+/// An image as stored: a bare reference (older releases) or `{name, digest}`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ImageRepr {
+    Name(String),
+    Full {
+        name: String,
+        digest: Option<String>,
+    },
+}
+
+impl From<ImageRepr> for Image {
+    fn from(r: ImageRepr) -> Image {
+        match r {
+            ImageRepr::Name(name) => Image { name, digest: None },
+            ImageRepr::Full { name, digest } => Image { name, digest },
+        }
+    }
 }
 
 /// What a run does. Stored (and sent as JSON) as its snake_case name.
@@ -968,7 +998,10 @@ mod tests {
                 name: "app".into(),
                 commit: Some("c0ffee".into()),
             }],
-            images: vec!["local/shop/web:abcdef0123".into()],
+            images: vec![Image {
+                name: "local/shop/web:abcdef0123".into(),
+                digest: Some("sha256:0123".into()),
+            }],
             archive_hash: "h".into(),
         };
         s.insert_release(&r).unwrap();

@@ -407,6 +407,38 @@ impl Registry {
     }
 
     /// The tags of `repo` (e.g. `shop/web`), sorted; empty if the repository is unknown.
+    /// The digest the registry names `repo:tag`'s manifest by
+    /// (`Docker-Content-Digest`).
+    pub fn manifest_digest(&self, repo: &str, tag: &str) -> String {
+        let (status, head) = raw_request(
+            &self.addr,
+            "HEAD",
+            &format!("/v2/{repo}/manifests/{tag}"),
+            MANIFEST_TYPES,
+        )
+        .unwrap_or_else(|e| panic!("HEAD manifest {repo}:{tag}: {e}"));
+        assert_eq!(status, 200, "HEAD manifest {repo}:{tag}:\n{head}");
+        head.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("docker-content-digest")
+                    .then(|| v.trim().to_string())
+            })
+            .unwrap_or_else(|| panic!("no digest for {repo}:{tag}:\n{head}"))
+    }
+
+    /// Delete the manifest `digest` of `repo`; returns the status.
+    pub fn delete_manifest(&self, repo: &str, digest: &str) -> u16 {
+        raw_request(
+            &self.addr,
+            "DELETE",
+            &format!("/v2/{repo}/manifests/{digest}"),
+            MANIFEST_TYPES,
+        )
+        .unwrap_or_else(|e| panic!("DELETE manifest {repo}@{digest}: {e}"))
+        .0
+    }
+
     pub fn catalog_tags(&self, repo: &str) -> Vec<String> {
         let (status, body) = http_get(&self.addr, &format!("/v2/{repo}/tags/list"))
             .unwrap_or_else(|e| panic!("GET /v2/{repo}/tags/list from {}: {e}", self.addr));
@@ -467,6 +499,33 @@ fn registry_config(data: &Path, addr: &str) -> String {
          health:\n  storagedriver:\n    enabled: false\n",
         data.display()
     )
+}
+
+const MANIFEST_TYPES: &str = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.index.v1+json";
+
+/// A bodiless HTTP/1.0 request with an `Accept` header: the status and the head.
+fn raw_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    accept: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let head = text.split_once("\r\n\r\n").map_or(&*text, |(h, _)| h);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, head.to_string()))
 }
 
 /// A minimal HTTP/1.0 GET: returns the status code and the body.

@@ -65,7 +65,10 @@ impl Human for Built {
         let r = &self.release;
         l.out(format!("{verb} release {} ({})", r.id, r.name));
         for i in &r.images {
-            l.info(format!("  image {i}"));
+            match &i.digest {
+                Some(d) => l.info(format!("  image {} ({d})", i.name)),
+                None => l.info(format!("  image {}", i.name)),
+            }
         }
     }
 }

@@ -76,8 +76,13 @@ pub struct GroupSpec {
     pub node: String,
     pub release: ReleaseRef,
     pub existing_release: Option<ReleaseRef>,
-    /// Full image reference, `REGISTRY/SYSTEM/NODE:RELEASE_ID`.
+    /// Full image reference: `REGISTRY/SYSTEM/NODE@sha256:…` (the manifest the build
+    /// pushed), or by tag `…:RELEASE_ID` for `registry: local` and older releases.
     pub image: String,
+    /// The image id the release was built as (`registry: local`): the agent refuses
+    /// to run an image whose id differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
     /// Pull the image from its registry first (false for `registry: local`).
     pub pull: bool,
     pub instances: u32,

@@ -10,7 +10,7 @@ use crate::docker::{BuildRequest, Docker};
 use crate::log::Log;
 use crate::release::archive;
 use crate::release::config::ReleaseConfig;
-use crate::store::Store;
+use crate::store::{Image, Store};
 use crate::system::System;
 use crate::system::project::{Container, Project};
 use crate::{Error, Result};
@@ -19,6 +19,8 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct Built {
     pub reference: String,
+    /// The engine's image id (`sha256:…`).
+    pub image_id: String,
 }
 
 /// The repository names (without tag) a container's image is tagged with: one per
@@ -99,7 +101,7 @@ pub async fn build_all(
             Some(id) if docker.image_id(&id).await?.is_some() => Some(id),
             _ => None,
         };
-        match reused {
+        let image_id = match reused {
             Some(image_id) => {
                 for t in &tags {
                     docker.tag(&image_id, t).await?;
@@ -109,6 +111,7 @@ pub async fn build_all(
                     label(c),
                     short(&image_id)
                 ));
+                image_id
             }
             None => {
                 let dockerfile = match (&base_ref, has_from(&dockerfile_text)) {
@@ -123,9 +126,6 @@ pub async fn build_all(
                 {
                     build_args.insert("STRETCH_BASE_IMAGE".to_string(), b.clone());
                 }
-                let mut labels = BTreeMap::new();
-                labels.insert("stretch.system".to_string(), system.name().to_string());
-                labels.insert("stretch.input".to_string(), digest.clone());
                 log.line(format!("{}: building {}", label(c), tags.join(", ")));
                 let image_id = docker
                     .build(
@@ -134,7 +134,10 @@ pub async fn build_all(
                             dockerfile,
                             tags: tags.clone(),
                             build_args,
-                            labels,
+                            // No labels: the classic builder turns each into a step
+                            // that commits a container. The input digest is in the
+                            // store, the system in the repository's name.
+                            labels: BTreeMap::new(),
                             skip: &|_| false,
                         },
                         log,
@@ -142,11 +145,15 @@ pub async fn build_all(
                     .await
                     .map_err(|e| e.context(&label(c)))?;
                 store.record_image(&digest, &image_id)?;
+                image_id
             }
-        }
+        };
         first_ref.push(tags[0].clone());
         digests.push(digest);
-        built.extend(tags.into_iter().map(|reference| Built { reference }));
+        built.extend(tags.into_iter().map(|reference| Built {
+            reference,
+            image_id: image_id.clone(),
+        }));
     }
     Ok(built)
 }
@@ -164,17 +171,30 @@ fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
-pub async fn push_all(system: &System, images: &[Built], log: &Log) -> Result<()> {
+/// Push every image; returns each with what its tag must keep meaning: the manifest
+/// digest the registry took, or the image id for `registry: local`.
+pub async fn push_all(system: &System, images: &[Built], log: &Log) -> Result<Vec<Image>> {
     if system.spec.registry == "local" {
         log.line("registry is `local`: images stay in this machine's engine");
-        return Ok(());
+        return Ok(images
+            .iter()
+            .map(|i| Image {
+                name: i.reference.clone(),
+                digest: Some(i.image_id.clone()),
+            })
+            .collect());
     }
     let docker = Docker::connect().await?;
+    let mut pushed = Vec::new();
     for i in images {
         log.line(format!("pushing {}", i.reference));
-        docker.push(&i.reference, log).await?;
+        let digest = docker.push(&i.reference, log).await?;
+        pushed.push(Image {
+            name: i.reference.clone(),
+            digest: Some(digest),
+        });
     }
-    Ok(())
+    Ok(pushed)
 }
 
 #[cfg(test)]

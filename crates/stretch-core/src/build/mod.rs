@@ -121,7 +121,8 @@ async fn stages(
                 ),
             )
             .await?;
-        log.stage("push", images::push_all(system, &images, log))
+        let images = log
+            .stage("push", images::push_all(system, &images, log))
             .await?;
         log.stage(
             "plugins",
@@ -129,7 +130,7 @@ async fn stages(
         )
         .await?;
         let mut record = record.clone();
-        record.images = images.iter().map(|i| i.reference.clone()).collect();
+        record.images = images;
         store.insert_release(&record)?;
         Ok::<_, Error>(record)
     };

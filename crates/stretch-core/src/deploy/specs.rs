@@ -67,6 +67,23 @@ pub fn environment_json(name: &str, env: &Environment) -> serde_json::Value {
     serde_json::json!({"name": name, "hosts": hosts, "groups": groups, "services": env.services})
 }
 
+/// The reference agents run for `repo` (`REGISTRY/SYSTEM/NODE`) of `release`, and the
+/// image id they must find: pinned to what the build recorded, so a tag moved since
+/// changes nothing. Releases recorded without digests run by tag.
+fn pinned_image(release: &ReleaseRecord, repo: &str, local: bool) -> (String, Option<String>) {
+    let tag = format!("{repo}:{}", release.id);
+    let digest = release
+        .images
+        .iter()
+        .find(|i| i.name == tag)
+        .and_then(|i| i.digest.clone());
+    match digest {
+        Some(id) if local => (tag, Some(id)),
+        Some(digest) => (format!("{repo}@{digest}"), None),
+        None => (tag, None),
+    }
+}
+
 pub fn release_ref(r: &ReleaseRecord) -> ReleaseRef {
     ReleaseRef {
         id: r.id.clone(),
@@ -154,6 +171,7 @@ pub fn build(
             node.name,
             templates.len()
         ));
+        let (image, image_id) = pinned_image(release, &node.image, cfg.registry == "local");
         for host in &group.hosts {
             let agent = env
                 .hosts
@@ -166,7 +184,8 @@ pub fn build(
                 node: node.name.clone(),
                 release: release_ref(release),
                 existing_release: existing.map(release_ref),
-                image: format!("{}:{}", node.image, release.id),
+                image: image.clone(),
+                image_id: image_id.clone(),
                 pull: cfg.registry != "local",
                 instances: group.instances.unwrap_or(1),
                 listen: group.listen,

@@ -110,6 +110,19 @@ impl Docker {
         }
     }
 
+    /// The `REPO@sha256:…` names the engine holds image `reference` under (what
+    /// registries it was pulled from or pushed to, by manifest digest).
+    pub async fn repo_digests(&self, reference: &str) -> Result<Vec<String>> {
+        match self.inner.inspect_image(reference).await {
+            Ok(image) => Ok(image.repo_digests.unwrap_or_default()),
+            Err(e) if is_not_found(&e) => Ok(Vec::new()),
+            Err(e) => Err(Error::failed(
+                "docker",
+                format!("inspecting image {reference}: {}", describe(&e)),
+            )),
+        }
+    }
+
     /// Remove the local image name `reference` (the image itself goes with its last
     /// name). Absent is fine; an image a container still uses is an error.
     pub async fn remove_image(&self, reference: &str) -> Result<()> {

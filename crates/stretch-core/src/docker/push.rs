@@ -16,7 +16,8 @@ use crate::{Error, Result};
 
 impl Docker {
     /// Push `reference` (`REGISTRY/REPO:TAG`), streaming compact progress to `log`.
-    pub async fn push(&self, reference: &str, log: &Log) -> Result<()> {
+    /// Returns the manifest digest the registry took (`sha256:…`).
+    pub async fn push(&self, reference: &str, log: &Log) -> Result<String> {
         let (repo, tag) = split_reference(reference);
         let options = PushImageOptions {
             tag: Some(tag.to_string()),
@@ -24,14 +25,31 @@ impl Docker {
         };
         let mut stream = self.inner.push_image(repo, Some(options), None);
         let mut progress = Progress::default();
+        let mut digest = None;
         while let Some(item) = stream.next().await {
             let info = item.map_err(|e| push_error(reference, &describe(&e)))?;
+            if let Some(d) = info.status.as_deref().and_then(|s| pushed_digest(s, tag)) {
+                digest = Some(d);
+            }
             if let Some(line) = progress.update(&info) {
                 log.line(line);
             }
         }
-        Ok(())
+        digest.ok_or_else(|| {
+            Error::failed(
+                "push",
+                format!("the registry did not say which digest it took for {reference}"),
+            )
+        })
     }
+}
+
+/// The digest of the engine's last push message, `TAG: digest: sha256:… size: N`.
+fn pushed_digest(status: &str, tag: &str) -> Option<String> {
+    let rest = status.strip_prefix(tag)?.strip_prefix(": digest: ")?;
+    let digest = rest.split_whitespace().next()?;
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| digest.to_string())
 }
 
 /// The error of a failed push; an unreachable registry is said so plainly.
@@ -141,6 +159,21 @@ mod tests {
             feed(&["Retrying in 5 seconds", "Retrying in 5 seconds"]).len(),
             1
         );
+    }
+
+    #[test]
+    fn the_pushed_digest_is_read_from_the_last_message() {
+        let d = "sha256:".to_string() + &"ab".repeat(32);
+        assert_eq!(
+            pushed_digest(&format!("v1: digest: {d} size: 739"), "v1"),
+            Some(d.clone())
+        );
+        assert_eq!(
+            pushed_digest(&format!("v2: digest: {d} size: 739"), "v1"),
+            None
+        );
+        assert_eq!(pushed_digest("v1: digest: sha256:abc size: 1", "v1"), None);
+        assert_eq!(pushed_digest("Pushed", "v1"), None);
     }
 
     #[test]

@@ -162,6 +162,7 @@ fn spec(system: &str, image: &str, release: &str, listen: Option<u16>) -> GroupS
         },
         existing_release: None,
         image: image.to_string(),
+        image_id: None,
         pull: false,
         instances: 2,
         listen,

@@ -164,8 +164,15 @@ fn three_nodes_two_sources_with_secrets_push_to_a_registry() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| v.as_str().unwrap().to_string())
+        .map(|v| v["name"].as_str().unwrap().to_string())
         .collect();
+    for image in r["images"].as_array().unwrap() {
+        // The manifest the registry took, as the registry itself names it.
+        let (name, tag) = image["name"].as_str().unwrap().rsplit_once(':').unwrap();
+        let repo = name.split_once('/').unwrap().1;
+        let digest = registry.manifest_digest(repo, tag);
+        assert_eq!(image["digest"], digest.as_str(), "{image}");
+    }
     for node in ["base-os", "base-httpd", "web", "api", "worker"] {
         let want = format!("{}/{system}/{node}:{id}", registry.addr);
         assert!(images.contains(&want), "{want} not in {images:?}");

@@ -90,6 +90,10 @@ impl World {
         );
     }
 
+    pub fn registry(&self) -> Option<&Registry> {
+        self._registry.as_ref()
+    }
+
     pub fn build(&self) -> String {
         self.ctx.run(&["build", "--json"]).ok().json()["id"]
             .as_str()

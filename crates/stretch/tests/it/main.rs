@@ -9,6 +9,7 @@ mod bad_input;
 mod build;
 mod common;
 mod deploy;
+mod registry;
 mod secrets;
 mod serve;
 mod snapshots;

@@ -160,6 +160,7 @@ mod tests {
             },
             existing_release: None,
             image: "x:1".into(),
+            image_id: None,
             pull: false,
             instances: 1,
             listen: None,

@@ -137,6 +137,7 @@ impl Agent {
                 )
             })?
         };
+        self.verify_image(&spec, &image_id).await?;
         let group = self.group(&key);
         let _ops = group.ops.lock().await;
         let mut record = self
@@ -454,16 +455,47 @@ impl Agent {
     }
 
     async fn ensure_image(&self, spec: &GroupSpec) -> Result<()> {
-        if self.docker.image_id(&spec.image).await?.is_some() {
-            return Ok(());
-        }
-        if !spec.pull {
+        let id = match self.docker.image_id(&spec.image).await? {
+            Some(id) => id,
+            None if !spec.pull => {
+                return Err(Error::failed(
+                    "config",
+                    format!("image {} is not in this host's Docker engine", spec.image),
+                ));
+            }
+            None => self.docker.pull(&spec.image, &self.log).await?,
+        };
+        self.verify_image(spec, &id).await
+    }
+
+    /// The image found for `spec` is the one its release was built as: the id it
+    /// names, and for a digest reference an image the engine holds under that digest.
+    async fn verify_image(&self, spec: &GroupSpec, image_id: &str) -> Result<()> {
+        if let Some(expected) = &spec.image_id
+            && expected != image_id
+        {
             return Err(Error::failed(
-                "config",
-                format!("image {} is not in this host's Docker engine", spec.image),
+                "prepare",
+                format!(
+                    "image {} is {image_id} here, but the release was built as {expected}: refusing to run it",
+                    spec.image
+                ),
             ));
         }
-        self.docker.pull(&spec.image, &self.log).await.map(|_| ())
+        if spec.image.contains('@') {
+            let digests = self.docker.repo_digests(&spec.image).await?;
+            if !digests.iter().any(|d| d == &spec.image) {
+                return Err(Error::failed(
+                    "prepare",
+                    format!(
+                        "image {} pulled as {}: refusing to run it",
+                        spec.image,
+                        digests.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Rewrite every instance's files and reload it (`reload` run in it, or
