@@ -347,6 +347,16 @@ pub struct Registry {
 impl Registry {
     /// Start a registry and wait until it answers `GET /v2/`.
     pub fn start() -> Registry {
+        Registry::start_with(None)
+    }
+
+    /// A registry that takes pushes and pulls only with `user`'s `password` (htpasswd,
+    /// bcrypt); anonymous requests get 401.
+    pub fn start_with_login(user: &str, password: &str) -> Registry {
+        Registry::start_with(Some((user, password)))
+    }
+
+    fn start_with(login: Option<(&str, &str)>) -> Registry {
         assert!(
             Path::new(REGISTRY_BIN).exists(),
             "{REGISTRY_BIN} is missing: install Debian's docker-registry (apt-get install -y docker-registry)"
@@ -359,7 +369,21 @@ impl Registry {
             let port = free_port();
             let addr = format!("127.0.0.1:{port}");
             let config = dir.path().join("config.yml");
-            fs::write(&config, registry_config(&dir.path().join("data"), &addr)).unwrap();
+            let mut yml = registry_config(&dir.path().join("data"), &addr);
+            if let Some((user, password)) = login {
+                let out = Command::new("htpasswd")
+                    .args(["-Bbn", user, password])
+                    .output()
+                    .expect("htpasswd (apache2-utils) makes the registry's password file");
+                assert!(out.status.success(), "htpasswd failed");
+                let file = dir.path().join("htpasswd");
+                fs::write(&file, out.stdout).unwrap();
+                yml += &format!(
+                    "auth:\n  htpasswd:\n    realm: stretch-test\n    path: {}\n",
+                    file.display()
+                );
+            }
+            fs::write(&config, yml).unwrap();
             let log_path = dir.path().join("registry.log");
             let log = File::create(&log_path).unwrap();
             let child = Command::new(REGISTRY_BIN)
@@ -389,7 +413,7 @@ impl Registry {
                 return Err(format!("exited with {status}:\n{}", self.log()));
             }
             if self.log().contains("listening on")
-                && matches!(http_get(&self.addr, "/v2/"), Ok((200, _)))
+                && matches!(http_get(&self.addr, "/v2/"), Ok((200 | 401, _)))
                 && matches!(self.child.try_wait(), Ok(None))
             {
                 return Ok(());
@@ -406,7 +430,6 @@ impl Registry {
         fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
 
-    /// The tags of `repo` (e.g. `shop/web`), sorted; empty if the repository is unknown.
     /// The digest the registry names `repo:tag`'s manifest by
     /// (`Docker-Content-Digest`).
     pub fn manifest_digest(&self, repo: &str, tag: &str) -> String {
@@ -439,6 +462,7 @@ impl Registry {
         .0
     }
 
+    /// The tags of `repo` (e.g. `shop/web`), sorted; empty if the repository is unknown.
     pub fn catalog_tags(&self, repo: &str) -> Vec<String> {
         let (status, body) = http_get(&self.addr, &format!("/v2/{repo}/tags/list"))
             .unwrap_or_else(|e| panic!("GET /v2/{repo}/tags/list from {}: {e}", self.addr));

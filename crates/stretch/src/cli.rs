@@ -175,6 +175,10 @@ pub struct AgentArgs {
     /// The key of `--tls-cert` (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Docker's configuration folder with this host's registry logins (`config.json`,
+    /// as `docker login` writes it). Default: `$DOCKER_CONFIG`, else `~/.docker`.
+    #[arg(long, value_name = "DIR")]
+    pub docker_config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -185,10 +185,22 @@ pub async fn push_all(system: &System, images: &[Built], log: &Log) -> Result<Ve
             .collect());
     }
     let docker = Docker::connect().await?;
+    let registry = &system.spec.registry;
+    let auth = crate::docker::auth::lookup(registry, None)?;
+    match &auth.credentials {
+        Some(c) => log.line(format!(
+            "login `{}` for {registry} (from {})",
+            c.username, auth.searched
+        )),
+        None => log.line(format!(
+            "no login for {registry} in {}: pushing anonymously",
+            auth.searched
+        )),
+    }
     let mut pushed = Vec::new();
     for i in images {
         log.line(format!("pushing {}", i.reference));
-        let digest = docker.push(&i.reference, log).await?;
+        let digest = docker.push(&i.reference, &auth, log).await?;
         pushed.push(Image {
             name: i.reference.clone(),
             digest: Some(digest),

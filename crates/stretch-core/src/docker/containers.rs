@@ -22,6 +22,7 @@ use bollard::query_parameters::{
 };
 use futures_util::StreamExt;
 
+use super::auth::Lookup;
 use super::{Docker, describe, is_not_found, registry_of, split_reference};
 use crate::log::Log;
 use crate::{Error, Result};
@@ -80,24 +81,34 @@ fn docker_error(what: String, e: &bollard::errors::Error) -> Error {
 
 impl Docker {
     /// Pull `reference` from its registry, logging one line per finished layer.
-    /// Returns the image id.
-    pub async fn pull(&self, reference: &str, log: &Log) -> Result<String> {
+    /// Returns the image id. `auth`: the login for its registry, when there is one.
+    pub async fn pull(&self, reference: &str, auth: Option<&Lookup>, log: &Log) -> Result<String> {
         let (repo, tag) = split_reference(reference);
         let options = CreateImageOptions {
             from_image: Some(repo.to_string()),
             tag: Some(tag.to_string()),
             ..Default::default()
         };
-        let mut stream = self.inner.create_image(Some(options), None, None);
+        let registry = registry_of(reference);
+        let credentials = auth
+            .and_then(|a| a.credentials.as_ref())
+            .map(|c| c.for_engine(&registry));
+        let mut stream = self.inner.create_image(Some(options), None, credentials);
         let mut progress = PullProgress::default();
         while let Some(item) = stream.next().await {
             let info = item.map_err(|e| {
+                let cause = describe(&e);
+                if let Some(refused) =
+                    auth.and_then(|a| super::auth::refused(&registry, &cause, a, "pull"))
+                {
+                    return refused;
+                }
                 Error::failed(
                     "pull",
                     format!(
                         "pulling {reference} from {}: {}",
                         registry_of(reference),
-                        describe(&e)
+                        cause
                     ),
                 )
             })?;
@@ -572,18 +583,25 @@ mod tests {
         let reference = format!("{}/{}/app:1", registry.addr, unique("stretch-core-pull"));
         let _guard = ImageGuard(vec![reference.clone()]);
         docker.tag(&base_image(), &reference).await.unwrap();
-        docker.push(&reference, &Log::null()).await.unwrap();
+        docker
+            .push(
+                &reference,
+                &crate::docker::auth::tests_anonymous(),
+                &Log::null(),
+            )
+            .await
+            .unwrap();
         docker.remove_image(&reference).await.unwrap();
         let memory = std::sync::Arc::new(crate::log::Memory::default());
         let log = Log::new(vec![memory.clone()]);
-        let id = docker.pull(&reference, &log).await.unwrap();
+        let id = docker.pull(&reference, None, &log).await.unwrap();
         assert_eq!(docker.image_id(&reference).await.unwrap(), Some(id));
         let lines = memory.0.lock().unwrap().len();
         assert!(lines > 0 && lines < 10, "compact progress: {lines} lines");
 
         let missing = format!("{}/{}/none:1", registry.addr, unique("stretch-core-pull"));
         let err = docker
-            .pull(&missing, &Log::null())
+            .pull(&missing, None, &Log::null())
             .await
             .unwrap_err()
             .to_string();

@@ -18,6 +18,7 @@
 //! just `dyn Fn`) so that the build future is `Send`; [`Docker::connect_to`] takes an
 //! explicit host; [`registry_of`] names a reference's registry for error messages.
 
+pub mod auth;
 mod build;
 pub mod containers;
 mod context;
@@ -327,7 +328,10 @@ mod tests {
 
         let (log, memory) = memory_log();
         let started = std::time::Instant::now();
-        docker.push(&remote, &log).await.unwrap();
+        docker
+            .push(&remote, &auth::tests_anonymous(), &log)
+            .await
+            .unwrap();
         let push_time = started.elapsed();
         assert_eq!(
             registry.catalog_tags(&format!("{repo}/web")),
@@ -456,7 +460,12 @@ mod tests {
         let reference = format!("127.0.0.1:{port}/{}/x:1", unique("stretch-core-push"));
         let _guard = ImageGuard(vec![reference.clone()]);
         docker.tag(&base_image(), &reference).await.unwrap();
-        let (stage, message) = failure(docker.push(&reference, &Log::null()).await.unwrap_err());
+        let (stage, message) = failure(
+            docker
+                .push(&reference, &auth::tests_anonymous(), &Log::null())
+                .await
+                .unwrap_err(),
+        );
         assert_eq!(stage, "push");
         assert!(
             message.starts_with(&format!("registry 127.0.0.1:{port} is unreachable: ")),
@@ -464,7 +473,12 @@ mod tests {
         );
 
         let absent = format!("127.0.0.1:{port}/{}/none:1", unique("stretch-core-push"));
-        let (stage, message) = failure(docker.push(&absent, &Log::null()).await.unwrap_err());
+        let (stage, message) = failure(
+            docker
+                .push(&absent, &auth::tests_anonymous(), &Log::null())
+                .await
+                .unwrap_err(),
+        );
         assert_eq!(stage, "push");
         assert!(message.contains("no local image"), "{message}");
     }

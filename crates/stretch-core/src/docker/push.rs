@@ -10,6 +10,7 @@ use bollard::models::PushImageInfo;
 use bollard::query_parameters::PushImageOptions;
 use futures_util::StreamExt;
 
+use super::auth::Lookup;
 use super::{Docker, describe, registry_of, split_reference};
 use crate::log::Log;
 use crate::{Error, Result};
@@ -17,17 +18,20 @@ use crate::{Error, Result};
 impl Docker {
     /// Push `reference` (`REGISTRY/REPO:TAG`), streaming compact progress to `log`.
     /// Returns the manifest digest the registry took (`sha256:…`).
-    pub async fn push(&self, reference: &str, log: &Log) -> Result<String> {
+    /// `auth`: the login for its registry, and where it was looked for.
+    pub async fn push(&self, reference: &str, auth: &Lookup, log: &Log) -> Result<String> {
         let (repo, tag) = split_reference(reference);
         let options = PushImageOptions {
             tag: Some(tag.to_string()),
             platform: None,
         };
-        let mut stream = self.inner.push_image(repo, Some(options), None);
+        let registry = registry_of(reference);
+        let credentials = auth.credentials.as_ref().map(|c| c.for_engine(&registry));
+        let mut stream = self.inner.push_image(repo, Some(options), credentials);
         let mut progress = Progress::default();
         let mut digest = None;
         while let Some(item) = stream.next().await {
-            let info = item.map_err(|e| push_error(reference, &describe(&e)))?;
+            let info = item.map_err(|e| push_error(reference, &describe(&e), auth))?;
             if let Some(d) = info.status.as_deref().and_then(|s| pushed_digest(s, tag)) {
                 digest = Some(d);
             }
@@ -52,9 +56,13 @@ fn pushed_digest(status: &str, tag: &str) -> Option<String> {
     (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| digest.to_string())
 }
 
-/// The error of a failed push; an unreachable registry is said so plainly.
-fn push_error(reference: &str, cause: &str) -> Error {
+/// The error of a failed push; an unreachable registry is said so plainly, a refused
+/// login with where it was looked for.
+fn push_error(reference: &str, cause: &str, auth: &Lookup) -> Error {
     let registry = registry_of(reference);
+    if let Some(e) = super::auth::refused(&registry, cause, auth, "push") {
+        return e;
+    }
     const NETWORK: [&str; 6] = [
         "dial tcp",
         "connection refused",
@@ -176,11 +184,19 @@ mod tests {
         assert_eq!(pushed_digest("Pushed", "v1"), None);
     }
 
+    fn anonymous() -> Lookup {
+        Lookup {
+            credentials: None,
+            searched: "/nowhere/config.json".into(),
+        }
+    }
+
     #[test]
     fn errors_name_the_registry() {
         let e = push_error(
             "127.0.0.1:5999/shop/web:1",
             "Get \"http://127.0.0.1:5999/v2/\": dial tcp 127.0.0.1:5999: connect: connection refused",
+            &anonymous(),
         );
         assert!(
             e.to_string()
@@ -190,15 +206,20 @@ mod tests {
         let e = push_error(
             "r.example:5000/a:1",
             "An image does not exist locally with the tag: r.example:5000/a",
+            &anonymous(),
         );
         assert!(
             e.to_string().contains("no local image r.example:5000/a:1"),
             "{e}"
         );
-        let e = push_error("r.example/a:1", "unauthorized");
+        let e = push_error(
+            "r.example/a:1",
+            "unauthorized: authentication required",
+            &anonymous(),
+        );
         assert_eq!(
             e.to_string(),
-            "push failed: pushing r.example/a:1 to r.example: unauthorized"
+            "push failed: registry r.example needs a login: none found in /nowhere/config.json"
         );
     }
 }

@@ -50,6 +50,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         token,
         proxy_bind: args.proxy_bind,
         tls,
+        docker_config: args.docker_config,
         log,
     })
     .await

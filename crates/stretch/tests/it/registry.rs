@@ -1,8 +1,10 @@
 //! A real private registry: images pinned by the digest the build pushed.
 
+use stretch_test::Registry;
+
 use super::common::AgentProc;
 
-use super::deploy::World;
+use super::deploy::{TOKEN, World};
 
 /// `(repository inside the registry, tag, digest)` of release `id`'s web image.
 fn web_image(w: &World, id: &str) -> (String, String, String) {
@@ -77,4 +79,80 @@ fn a_local_image_retagged_after_the_build_is_refused_naming_both_ids() {
 
 fn repo_tag(repo: &str, tag: &str) -> String {
     format!("{repo}:{tag}")
+}
+
+/// Docker's client configuration in `dir`, with `user:password` for `registry`.
+fn docker_config(dir: &std::path::Path, registry: &str, user: &str, password: &str) {
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::json!({"auths": {registry: {"auth": auth}}}).to_string(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_registry_with_a_login_takes_dockers_credentials_and_never_shows_them() {
+    const RIGHT: &str = "right-horse-battery-7731";
+    const WRONG: &str = "wrong-horse-battery-4410";
+    let registry = Registry::start_with_login("ci", RIGHT);
+    let mut w = World::new("login", 0, false);
+    let client = w.ctx.path().join("client-docker");
+    let agent_cfg = w.ctx.path().join("agent-docker");
+    docker_config(&client, &registry.addr, "ci", WRONG);
+    docker_config(&agent_cfg, &registry.addr, "ci", RIGHT);
+    let agent_dir = w.ctx.path().join("agent0");
+    w.agents.push(AgentProc::start_with(
+        &agent_dir,
+        TOKEN,
+        &w.system,
+        &["--docker-config", agent_cfg.to_str().unwrap()],
+    ));
+    w.write_system(&registry.addr, "batch: 1", "");
+    w.ctx
+        .env
+        .push(("DOCKER_CONFIG".into(), client.display().to_string()));
+
+    // A wrong password: the push fails naming the registry and where the login came
+    // from, and the password is in no output, log or run record.
+    let out = w.ctx.run(&["build"]).fails(
+        1,
+        &[
+            "push failed",
+            &registry.addr,
+            "refused the login of `ci`",
+            &client.join("config.json").display().to_string(),
+        ],
+    );
+    assert!(!format!("{out}").contains(WRONG), "{out}");
+    let history = w.ctx.run(&["history", "--json"]).ok().json();
+    let run = history[0]["id"].to_string();
+    let log = w.ctx.run(&["logs", &run]).ok();
+    assert!(log.stdout.contains("refused the login"), "{log}");
+    assert!(!format!("{log}").contains(WRONG));
+
+    // The right one: pushed with it; the agent pulls with its own.
+    docker_config(&client, &registry.addr, "ci", RIGHT);
+    let r1 = w.build();
+    let out = w.ctx.run(&["deploy", "production"]).ok();
+    assert!(!format!("{out}").contains(RIGHT), "{out}");
+    w.assert_serving(&r1);
+    let agent_log = w.agents[0].log();
+    assert!(!agent_log.contains(RIGHT) && !agent_log.contains(WRONG));
+
+    // The override for CI, without any Docker configuration.
+    std::fs::remove_file(client.join("config.json")).unwrap();
+    w.ctx.write("app/www/version.txt", "2\n");
+    w.ctx
+        .run(&["build"])
+        .fails(1, &["needs a login: none found"]);
+    w.ctx
+        .env
+        .push(("STRETCH_REGISTRY_USERNAME".into(), "ci".into()));
+    w.ctx
+        .env
+        .push(("STRETCH_REGISTRY_PASSWORD".into(), RIGHT.into()));
+    w.build();
 }

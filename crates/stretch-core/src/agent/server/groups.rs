@@ -47,6 +47,8 @@ pub struct Runtime {
 
 pub struct Agent {
     pub docker: Docker,
+    /// Where this host's registry logins are (`--docker-config`; default Docker's).
+    pub docker_config: Option<std::path::PathBuf>,
     pub data: DataDir,
     pub proxy_bind: IpAddr,
     pub log: Log,
@@ -125,7 +127,7 @@ impl Agent {
         // The pull runs outside the group's lock: it changes nothing of the group.
         let image_id = if spec.pull {
             self.say(&key, format!("pulling {}", spec.image));
-            self.docker.pull(&spec.image, &self.log).await?
+            self.pull(&spec.image).await?
         } else {
             self.docker.image_id(&spec.image).await?.ok_or_else(|| {
                 Error::failed(
@@ -463,9 +465,16 @@ impl Agent {
                     format!("image {} is not in this host's Docker engine", spec.image),
                 ));
             }
-            None => self.docker.pull(&spec.image, &self.log).await?,
+            None => self.pull(&spec.image).await?,
         };
         self.verify_image(spec, &id).await
+    }
+
+    /// Pull with this host's own login for the image's registry.
+    async fn pull(&self, image: &str) -> Result<String> {
+        let registry = crate::docker::registry_of(image);
+        let auth = crate::docker::auth::lookup(&registry, self.docker_config.as_deref())?;
+        self.docker.pull(image, Some(&auth), &self.log).await
     }
 
     /// The image found for `spec` is the one its release was built as: the id it

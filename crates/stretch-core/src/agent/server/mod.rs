@@ -64,6 +64,8 @@ pub struct AgentConfig {
     pub proxy_bind: IpAddr,
     /// The API's TLS certificate and key (see [`tls_identity`]).
     pub tls: Identity,
+    /// Docker's configuration folder for registry logins (default: Docker's own).
+    pub docker_config: Option<PathBuf>,
     /// Where the agent reports what it does (the CLI prints it on stderr).
     pub log: Log,
 }
@@ -103,6 +105,7 @@ pub async fn serve(
     let records = data.load()?;
     let agent = Arc::new(Agent {
         docker,
+        docker_config: config.docker_config.clone(),
         data,
         proxy_bind: config.proxy_bind,
         log: config.log.clone(),
