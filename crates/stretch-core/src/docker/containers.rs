@@ -92,14 +92,14 @@ impl Docker {
         let registry = registry_of(reference);
         let credentials = auth
             .and_then(|a| a.credentials.as_ref())
-            .map(|c| c.for_engine(&registry));
+            .map(|c| c.for_engine(registry));
         let mut stream = self.inner.create_image(Some(options), None, credentials);
         let mut progress = PullProgress::default();
         while let Some(item) = stream.next().await {
             let info = item.map_err(|e| {
                 let cause = describe(&e);
                 if let Some(refused) =
-                    auth.and_then(|a| super::auth::refused(&registry, &cause, a, "pull"))
+                    auth.and_then(|a| super::auth::refused(registry, &cause, a, "pull"))
                 {
                     return refused;
                 }

@@ -26,7 +26,7 @@ impl Docker {
             platform: None,
         };
         let registry = registry_of(reference);
-        let credentials = auth.credentials.as_ref().map(|c| c.for_engine(&registry));
+        let credentials = auth.credentials.as_ref().map(|c| c.for_engine(registry));
         let mut stream = self.inner.push_image(repo, Some(options), credentials);
         let mut progress = Progress::default();
         let mut digest = None;
@@ -60,7 +60,7 @@ fn pushed_digest(status: &str, tag: &str) -> Option<String> {
 /// login with where it was looked for.
 fn push_error(reference: &str, cause: &str, auth: &Lookup) -> Error {
     let registry = registry_of(reference);
-    if let Some(e) = super::auth::refused(&registry, cause, auth, "push") {
+    if let Some(e) = super::auth::refused(registry, cause, auth, "push") {
         return e;
     }
     const NETWORK: [&str; 6] = [

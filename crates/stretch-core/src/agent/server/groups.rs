@@ -473,7 +473,7 @@ impl Agent {
     /// Pull with this host's own login for the image's registry.
     async fn pull(&self, image: &str) -> Result<String> {
         let registry = crate::docker::registry_of(image);
-        let auth = crate::docker::auth::lookup(&registry, self.docker_config.as_deref())?;
+        let auth = crate::docker::auth::lookup(registry, self.docker_config.as_deref())?;
         self.docker.pull(image, Some(&auth), &self.log).await
     }
 
