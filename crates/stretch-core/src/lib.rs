@@ -12,6 +12,7 @@ pub mod log;
 pub mod net;
 pub mod outcome;
 pub mod plugin;
+pub mod prune;
 pub mod release;
 pub mod run;
 pub mod secrets;

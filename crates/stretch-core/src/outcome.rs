@@ -3,10 +3,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::Result;
 use crate::deploy::{DeployOutcome, Kind};
 use crate::source::Pulled;
 use crate::status::ReleaseName;
-use crate::store::{Image, ReleaseRecord};
+use crate::store::{Image, ReleaseRecord, Store};
 
 /// A release as commands show it (`releases`, `build`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -16,6 +17,59 @@ pub struct Release {
     pub created_at: String,
     pub sources: Vec<Pulled>,
     pub images: Vec<Image>,
+    /// The environments that run it now or would roll back to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub environments: Vec<Use>,
+}
+
+/// An environment's use of a release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Use {
+    pub environment: String,
+    /// `current`, or `rollback`: the release `rollback` goes back to.
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Current,
+    Rollback,
+}
+
+/// Every release, newest first, with the environments that use it.
+pub fn releases(store: &Store) -> Result<Vec<Release>> {
+    let mut uses: Vec<(String, Use)> = Vec::new();
+    for env in store.environment_names()? {
+        if let Some(r) = store.environment(&env)? {
+            for (id, role) in [
+                (r.release, Role::Current),
+                (r.existing_release, Role::Rollback),
+            ] {
+                if let Some(id) = id {
+                    uses.push((
+                        id,
+                        Use {
+                            environment: env.clone(),
+                            role,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    Ok(store
+        .releases()?
+        .iter()
+        .map(|r| Release {
+            environments: uses
+                .iter()
+                .filter(|(id, _)| id == &r.id)
+                .map(|(_, u)| u.clone())
+                .collect(),
+            ..Release::from(r)
+        })
+        .collect())
 }
 
 impl From<&ReleaseRecord> for Release {
@@ -26,6 +80,7 @@ impl From<&ReleaseRecord> for Release {
             created_at: r.created_at.clone(),
             sources: r.sources.clone(),
             images: r.images.clone(),
+            environments: vec![],
         }
     }
 }

@@ -687,6 +687,32 @@ impl Store {
         })
     }
 
+    /// Forget a built image (pruned from the engine): a later build with the same
+    /// inputs builds it again.
+    pub fn forget_image(&self, image_id: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM images WHERE image_id = ?1", [image_id])
+                .map(|_| ())
+        })
+    }
+
+    /// Remove a release's record (its runs stay in the history).
+    pub fn delete_release(&self, id: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM releases WHERE id = ?1", [id])
+                .map(|_| ())
+        })
+    }
+
+    /// The names of every environment with a record.
+    pub fn environment_names(&self) -> Result<Vec<String>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT name FROM environments ORDER BY name")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
     pub fn record_image(&self, digest: &str, image_id: &str) -> Result<()> {
         self.with(|c| {
             c.execute(

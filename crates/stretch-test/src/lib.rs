@@ -98,6 +98,16 @@ pub fn free_port() -> u16 {
 // ---------------------------------------------------------------------------------------
 // docker
 
+/// Whether `docker ARGS` succeeds (output discarded).
+pub fn docker_ok(args: &[&str]) -> bool {
+    Command::new("docker")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Run the docker CLI; panics with its stderr on failure. Returns stdout, trimmed.
 pub fn docker(args: &[&str]) -> String {
     let out = Command::new("docker")

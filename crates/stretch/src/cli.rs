@@ -50,8 +50,19 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Build a release from the system's sources.
     Build(BuildArgs),
-    /// List releases, newest first.
+    /// List releases, newest first, with the environments that run each.
     Releases,
+    /// Remove old releases: their archives, configurations, local images and registry
+    /// manifests. Keeps the newest N and every release an environment runs or would
+    /// roll back to.
+    Prune {
+        /// How many of the newest releases to keep in any case.
+        #[arg(long, value_name = "N", default_value_t = stretch_core::prune::DEFAULT_KEEP)]
+        keep: usize,
+        /// Say what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Builds and deploys, newest first.
     History {
         /// Only runs of this environment.

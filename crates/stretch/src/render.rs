@@ -3,7 +3,8 @@
 
 use stretch_core::deploy::Kind;
 use stretch_core::deploy::apply::{ActionKind, ApplyOutcome, ChangeOp};
-use stretch_core::outcome::{Built, Deployed, Release};
+use stretch_core::outcome::{Built, Deployed, Release, Role};
+use stretch_core::prune::Pruned;
 use stretch_core::status::EnvironmentStatus;
 use stretch_core::store::{LogLine, RunRecord};
 
@@ -151,7 +152,48 @@ impl Human for Vec<Release> {
             l.info("no releases yet: run `stretch build`");
         }
         for r in self {
-            l.out(format!("{}  {:<24} {}", r.id, r.name, r.created_at));
+            let uses: Vec<String> = r
+                .environments
+                .iter()
+                .map(|u| match u.role {
+                    Role::Current => format!("`{}`", u.environment),
+                    Role::Rollback => format!("`{}` (rollback)", u.environment),
+                })
+                .collect();
+            let marks = if uses.is_empty() {
+                String::new()
+            } else {
+                format!("  runs on {}", uses.join(", "))
+            };
+            l.out(format!("{}  {:<24} {}{marks}", r.id, r.name, r.created_at));
+        }
+    }
+}
+
+impl Human for Pruned {
+    fn human(&self, l: &mut Lines) {
+        let verb = if self.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
+        if self.removed.is_empty() {
+            l.out("nothing to remove");
+        }
+        for r in &self.removed {
+            l.out(format!("{verb} {} ({})", r.name, r.id));
+            for i in &r.images {
+                l.out(format!("  image {i}"));
+            }
+            for m in &r.registry {
+                l.out(format!("  registry {m}"));
+            }
+            for n in &r.notes {
+                l.out(format!("  note: {n}"));
+            }
+        }
+        for k in &self.kept {
+            l.out(format!("kept {} ({}): {}", k.name, k.id, k.why.join("; ")));
         }
     }
 }

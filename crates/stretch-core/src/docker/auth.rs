@@ -32,6 +32,10 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
+    pub(crate) fn secret(&self) -> &str {
+        &self.secret
+    }
+
     /// What the engine takes with a push or pull of `registry`.
     pub fn for_engine(&self, registry: &str) -> DockerCredentials {
         let (password, identitytoken) = if self.token {

@@ -23,6 +23,7 @@ mod build;
 pub mod containers;
 mod context;
 mod push;
+pub mod registry;
 
 use std::time::Duration;
 

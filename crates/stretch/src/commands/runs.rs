@@ -12,12 +12,26 @@ use crate::render;
 use crate::settings::Settings;
 
 pub fn releases(settings: &Settings, printer: &Printer) -> Result<()> {
-    let releases = match super::open_store_if_any(settings)? {
-        Some(store) => store.releases()?,
+    let list: Vec<Release> = match super::open_store_if_any(settings)? {
+        Some(store) => stretch_core::outcome::releases(&store)?,
         None => Vec::new(),
     };
-    let list: Vec<Release> = releases.iter().map(Release::from).collect();
     render::show(printer, &list);
+    Ok(())
+}
+
+pub async fn prune(
+    keep: usize,
+    dry_run: bool,
+    settings: &Settings,
+    printer: &Printer,
+) -> Result<()> {
+    let system = super::load_system(settings)?;
+    let (home, store) = super::open_home(settings)?;
+    let log = stretch_core::log::Log::new(vec![printer.progress()]);
+    let req = stretch_core::prune::PruneRequest { keep, dry_run };
+    let pruned = stretch_core::prune::prune(&system, &home, &store, &req, &log).await?;
+    render::show(printer, &pruned);
     Ok(())
 }
 

@@ -143,13 +143,7 @@ pub async fn system(State(st): State<Shared>) -> ApiResult {
 }
 
 pub async fn releases(State(st): State<Shared>) -> ApiResult {
-    let list: Vec<_> = st
-        .reader
-        .releases()?
-        .iter()
-        .map(view::release_json)
-        .collect();
-    Ok(Json(json!(list)))
+    Ok(Json(json!(stretch_core::outcome::releases(&st.reader)?)))
 }
 
 pub async fn release(State(st): State<Shared>, Path(key): Path<String>) -> ApiResult {

@@ -156,3 +156,71 @@ fn a_registry_with_a_login_takes_dockers_credentials_and_never_shows_them() {
         .push(("STRETCH_REGISTRY_PASSWORD".into(), RIGHT.into()));
     w.build();
 }
+
+#[test]
+fn prune_keeps_what_environments_run_and_removes_the_rest_everywhere() {
+    let w = World::new("prune", 1, true);
+    let registry = w.registry().unwrap();
+    let mut ids = Vec::new();
+    for v in 0..4 {
+        w.ctx.write("app/www/version.txt", format!("{v}\n"));
+        ids.push(w.build());
+    }
+    // r1 then r2 deployed: r2 runs, r1 is the rollback target, r3 the newest.
+    w.ctx.run(&["deploy", "production", &ids[1]]).ok();
+    w.ctx.run(&["deploy", "production", &ids[2]]).ok();
+    let text = w.ctx.run(&["releases"]).ok().stdout;
+    assert!(text.contains("runs on `production`\n"), "{text}");
+    assert!(text.contains("runs on `production` (rollback)"), "{text}");
+    let (repo0, tag0, digest0) = web_image(&w, &ids[0]);
+    let registry_repo = repo0.split_once('/').unwrap().1.to_string();
+    let archive0 = w
+        .ctx
+        .home()
+        .join("releases")
+        .join(format!("{}.tar.zst", ids[0]));
+    let image0 = format!("{repo0}:{tag0}");
+
+    // A dry run says the same and changes nothing.
+    let dry = w
+        .ctx
+        .run(&["prune", "--keep", "1", "--dry-run", "--json"])
+        .ok()
+        .json();
+    assert_eq!(dry["removed"].as_array().unwrap().len(), 1, "{dry}");
+    assert_eq!(dry["removed"][0]["id"], ids[0].as_str());
+    assert_eq!(
+        dry["removed"][0]["registry"][0],
+        format!("{repo0}@{digest0}").as_str()
+    );
+    assert!(archive0.exists());
+    assert_eq!(registry.manifest_digest(&registry_repo, &tag0), digest0);
+    assert!(stretch_test::docker_ok(&["image", "inspect", &image0]));
+
+    let out = w.ctx.run(&["prune", "--keep", "1"]).ok();
+    assert!(out.stdout.contains(&format!("({})\n", ids[0])), "{out}");
+    for (id, why) in [
+        (&ids[3], "one of the newest 1"),
+        (&ids[2], "`production` runs it"),
+        (&ids[1], "`production` rolls back to it"),
+    ] {
+        assert!(out.stdout.contains(&format!("({id}): {why}")), "{out}");
+    }
+    assert!(!archive0.exists());
+    assert!(!stretch_test::docker_ok(&["image", "inspect", &image0]));
+    let (status, _) = stretch_test::http_get(
+        &registry.addr,
+        &format!("/v2/{registry_repo}/manifests/{digest0}"),
+    )
+    .unwrap();
+    assert_eq!(status, 404);
+    let left = w.ctx.run(&["releases", "--json"]).ok().json();
+    assert_eq!(left.as_array().unwrap().len(), 3);
+    // What runs still deploys and rolls back.
+    w.ctx.run(&["rollback", "production"]).ok();
+    w.assert_serving(&ids[1]);
+    // Nonsense is refused before anything changes.
+    w.ctx
+        .run(&["prune", "--keep", "many"])
+        .fails(2, &["--keep"]);
+}
