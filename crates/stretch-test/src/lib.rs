@@ -357,16 +357,23 @@ pub struct Registry {
 impl Registry {
     /// Start a registry and wait until it answers `GET /v2/`.
     pub fn start() -> Registry {
-        Registry::start_with(None)
+        Registry::start_with(None, false)
+    }
+
+    /// A registry serving HTTPS with a self-signed certificate for 127.0.0.1 (made
+    /// with openssl). The engine accepts it: 127.0.0.0/8 registries are insecure by
+    /// default, which skips verification.
+    pub fn start_tls() -> Registry {
+        Registry::start_with(None, true)
     }
 
     /// A registry that takes pushes and pulls only with `user`'s `password` (htpasswd,
     /// bcrypt); anonymous requests get 401.
     pub fn start_with_login(user: &str, password: &str) -> Registry {
-        Registry::start_with(Some((user, password)))
+        Registry::start_with(Some((user, password)), false)
     }
 
-    fn start_with(login: Option<(&str, &str)>) -> Registry {
+    fn start_with(login: Option<(&str, &str)>, tls: bool) -> Registry {
         assert!(
             Path::new(REGISTRY_BIN).exists(),
             "{REGISTRY_BIN} is missing: install Debian's docker-registry (apt-get install -y docker-registry)"
@@ -393,6 +400,37 @@ impl Registry {
                     file.display()
                 );
             }
+            if tls {
+                let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+                let ok = Command::new("openssl")
+                    .args([
+                        "req",
+                        "-x509",
+                        "-newkey",
+                        "ec",
+                        "-pkeyopt",
+                        "ec_paramgen_curve:P-256",
+                    ])
+                    .args(["-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"])
+                    .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+                    .arg("-keyout")
+                    .arg(&key)
+                    .arg("-out")
+                    .arg(&cert)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                assert!(ok, "openssl could not make the registry's certificate");
+                yml = yml.replace(
+                    &format!("  addr: {addr}\n"),
+                    &format!(
+                        "  addr: {addr}\n  tls:\n    certificate: {}\n    key: {}\n",
+                        cert.display(),
+                        key.display()
+                    ),
+                );
+            }
             fs::write(&config, yml).unwrap();
             let log_path = dir.path().join("registry.log");
             let log = File::create(&log_path).unwrap();
@@ -405,7 +443,7 @@ impl Registry {
                 .spawn()
                 .unwrap_or_else(|e| panic!("starting {REGISTRY_BIN}: {e}"));
             let mut registry = Registry { addr, child, dir };
-            match registry.wait_ready(Duration::from_secs(20)) {
+            match registry.wait_ready(Duration::from_secs(20), tls) {
                 Ok(()) => return registry,
                 Err(log) if log.contains("address already in use") => last_log = log,
                 Err(log) => panic!("registry on {} did not start:\n{log}", registry.addr),
@@ -416,14 +454,19 @@ impl Registry {
 
     /// Ready = our process says it listens and `GET /v2/` answers 200. Checking the log
     /// too avoids mistaking another registry that holds the same port for ours.
-    fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
+    fn wait_ready(&mut self, timeout: Duration, tls: bool) -> Result<(), String> {
         let start = Instant::now();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("exited with {status}:\n{}", self.log()));
             }
+            let answers = if tls {
+                TcpStream::connect(&self.addr).is_ok()
+            } else {
+                matches!(http_get(&self.addr, "/v2/"), Ok((200 | 401, _)))
+            };
             if self.log().contains("listening on")
-                && matches!(http_get(&self.addr, "/v2/"), Ok((200 | 401, _)))
+                && answers
                 && matches!(self.child.try_wait(), Ok(None))
             {
                 return Ok(());

@@ -224,3 +224,28 @@ fn prune_keeps_what_environments_run_and_removes_the_rest_everywhere() {
         .run(&["prune", "--keep", "many"])
         .fails(2, &["--keep"]);
 }
+
+#[test]
+fn a_registry_over_tls_takes_pushes_pulls_and_deletes() {
+    let registry = Registry::start_tls();
+    let w = World::new("tlsreg", 1, false);
+    w.write_system(&registry.addr, "batch: 1", "");
+    let r0 = w.build();
+    let (repo0, _, digest0) = web_image(&w, &r0);
+    w.ctx.write("app/www/version.txt", "2\n");
+    let r1 = w.build();
+    w.ctx.run(&["deploy", "production"]).ok();
+    w.assert_serving(&r1);
+    // r0 is neither run nor a rollback target: its manifest goes, over HTTPS.
+    let out = w.ctx.run(&["prune", "--keep", "0", "--json"]).ok().json();
+    assert_eq!(out["removed"][0]["id"], r0.as_str(), "{out}");
+    assert_eq!(
+        out["removed"][0]["registry"][0],
+        format!("{repo0}@{digest0}").as_str(),
+        "{out}"
+    );
+    assert!(!stretch_test::docker_ok(&[
+        "pull",
+        &format!("{repo0}@{digest0}")
+    ]));
+}
