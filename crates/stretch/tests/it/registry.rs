@@ -133,9 +133,20 @@ fn a_registry_with_a_login_takes_dockers_credentials_and_never_shows_them() {
     assert!(log.stdout.contains("refused the login"), "{log}");
     assert!(!format!("{log}").contains(WRONG));
 
-    // The right one: pushed with it; the agent pulls with its own.
+    // The right one: pushed with it. An agent without a login of its own cannot
+    // pull (the controller's login never travels): the deploy fails before any
+    // switch, naming the registry.
     docker_config(&client, &registry.addr, "ci", RIGHT);
     let r1 = w.build();
+    docker_config(&agent_cfg, &registry.addr, "ci", WRONG);
+    let out = w.ctx.run(&["deploy", "production"]).fails(
+        1,
+        &["push failed", &registry.addr, "refused the login of `ci`"],
+    );
+    assert!(!format!("{out}").contains(WRONG) && !format!("{out}").contains(RIGHT));
+    assert!(AgentProc::containers(&w.system).is_empty());
+    // With its own right login it pulls.
+    docker_config(&agent_cfg, &registry.addr, "ci", RIGHT);
     let out = w.ctx.run(&["deploy", "production"]).ok();
     assert!(!format!("{out}").contains(RIGHT), "{out}");
     w.assert_serving(&r1);
