@@ -44,6 +44,10 @@ impl Home {
     pub fn release_config(&self, id: &str) -> PathBuf {
         self.releases().join(format!("{id}.json"))
     }
+    /// The release configuration sealed to the system's `release_recipients`.
+    pub fn sealed_config(&self, id: &str) -> PathBuf {
+        self.releases().join(format!("{id}.config.age"))
+    }
     pub fn git(&self) -> PathBuf {
         self.root.join("git")
     }

@@ -37,8 +37,49 @@ pub enum Role {
     Rollback,
 }
 
+/// Every release in the system's registry, newest first, marked with the environments
+/// this home knows use them (none with `registry: local`: there is no remote store).
+pub async fn remote_releases(
+    system: &crate::system::System,
+    store: Option<&Store>,
+) -> Result<Vec<Release>> {
+    let Some(registry) = crate::release::remote::ReleaseStore::open(system, "releases").await?
+    else {
+        return Err(crate::Error::invalid(
+            "the system keeps its releases in this home (`registry: local`): there is no remote store to list",
+        ));
+    };
+    let uses = match store {
+        Some(s) => uses(s)?,
+        None => Vec::new(),
+    };
+    Ok(registry
+        .list("releases")
+        .await?
+        .iter()
+        .map(|r| with_uses(r, &uses))
+        .collect())
+}
+
+fn with_uses(r: &ReleaseRecord, uses: &[(String, Use)]) -> Release {
+    Release {
+        environments: uses
+            .iter()
+            .filter(|(id, _)| id == &r.id)
+            .map(|(_, u)| u.clone())
+            .collect(),
+        ..Release::from(r)
+    }
+}
+
 /// Every release, newest first, with the environments that use it.
 pub fn releases(store: &Store) -> Result<Vec<Release>> {
+    let uses = uses(store)?;
+    Ok(store.releases()?.iter().map(|r| with_uses(r, &uses)).collect())
+}
+
+/// Which release each environment runs or would roll back to, as this home knows.
+fn uses(store: &Store) -> Result<Vec<(String, Use)>> {
     let mut uses: Vec<(String, Use)> = Vec::new();
     for env in store.environment_names()? {
         if let Some(r) = store.environment(&env)? {
@@ -58,18 +99,7 @@ pub fn releases(store: &Store) -> Result<Vec<Release>> {
             }
         }
     }
-    Ok(store
-        .releases()?
-        .iter()
-        .map(|r| Release {
-            environments: uses
-                .iter()
-                .filter(|(id, _)| id == &r.id)
-                .map(|(_, u)| u.clone())
-                .collect(),
-            ..Release::from(r)
-        })
-        .collect())
+    Ok(uses)
 }
 
 impl From<&ReleaseRecord> for Release {

@@ -225,6 +225,20 @@ impl Ctx<'_> {
                 }
             }
         }
+        if let Some(reg) = registry {
+            // The release itself, as the registry stores it for other homes.
+            let repo = format!("{}/{}", system.name(), crate::release::remote::REPOSITORY);
+            if let Some(digest) = reg.manifest_digest(&repo, &r.id).await? {
+                let reference = format!("{}/{repo}:{}", system.spec.registry, r.id);
+                match reg.delete_manifest(&repo, &digest).await? {
+                    Deleted::Removed => out.registry.push(reference),
+                    Deleted::Absent => {}
+                    Deleted::Unsupported => out.notes.push(format!(
+                        "{reference} stays in the registry: it does not allow deletes"
+                    )),
+                }
+            }
+        }
         if let Some(docker) = docker {
             for image in &r.images {
                 let id = docker.image_id(&image.name).await?;
@@ -246,7 +260,11 @@ impl Ctx<'_> {
                 }
             }
         }
-        for path in [home.archive(&r.id), home.release_config(&r.id)] {
+        for path in [
+            home.archive(&r.id),
+            home.release_config(&r.id),
+            home.sealed_config(&r.id),
+        ] {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -1,5 +1,6 @@
-//! Where an environment stands: the release its record says it runs and, per host and
-//! group, what that host's agent says it runs. One builder for `stretch status` and the
+//! Where an environment stands: the release its record says it runs (or, for a home
+//! with no record of it, what most of its hosts run) and, per host and group, what that
+//! host's agent says it runs. One builder for `stretch status` and the
 //! web view, so both show the same thing. Nothing here reads a release configuration
 //! or an environment's `services` (they may hold secrets).
 
@@ -126,6 +127,35 @@ pub async fn environment(
         Some(state)
     }))
     .await;
+    // A home with no record of the environment: its hosts say what runs.
+    if out.release.is_none() {
+        let mut votes: std::collections::BTreeMap<(String, String), (usize, Option<ReleaseName>)> =
+            std::collections::BTreeMap::new();
+        for s in states.iter().flatten().flatten() {
+            for g in &s.groups {
+                if g.key.system != system.name() || g.key.environment != name {
+                    continue;
+                }
+                if let Some(r) = &g.release {
+                    let e = votes
+                        .entry((r.id.clone(), r.name.clone()))
+                        .or_insert((0, None));
+                    e.0 += 1;
+                    e.1 = g.existing_release.as_ref().map(|x| ReleaseName {
+                        id: x.id.clone(),
+                        name: Some(x.name.clone()),
+                    });
+                }
+            }
+        }
+        if let Some(((id, rname), (_, before))) = votes.into_iter().max_by_key(|(_, (n, _))| *n) {
+            out.release = Some(ReleaseName {
+                id,
+                name: Some(rname),
+            });
+            out.existing_release = before;
+        }
+    }
     for ((host, h), state) in env.hosts.iter().zip(states) {
         let groups = env
             .groups

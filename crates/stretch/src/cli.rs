@@ -40,6 +40,11 @@ pub struct GlobalArgs {
     /// rollback, apply, releases, history, logs.
     #[arg(long, global = true, env = "STRETCH_SERVER", value_name = "URL")]
     pub server: Option<String>,
+    /// The release identity: the age key of one of `release_recipients`, which opens
+    /// the sealed configuration of releases (deploy, rollback, apply, auto_deploy,
+    /// serve). Not the build's `--identity`.
+    #[arg(long, global = true, env = "STRETCH_RELEASE_IDENTITY", value_name = "FILE")]
+    pub release_identity: Option<PathBuf>,
     /// With an `https://` server: also trust certificates this CA file (PEM) signed.
     /// STRETCH_SERVER_FINGERPRINT (`sha256:…`) instead trusts only that certificate.
     #[arg(long, global = true, env = "STRETCH_SERVER_CA", value_name = "FILE")]
@@ -51,7 +56,12 @@ pub enum Command {
     /// Build a release from the system's sources.
     Build(BuildArgs),
     /// List releases, newest first, with the environments that run each.
-    Releases,
+    Releases {
+        /// List the releases in the system's registry (the store every home shares)
+        /// instead of this home's.
+        #[arg(long)]
+        remote: bool,
+    },
     /// Remove old releases: their archives, configurations, local images and registry
     /// manifests. Keeps the newest N and every release an environment runs or would
     /// roll back to.

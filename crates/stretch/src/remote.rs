@@ -53,7 +53,7 @@ pub async fn run(server: &Server, command: Command, printer: &Printer) -> Result
             dry_run,
             wait,
         } => apply(&client()?, &environment, dry_run, wait, printer).await?,
-        Command::Releases => releases(&client()?, printer).await?,
+        Command::Releases { remote: false } => releases(&client()?, printer).await?,
         Command::Status { environment } => status(&client()?, &environment, printer).await?,
         Command::History { environment } => {
             history(&client()?, environment.as_deref(), printer).await?

@@ -12,6 +12,8 @@ pub struct Settings {
     pub verbosity: Verbosity,
     /// `--server URL`: commands that can go through a `stretch serve` do.
     pub server: Option<Server>,
+    /// `--release-identity FILE` (or `STRETCH_RELEASE_IDENTITY`).
+    pub release_identity: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +45,7 @@ impl Settings {
             system_file: g.system.clone(),
             home,
             json: g.json,
+            release_identity: g.release_identity.clone(),
             verbosity,
             server: g
                 .server

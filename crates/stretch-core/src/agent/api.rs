@@ -8,6 +8,9 @@
 //! | `POST …/{group}/switch`                 | [`Switch`]    | [`GroupStatus`]        |
 //! | `POST …/{group}/config`                 | [`GroupSpec`] | [`GroupStatus`]        |
 //! | `DELETE …/{group}`                      |               | 204                    |
+//! | `GET …/{group}`                         |               | [`GroupSpec`] (current)|
+//! | `POST /v1/leases/{system}/{env}`        | [`LeaseRequest`] | [`LeaseGrant`]      |
+//! | `DELETE /v1/leases/{system}/{env}`      |               | 204                    |
 //!
 //! * `PUT` stores a spec as the group's *pending* spec and pulls its image (when
 //!   `pull`); nothing running changes.
@@ -19,6 +22,14 @@
 //!   configuration: rewrite `/stretch/`, run `reload`, or replace the instances with
 //!   the same image without downtime when the node declares no `reload`.
 //! * `DELETE` stops the group's instances and closes its proxy.
+//!
+//! * A lease gives one run (deploy, rollback, apply) an environment of a system on this
+//!   agent for a time to live, renewed while the run lives, and a fencing token. Once an
+//!   environment was leased, every write to its groups (`PUT`, `switch`, `config`,
+//!   `DELETE`) must carry the newest token in [`LEASE_HEADER`]: a run whose lease was
+//!   taken over after it expired cannot write any more. A lease held by another run is
+//!   refused with 423 naming its holder; an expired one is taken over, and the grant
+//!   says whose it was.
 //!
 //! Errors are a status code and an [`ErrorBody`]; 401 for a missing or wrong token.
 //!
@@ -45,6 +56,35 @@ impl GroupKey {
             self.system, self.environment, self.group
         )
     }
+}
+
+/// The header carrying a run's lease token on writes.
+pub const LEASE_HEADER: &str = "x-stretch-lease";
+
+/// Body of `POST /v1/leases/…`: take a lease (no `token`) or renew one (`token`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    /// Who holds it: `user@host, run N` (for messages).
+    pub holder: String,
+    pub ttl_ms: u64,
+    #[serde(default)]
+    pub token: Option<u64>,
+}
+
+/// A lease granted or renewed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    /// The fencing token: every write of the run carries it.
+    pub token: u64,
+    /// The expired lease this one took over.
+    #[serde(default)]
+    pub took_over: Option<StaleLease>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaleLease {
+    pub holder: String,
+    pub expired_ms_ago: u64,
 }
 
 /// A release as templates and labels see it.
@@ -109,6 +149,10 @@ pub struct GroupSpec {
     pub templates: BTreeMap<String, String>,
     /// The environment's name (templates see it as `environment`).
     pub environment_name: String,
+    /// Decrypted `*.age` files of the node's container folder (path without `.age` →
+    /// base64), written to `/stretch/secrets/PATH` of every instance.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, String>,
 }
 
 impl GroupSpec {
@@ -158,6 +202,9 @@ pub struct GroupStatus {
     pub host: String,
     /// The release the proxy sends traffic to.
     pub release: Option<ReleaseRef>,
+    /// The release it replaced (what a rollback goes back to).
+    #[serde(default)]
+    pub existing_release: Option<ReleaseRef>,
     pub config_version: Option<String>,
     pub listen: Option<u16>,
     pub instances: Vec<InstanceStatus>,
@@ -183,7 +230,22 @@ pub struct ErrorBody {
 
 /// The hash that names a configuration: the tree and the templates.
 pub fn config_version(config: &serde_json::Value, templates: &BTreeMap<String, String>) -> String {
+    config_version_with(config, templates, &BTreeMap::new())
+}
+
+/// [`config_version`] with the secret files too (none: the same hash as without).
+pub fn config_version_with(
+    config: &serde_json::Value,
+    templates: &BTreeMap<String, String>,
+    secrets: &BTreeMap<String, String>,
+) -> String {
     let mut h = blake3::Hasher::new();
+    for (k, v) in secrets {
+        h.update(b"secret\0");
+        h.update(k.as_bytes());
+        h.update(b"\0");
+        h.update(v.as_bytes());
+    }
     h.update(serde_json::to_string(config).unwrap_or_default().as_bytes());
     for (k, v) in templates {
         h.update(b"\0");

@@ -26,7 +26,10 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::api::{AgentState, ErrorBody, GroupKey, GroupSpec, GroupStatus, Prepared, Switch};
+use super::api::{
+    AgentState, ErrorBody, GroupKey, GroupSpec, GroupStatus, LEASE_HEADER, LeaseGrant, LeaseRequest,
+    Prepared, Switch,
+};
 use super::trust::Basis;
 use crate::net::tls::{Expect, PeerCheck, Refusal};
 
@@ -151,6 +154,8 @@ pub struct AgentClient {
     basis: Basis,
     /// Per group, how long a switch may take (from the last spec sent).
     switch_timeouts: Arc<Mutex<HashMap<GroupKey, Duration>>>,
+    /// The run's lease token on this agent, carried by every write.
+    lease: Arc<Mutex<Option<u64>>>,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -199,6 +204,7 @@ impl AgentClient {
             check,
             basis,
             switch_timeouts: Arc::default(),
+            lease: Arc::default(),
         })
     }
 
@@ -242,6 +248,54 @@ impl AgentClient {
     pub async fn state(&self) -> Result<AgentState, AgentError> {
         self.call(Method::GET, "/v1/state", None::<&()>, STATE_TIMEOUT)
             .await
+    }
+
+    /// The spec a group runs now (`None`: it runs nothing on this host).
+    pub async fn current_spec(&self, key: &GroupKey) -> Result<Option<GroupSpec>, AgentError> {
+        let (status, body) = self
+            .send(Method::GET, &key.path(), None, STATE_TIMEOUT)
+            .await?;
+        if status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(self.error(status, &body));
+        }
+        serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|e| AgentError::Protocol {
+                addr: self.addr.clone(),
+                message: format!("{}: {e}", key.path()),
+            })
+    }
+
+    /// Take or renew the lease of `system`'s `environment`; from then on every write
+    /// of this client carries it.
+    pub async fn take_lease(
+        &self,
+        system: &str,
+        environment: &str,
+        req: &LeaseRequest,
+    ) -> Result<LeaseGrant, AgentError> {
+        let path = format!("/v1/leases/{system}/{environment}");
+        let grant: LeaseGrant = self
+            .call(Method::POST, &path, Some(req), STATE_TIMEOUT)
+            .await?;
+        if let Ok(mut l) = self.lease.lock() {
+            *l = Some(grant.token);
+        }
+        Ok(grant)
+    }
+
+    /// Give the lease back (best effort: an unreleased lease expires by itself).
+    pub async fn release_lease(&self, system: &str, environment: &str) {
+        let path = format!("/v1/leases/{system}/{environment}");
+        let _ = self
+            .send(Method::DELETE, &path, None, Duration::from_secs(5))
+            .await;
+        if let Ok(mut l) = self.lease.lock() {
+            *l = None;
+        }
     }
 
     /// `PUT` a group's spec: stored as pending, its image pulled.
@@ -336,6 +390,9 @@ impl AgentClient {
             .uri(format!("https://{}{path}", self.addr))
             .header(header::AUTHORIZATION, &self.authorization)
             .header(header::ACCEPT, "application/json");
+        if let Some(token) = self.lease.lock().ok().and_then(|l| *l) {
+            req = req.header(LEASE_HEADER, token);
+        }
         if body.is_some() {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }

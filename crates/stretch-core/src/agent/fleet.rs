@@ -7,8 +7,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
-use super::api::AgentState;
+use super::api::{AgentState, LeaseRequest};
 use super::client::{AgentClient, AgentError};
 use super::trust::{Basis, EnvTrust};
 use crate::home::Home;
@@ -192,9 +193,142 @@ impl Fleet {
     }
 
     /// Full TLS handshakes made so far, over every client.
+    /// Take the lease of `system`'s environment `env` on every host of `hosts`, one
+    /// after another in name order (so two runs never hold part each). Renewed in the
+    /// background until [`Leases::release`]. A host whose lease another run holds
+    /// refuses, naming the holder: the leases taken so far are given back, and the run
+    /// fails (busy) or, with `wait`, tries again until it gets them all.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn lease<'a>(
+        &self,
+        system: &str,
+        env: &str,
+        hosts: impl IntoIterator<Item = (&'a str, &'a str)>,
+        holder: &str,
+        ttl: Duration,
+        wait: bool,
+        stage: &str,
+        log: &Log,
+    ) -> Result<Leases> {
+        let mut hosts: Vec<(&str, &str)> = hosts.into_iter().collect();
+        hosts.sort();
+        let req = LeaseRequest {
+            holder: holder.to_string(),
+            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            token: None,
+        };
+        let mut said_waiting = false;
+        'again: loop {
+            let mut held: Vec<(String, AgentClient, u64)> = Vec::new();
+            for &(name, addr) in &hosts {
+                let client = self.client(name, addr).map_err(Error::from)?;
+                match client.take_lease(system, env, &req).await {
+                    Ok(grant) => {
+                        if let Some(stale) = &grant.took_over {
+                            log.line(format!(
+                                "host `{name}`: took over the stale lease of {} (expired {}s ago)",
+                                stale.holder,
+                                stale.expired_ms_ago / 1000
+                            ));
+                        }
+                        held.push((name.to_string(), client, grant.token));
+                    }
+                    Err(e) => {
+                        for (_, c, _) in &held {
+                            c.release_lease(system, env).await;
+                        }
+                        let busy = matches!(e, AgentError::Failed { status: 423, .. });
+                        if busy && wait {
+                            if !said_waiting {
+                                log.line(format!("waiting: {}", prefixed(name, &e)));
+                                said_waiting = true;
+                            }
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue 'again;
+                        }
+                        if busy {
+                            return Err(Error::busy(
+                                stage,
+                                format!("nothing was changed on any host; {}", prefixed(name, &e)),
+                                Some(
+                                    "wait for it with `--wait`; the lease of a run that died expires by itself (`lease_ttl`)"
+                                        .into(),
+                                ),
+                            ));
+                        }
+                        return Err(Error::failed(
+                            stage,
+                            format!("nothing was changed on any host; {}", prefixed(name, &e)),
+                        ));
+                    }
+                }
+            }
+            log.line(format!(
+                "leased `{env}` on {} host(s) for {}s, renewed while this run lives",
+                held.len(),
+                ttl.as_secs()
+            ));
+            let renew = {
+                let held = held.clone();
+                let (system, env, log) = (system.to_string(), env.to_string(), log.clone());
+                let holder = holder.to_string();
+                tokio::spawn(async move {
+                    let every = (ttl / 3).max(Duration::from_millis(200));
+                    loop {
+                        tokio::time::sleep(every).await;
+                        for (name, c, token) in &held {
+                            let req = LeaseRequest {
+                                holder: holder.clone(),
+                                ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+                                token: Some(*token),
+                            };
+                            if let Err(e) = c.take_lease(&system, &env, &req).await {
+                                log.line(format!(
+                                    "warning: could not renew the lease: {}",
+                                    prefixed(name, &e)
+                                ));
+                            }
+                        }
+                    }
+                })
+            };
+            return Ok(Leases {
+                system: system.to_string(),
+                env: env.to_string(),
+                held,
+                renew,
+            });
+        }
+    }
+
     pub fn handshakes(&self) -> usize {
         let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients.values().map(AgentClient::handshakes).sum()
+    }
+}
+
+/// The leases a run holds; given back by [`Leases::release`], or left to expire if
+/// the process dies.
+pub struct Leases {
+    system: String,
+    env: String,
+    held: Vec<(String, AgentClient, u64)>,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl Leases {
+    /// Stop renewing and give every lease back.
+    pub async fn release(self) {
+        self.renew.abort();
+        for (_, c, _) in &self.held {
+            c.release_lease(&self.system, &self.env).await;
+        }
+    }
+}
+
+impl Drop for Leases {
+    fn drop(&mut self) {
+        self.renew.abort();
     }
 }
 

@@ -13,7 +13,8 @@ use crate::home::{Home, write_private};
 use crate::log::Log;
 use crate::plugin::{self, Facts, Hook, ReleaseFacts};
 use crate::release::config::{ConfigTemplate, FORMAT, NodeConfig, Plugin, ReleaseConfig};
-use crate::release::{archive, name};
+use crate::release::remote::ReleaseStore;
+use crate::release::{archive, name, sealed};
 use crate::run::Run;
 use crate::secrets::{self, Identities};
 use crate::source::{self, Pulled};
@@ -79,6 +80,7 @@ async fn stages(
             home.lock("build", true)?
         }
     };
+    system.check_release_recipients()?;
     sweep_unrecorded(home, store, log)?;
     let (pulled, merged) = log
         .stage("pull", async {
@@ -93,7 +95,7 @@ async fn stages(
     let (record, reused) = log
         .stage(
             "archive",
-            archive_stage(home, store, &merged, &release_config, pulled, log),
+            archive_stage(system, home, store, &merged, &release_config, pulled, log),
         )
         .await?;
     if reused {
@@ -107,6 +109,7 @@ async fn stages(
             reused: true,
         });
     }
+    let pushed = std::cell::Cell::new(None::<String>);
     let rest = async {
         let images = log
             .stage(
@@ -121,16 +124,25 @@ async fn stages(
                 ),
             )
             .await?;
-        let images = log
-            .stage("push", images::push_all(system, &images, log))
+        // Images, then the release itself: the registry is the store every home
+        // deploys from.
+        let record = log
+            .stage("push", async {
+                let images = images::push_all(system, &images, log).await?;
+                let mut record = record.clone();
+                record.images = images;
+                if let Some(registry) = ReleaseStore::open(system, "push").await? {
+                    let digest = registry.push(home, &record, log).await?;
+                    pushed.set(Some(digest));
+                }
+                Ok::<_, Error>(record)
+            })
             .await?;
         log.stage(
             "plugins",
             run_plugins(system, &merged, &decrypted, &record, log),
         )
         .await?;
-        let mut record = record.clone();
-        record.images = images;
         store.insert_release(&record)?;
         Ok::<_, Error>(record)
     };
@@ -144,8 +156,23 @@ async fn stages(
             // A failed build leaves no half-made release behind.
             let _ = std::fs::remove_file(home.archive(&record.id));
             let _ = std::fs::remove_file(home.release_config(&record.id));
+            let _ = std::fs::remove_file(home.sealed_config(&record.id));
+            if let Some(digest) = pushed.take() {
+                unpush(system, &digest).await;
+            }
             Err(e)
         }
+    }
+}
+
+/// Take a failed build's release back out of the registry (best effort).
+async fn unpush(system: &System, digest: &str) {
+    let host = &system.spec.registry;
+    if let Ok(auth) = crate::docker::auth::lookup(host, None)
+        && let Ok(registry) = crate::docker::registry::Registry::new(host, &auth)
+    {
+        let repo = format!("{}/{}", system.name(), crate::release::remote::REPOSITORY);
+        let _ = registry.delete_manifest(&repo, digest).await;
     }
 }
 
@@ -159,6 +186,7 @@ fn sweep_unrecorded(home: &Home, store: &Store, log: &Log) -> Result<()> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let id = name
             .strip_suffix(".tar.zst")
+            .or_else(|| name.strip_suffix(".config.age"))
             .or_else(|| name.strip_suffix(".json"));
         let orphan = match id {
             _ if name.starts_with('.') && name.ends_with(".tmp") => true,
@@ -347,6 +375,7 @@ pub fn release_id(archive_hash: &str, config_json: &[u8]) -> String {
 
 /// Stage 3: write the archive and the release configuration; find out the id.
 async fn archive_stage(
+    system: &System,
     home: &Home,
     store: &Store,
     merged: &Path,
@@ -374,24 +403,14 @@ async fn archive_stage(
         // The record survived but its archive did not: restore it.
         std::fs::rename(&tmp, home.archive(&id))
             .map_err(|e| Error::failed("archive", format!("cannot store the archive: {e}")))?;
-        write_private(&home.release_config(&id), &config_json).map_err(|e| {
-            Error::failed(
-                "archive",
-                format!("cannot write the release configuration: {e}"),
-            )
-        })?;
+        sealed::write(home, &id, &system.spec.release_recipients, &config_json)?;
         return Ok((existing, true));
     }
     std::fs::rename(&tmp, home.archive(&id)).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::failed("archive", format!("cannot store the archive: {e}"))
     })?;
-    write_private(&home.release_config(&id), &config_json).map_err(|e| {
-        Error::failed(
-            "archive",
-            format!("cannot write the release configuration: {e}"),
-        )
-    })?;
+    sealed::write(home, &id, &system.spec.release_recipients, &config_json)?;
     let name = name::memorable(&id, &|n| store.name_taken(n).unwrap_or(false));
     let record = ReleaseRecord {
         id,
@@ -404,7 +423,8 @@ async fn archive_stage(
     Ok((record, false))
 }
 
-/// Stage 6: decrypted `*.age` files join the merged tree (0600), then build hooks run.
+/// Stage 6: decrypted `*.age` files join the merged tree (0600) while build hooks run,
+/// and leave it when they end, pass or fail: no clear secret stays in the home.
 async fn run_plugins(
     system: &System,
     merged: &Path,
@@ -412,16 +432,30 @@ async fn run_plugins(
     record: &ReleaseRecord,
     log: &Log,
 ) -> Result<()> {
+    let result = build_hooks(system, merged, d, record, log).await;
+    for path in d.files.keys() {
+        let _ = std::fs::remove_file(merged.join(path));
+    }
+    result
+}
+
+async fn build_hooks(
+    system: &System,
+    merged: &Path,
+    d: &Decrypted,
+    record: &ReleaseRecord,
+    log: &Log,
+) -> Result<()> {
+    if d.project.all_plugins().next().is_none() {
+        log.line("no build plugins");
+        return Ok(());
+    }
     for (path, data) in &d.files {
         write_private(&merged.join(path), data).map_err(|e| {
             Error::failed("plugins", format!("cannot write decrypted `{path}`: {e}"))
         })?;
     }
     let plugins: Vec<_> = d.project.all_plugins().collect();
-    if plugins.is_empty() {
-        log.line("no build plugins");
-        return Ok(());
-    }
     let facts = Facts {
         system: system.name().to_string(),
         environment: None,

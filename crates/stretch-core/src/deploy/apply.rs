@@ -4,15 +4,16 @@
 //! is pulled for hosts already in a group, the release does not change.
 //!
 //! The plan compares two things: the environment as last applied (for the human
-//! `changes` list) and the agent specs last sent per `group/host` (for the `actions`).
-//! Specs are recorded per target only when that target converged, so re-running after
-//! a failure retries exactly what is left.
+//! `changes` list) and the spec each agent runs per `group/host` (for the `actions`):
+//! the hosts are the truth, so re-running after a failure retries exactly what is
+//! left, and a home that never deployed the environment can apply it too.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use super::buffers::Buffers;
+use super::known::{self, Known};
 use super::specs::{self, HostGroup};
 use crate::agent::api::GroupSpec;
 use crate::agent::fleet::{Fleet, prefixed};
@@ -29,6 +30,8 @@ pub struct ApplyRequest {
     /// Show the plan and stop.
     pub dry_run: bool,
     pub wait: bool,
+    /// The release identity (else `STRETCH_RELEASE_IDENTITY`).
+    pub release_identity: Option<std::path::PathBuf>,
 }
 
 /// How a value of the environment's definition differs.
@@ -165,30 +168,77 @@ fn action_for(old: Option<&GroupSpec>, new: Option<&GroupSpec>) -> Option<Action
     }
 }
 
-/// A plan, the specs last sent per target, and the specs wanted now.
+/// A plan, the specs the agents run per target, and the specs wanted now.
 type Planned = (Plan, BTreeMap<String, GroupSpec>, Vec<HostGroup>);
 
+/// Every `group/host` the environment had (as last applied) or has, with its agent.
+fn all_targets(
+    applied: Option<&serde_json::Value>,
+    env: &crate::system::Environment,
+) -> BTreeMap<String, (String, String, String)> {
+    let mut out = BTreeMap::new();
+    if let Some(a) = applied {
+        let agents = &a["hosts"];
+        if let Some(groups) = a["groups"].as_object() {
+            for (g, group) in groups {
+                for h in group["hosts"].as_array().into_iter().flatten() {
+                    let Some(h) = h.as_str() else { continue };
+                    let agent = agents[h]["agent"].as_str().unwrap_or_default();
+                    out.insert(
+                        super::target_id(g, h),
+                        (g.clone(), h.to_string(), agent.to_string()),
+                    );
+                }
+            }
+        }
+    }
+    for (g, group) in &env.groups {
+        for h in &group.hosts {
+            if let Some(host) = env.hosts.get(h) {
+                out.insert(
+                    super::target_id(g, h),
+                    (g.clone(), h.clone(), host.agent.clone()),
+                );
+            }
+        }
+    }
+    out
+}
+
 /// Compute the plan; `Ok(None)` when the environment was never deployed.
-fn plan(
+async fn plan(
     system: &System,
     home: &Home,
     store: &Store,
-    env_name: &str,
+    fleet: &Fleet,
+    req: &ApplyRequest,
     log: &Log,
 ) -> Result<Option<Planned>> {
+    let env_name = req.environment.as_str();
+    let identity = req.release_identity.as_deref();
     let env = super::environment(system, env_name)?;
-    let Some(record) = store.environment(env_name)? else {
+    let known = Known::new(system, home, store);
+    let record = store.environment(env_name)?;
+    let (current, before) = match &record {
+        Some(r) => (r.release.clone(), r.existing_release.clone()),
+        None => known::from_agents(system, env_name, env, fleet, log).await,
+    };
+    let Some(release_id) = current else {
         return Ok(None);
     };
-    let Some(release_id) = record.release.clone() else {
-        return Ok(None);
-    };
-    let release = store.find_release(&release_id)?;
-    let existing = match &record.existing_release {
-        Some(id) => store.release_by_id(id)?,
+    let release = known.by_id(&release_id).await?.ok_or_else(|| {
+        Error::not_found(
+            format!("environment `{env_name}` runs release {release_id}, which neither this home nor the registry has"),
+            "deploy a release this home or the registry has",
+        )
+    })?;
+    known.pull(&release, identity, log).await?;
+    let existing = match &before {
+        Some(id) => known.by_id(id).await?.map(|f| f.record),
         None => None,
     };
-    let cfg = super::release_config(home, &release.id)?;
+    let release = release.record;
+    let cfg = super::release_config(home, &release.id, identity)?;
     let buffers = Buffers::new(home, env_name);
     buffers.ensure_existing(home, &release, &cfg, log)?;
     // Same release and deploy context as the deploy: only the environment differs.
@@ -201,55 +251,59 @@ fn plan(
         &cfg,
         &buffers.existing_dir(),
         log,
-    )?;
-    let old_specs: BTreeMap<String, GroupSpec> = record.specs.clone().unwrap_or_default();
+    );
+    buffers.scrub(&cfg);
+    let targets = targets?;
+    let applied = record.as_ref().and_then(|r| r.applied.clone());
+
+    // What every target runs now, as its agent says; one that cannot be asked keeps
+    // its action (which then fails, naming it).
+    let all = all_targets(applied.as_ref(), env);
+    let calls = all.iter().map(|(id, (g, h, agent))| async move {
+        let key = super::group_key(system, env_name, g);
+        let r = match fleet.client(h, agent) {
+            Ok(c) => c.current_spec(&key).await,
+            Err(e) => Err(e),
+        };
+        (id.clone(), r)
+    });
+    let mut old_specs: BTreeMap<String, GroupSpec> = BTreeMap::new();
+    let mut unknown: Vec<String> = Vec::new();
+    for (id, r) in futures_util::future::join_all(calls).await {
+        match r {
+            Ok(Some(spec)) => {
+                old_specs.insert(id, spec);
+            }
+            Ok(None) => {}
+            Err(_) => unknown.push(id),
+        }
+    }
 
     let mut changes = Vec::new();
     let new_env = specs::environment_json(env_name, env);
-    diff("", record.applied.as_ref(), Some(&new_env), &mut changes);
+    diff("", applied.as_ref(), Some(&new_env), &mut changes);
 
     let mut actions = Vec::new();
     let new_by_id: BTreeMap<String, &HostGroup> = targets.iter().map(|t| (t.id(), t)).collect();
-    let old_agents: BTreeMap<String, String> = record
-        .applied
-        .as_ref()
-        .and_then(|a| a.get("hosts"))
-        .and_then(|h| h.as_object())
-        .map(|h| {
-            h.iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        v["agent"].as_str().unwrap_or_default().to_string(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut ids: Vec<&String> = old_specs.keys().chain(new_by_id.keys()).collect();
-    ids.sort();
-    ids.dedup();
-    for id in ids {
+    for (id, (group, host, agent)) in &all {
         let old = old_specs.get(id);
         let new = new_by_id.get(id).map(|t| &t.spec);
-        let Some(kind) = action_for(old, new) else {
-            continue;
+        let kind = match (action_for(old, new), unknown.contains(id)) {
+            (_, true) if new.is_none() => Some(ActionKind::Stop),
+            (_, true) => Some(ActionKind::Start),
+            (k, false) => k,
         };
-        let (group, host) = id.split_once('/').unwrap_or((id.as_str(), ""));
-        let agent = match new_by_id.get(id) {
-            Some(t) => t.agent.clone(),
-            None => env
-                .hosts
-                .get(host)
-                .map(|h| h.agent.clone())
-                .or_else(|| old_agents.get(host).cloned())
-                .unwrap_or_default(),
+        let Some(kind) = kind else {
+            continue;
         };
         actions.push(Action {
             target: id.clone(),
-            group: group.to_string(),
-            host: host.to_string(),
-            agent,
+            group: group.clone(),
+            host: host.clone(),
+            agent: new_by_id
+                .get(id)
+                .map(|t| t.agent.clone())
+                .unwrap_or_else(|| agent.clone()),
             kind,
             from_config: old.map(|s| s.config_version.clone()),
             to_config: new.map(|s| s.config_version.clone()),
@@ -297,10 +351,11 @@ pub async fn apply(
             log,
         )?)
     };
+    let fleet = Fleet::new(system, &req.environment, env, home, &token)?;
     // Planning says what it found through the plan alone: the same words locally and
     // through a server, which streams only what a run logs.
     let Some((plan, old_specs, targets)) =
-        self::plan(system, home, store, &req.environment, &Log::null())?
+        self::plan(system, home, store, &fleet, req, &Log::null()).await?
     else {
         return Ok(nothing(format!(
             "environment `{}` has never been deployed: nothing to apply",
@@ -317,6 +372,12 @@ pub async fn apply(
     }
     let release = plan.release.clone().unwrap_or_default();
     let record = store.environment(&req.environment)?;
+    let existing_release = match &record {
+        Some(r) => r.existing_release.clone(),
+        None => old_specs
+            .values()
+            .find_map(|s| s.existing_release.as_ref().map(|x| x.id.clone())),
+    };
     let (run, log) = Run::start(
         store,
         RunKind::Config,
@@ -325,21 +386,55 @@ pub async fn apply(
         Some(&release),
         log,
     )?;
-    let fleet = Fleet::new(system, &req.environment, env, home, &token)?;
     let result = log
-        .stage("apply", converge(&plan, &old_specs, &targets, &fleet, &log))
+        .stage("apply", async {
+            let mut hosts: BTreeMap<&str, &str> = BTreeMap::new();
+            for a in &plan.actions {
+                hosts.insert(a.host.as_str(), a.agent.as_str());
+            }
+            // Every agent's certificate is checked before any of them is changed (one
+            // that is down fails its own actions; the others converge).
+            let answered = fleet.check_identities(hosts.clone(), "apply", &log).await?;
+            let reachable: BTreeMap<&str, &str> = hosts
+                .into_iter()
+                .filter(|(name, _)| answered.contains_key(*name))
+                .collect();
+            let leases = if reachable.is_empty() {
+                None
+            } else {
+                Some(
+                    fleet
+                        .lease(
+                            system.name(),
+                            &req.environment,
+                            reachable,
+                            &super::holder(run.id(), "apply"),
+                            env.lease_ttl(),
+                            req.wait,
+                            "apply",
+                            &log,
+                        )
+                        .await?,
+                )
+            };
+            let r = converge(system, &plan, &targets, &fleet, &log).await;
+            if let Some(l) = leases {
+                l.release().await;
+            }
+            r
+        })
         .await;
-    let (converged, failures) = match &result {
-        Ok(r) => r.clone(),
-        Err(_) => (old_specs.clone(), vec![]),
+    let failures = match &result {
+        Ok(f) => f.clone(),
+        Err(_) => vec![],
     };
     store.set_environment(&EnvironmentRecord {
         name: req.environment.clone(),
-        release: record.as_ref().and_then(|r| r.release.clone()),
-        existing_release: record.as_ref().and_then(|r| r.existing_release.clone()),
+        release: Some(release.clone()),
+        existing_release,
         updated_at: String::new(),
         applied: Some(specs::environment_json(&req.environment, env)),
-        specs: Some(converged),
+        specs: None,
     })?;
     let outcome = match (&result, failures.is_empty()) {
         (Ok(_), true) => Ok(ApplyOutcome {
@@ -361,50 +456,40 @@ pub async fn apply(
     run.finish(outcome)
 }
 
-/// Carry out every action at once; returns the specs now in force and the failures.
+/// Carry out every action at once; returns the failures.
 async fn converge(
+    system: &System,
     plan: &Plan,
-    old_specs: &BTreeMap<String, GroupSpec>,
     targets: &[HostGroup],
     fleet: &Fleet,
     log: &Log,
-) -> Result<(BTreeMap<String, GroupSpec>, Vec<String>)> {
+) -> Result<Vec<String>> {
     let new_by_id: BTreeMap<String, &HostGroup> = targets.iter().map(|t| (t.id(), t)).collect();
     if plan.actions.is_empty() {
         log.line("every host is up to date");
     }
-    // Every agent's certificate is checked before any of them is changed (one that is
-    // down fails its own actions; the others converge).
-    let mut hosts: BTreeMap<&str, &str> = BTreeMap::new();
-    for a in &plan.actions {
-        hosts.insert(a.host.as_str(), a.agent.as_str());
-    }
-    fleet.check_identities(hosts, "apply", log).await?;
     let calls = plan.actions.iter().map(|a| {
         let new = new_by_id.get(&a.target).map(|t| t.spec.clone());
-        let old = old_specs.get(&a.target).cloned();
+        let key = super::group_key(system, &plan.environment, &a.group);
         async move {
             let client = match fleet.client(&a.host, &a.agent) {
                 Ok(c) => c,
                 Err(e) => return (a, Err(e)),
             };
-            let r = match (a.kind, new, old) {
-                (ActionKind::Start, Some(spec), _) => super::put_and_switch(&client, &spec).await,
-                (ActionKind::Replace, Some(mut spec), _) => {
+            let r = match (a.kind, new) {
+                (ActionKind::Start, Some(spec)) => super::put_and_switch(&client, &spec).await,
+                (ActionKind::Replace, Some(mut spec)) => {
                     // The image is already on this host: nothing to pull.
                     spec.pull = false;
                     super::put_and_switch(&client, &spec).await
                 }
-                (ActionKind::Reload, Some(spec), _) => {
-                    client.update_config(&spec).await.map(|_| ())
-                }
-                (ActionKind::Stop, _, Some(old)) => client.remove_group(&old.key).await,
+                (ActionKind::Reload, Some(spec)) => client.update_config(&spec).await.map(|_| ()),
+                (ActionKind::Stop, _) => client.remove_group(&key).await,
                 _ => Ok(()),
             };
             (a, r)
         }
     });
-    let mut specs = old_specs.clone();
     let mut failures = Vec::new();
     for (a, r) in futures_util::future::join_all(calls).await {
         let what = match a.kind {
@@ -414,20 +499,14 @@ async fn converge(
             ActionKind::Stop => "stopped",
         };
         match r {
-            Ok(()) => {
-                log.line(format!("{}: {what}", a.target));
-                match new_by_id.get(&a.target) {
-                    Some(t) => specs.insert(a.target.clone(), t.spec.clone()),
-                    None => specs.remove(&a.target),
-                };
-            }
+            Ok(()) => log.line(format!("{}: {what}", a.target)),
             Err(e) => failures.push(format!("{}, group `{}`", prefixed(&a.host, &e), a.group)),
         }
     }
     for f in &failures {
         log.line(f);
     }
-    Ok((specs, failures))
+    Ok(failures)
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! Release buffers of an environment (`home/environments/ENV/`): `new/` holds the
 //! release being deployed, `existing/` the one running, `previous/` the one before
 //! (kept so post-deploy plugins of a rollback can read the newer release's files).
-//! Each buffer is the release archive extracted (verified against its hash) plus the
-//! decrypted `*.age` files (0600). A missing or damaged buffer is re-extracted.
+//! Each buffer is the release archive extracted (verified against its hash); while a
+//! run uses it, also the decrypted `*.age` files (0600), which [`Buffers::scrub`]
+//! removes when the run ends. A missing or damaged buffer is re-extracted.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -67,6 +68,15 @@ impl Buffers {
             Some(&release.archive_hash),
         )
         .map_err(|e| e.context(&format!("release {}", release.id)))?;
+        self.reveal(cfg, buffer)?;
+        fs::write(self.marker(buffer), &release.id)
+            .map_err(|e| io("write", &self.marker(buffer), e))?;
+        Ok(())
+    }
+
+    /// Write the decrypted `*.age` files into `buffer` (0600), for plugins.
+    fn reveal(&self, cfg: &ReleaseConfig, buffer: &str) -> Result<()> {
+        let dir = self.dir.join(buffer);
         for (path, data) in &cfg.files {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(data)
@@ -82,9 +92,17 @@ impl Buffers {
             }
             write_private(&target, &bytes).map_err(|e| io("write", &target, e))?;
         }
-        fs::write(self.marker(buffer), &release.id)
-            .map_err(|e| io("write", &self.marker(buffer), e))?;
         Ok(())
+    }
+
+    /// Remove `cfg`'s decrypted files from every buffer: no clear secret stays in the
+    /// home after a run.
+    pub fn scrub(&self, cfg: &ReleaseConfig) {
+        for buffer in ["new", "existing", "previous"] {
+            for path in cfg.files.keys() {
+                let _ = fs::remove_file(self.dir.join(buffer).join(path));
+            }
+        }
     }
 
     /// Does `buffer` hold exactly `release`?
@@ -124,6 +142,7 @@ impl Buffers {
         log: &Log,
     ) -> Result<()> {
         if self.intact(release, cfg, "existing") {
+            self.reveal(cfg, "existing")?;
             log.line(format!(
                 "existing release buffer: {} ({})",
                 release.name, release.id

@@ -6,11 +6,12 @@
 pub mod apply;
 pub mod buffers;
 pub mod config;
+pub mod known;
 pub mod lock;
 mod specs;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::agent::api::{GroupKey, GroupSpec, Switch};
 use crate::agent::client::{AgentClient, AgentError};
@@ -21,6 +22,7 @@ use crate::plugin::{self, Facts, Hook, ReleaseFacts};
 use crate::release::config::ReleaseConfig;
 use crate::run::Run;
 use crate::store::{EnvironmentRecord, ReleaseRecord, RunKind, Store};
+use known::{Found, Known};
 use crate::system::{Environment, System};
 use crate::{Error, Result};
 
@@ -63,6 +65,9 @@ pub struct DeployRequest {
     pub kind: Kind,
     /// Wait for the environment's lock instead of failing at once.
     pub wait: bool,
+    /// The release identity (else `STRETCH_RELEASE_IDENTITY`): opens sealed release
+    /// configurations.
+    pub release_identity: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -121,60 +126,57 @@ pub fn agent_token(system: &System, env_name: &str, env: &Environment) -> Result
     Ok(token)
 }
 
-/// Load a release's configuration document.
-pub fn release_config(home: &Home, id: &str) -> Result<ReleaseConfig> {
-    let path = home.release_config(id);
-    let data = std::fs::read(&path).map_err(|e| {
-        Error::failed(
-            "pull release",
-            format!("cannot read the configuration of release {id}: {e}"),
-        )
-    })?;
-    serde_json::from_slice(&data).map_err(|e| {
-        Error::failed(
-            "pull release",
-            format!("the configuration of release {id} is damaged: {e}"),
-        )
-    })
+/// Load a release's configuration (sealed ones need the release identity).
+pub fn release_config(home: &Home, id: &str, identity: Option<&Path>) -> Result<ReleaseConfig> {
+    crate::release::sealed::open(home, id, identity)
 }
 
 /// Everything resolved before anything runs (bad input fails here, recording nothing).
 struct Plan {
     env_name: String,
     token: String,
-    release: ReleaseRecord,
-    existing: Option<ReleaseRecord>,
-    previous: Option<EnvironmentRecord>,
+    release: Found,
+    existing: Option<Found>,
 }
 
-fn plan(system: &System, store: &Store, req: &DeployRequest) -> Result<Plan> {
+async fn plan(
+    system: &System,
+    home: &Home,
+    store: &Store,
+    known: &Known<'_>,
+    req: &DeployRequest,
+    log: &Log,
+) -> Result<Plan> {
     let env = environment(system, &req.environment)?;
     let token = agent_token(system, &req.environment, env)?;
-    let previous = store.environment(&req.environment)?;
-    let current = previous.as_ref().and_then(|p| p.release.clone());
+    // What runs now, and what ran before: the home's record, else the hosts say.
+    let (current, before) = match store.environment(&req.environment)? {
+        Some(p) => (p.release, p.existing_release),
+        None => {
+            let fleet = Fleet::new(system, &req.environment, env, home, &token)?;
+            known::from_agents(system, &req.environment, env, &fleet, log).await
+        }
+    };
     let existing = match &current {
-        Some(id) => store.release_by_id(id)?,
+        Some(id) => known.by_id(id).await?,
         None => None,
     };
     let release = match (&req.release, req.kind) {
-        (Some(key), _) => store.find_release(key)?,
-        (None, Kind::Deploy) => store.releases()?.into_iter().next().ok_or_else(|| {
+        (Some(key), _) => known.find(key).await?,
+        (None, Kind::Deploy) => known.newest().await?.ok_or_else(|| {
             Error::invalid_with_help(
                 "there are no releases to deploy",
                 "run `stretch build` first",
             )
         })?,
         (None, Kind::Rollback) => {
-            let before = previous
-                .as_ref()
-                .and_then(|p| p.existing_release.clone())
-                .ok_or_else(|| {
-                    Error::invalid(format!(
-                        "environment `{}` has no earlier release to roll back to",
-                        req.environment
-                    ))
-                })?;
-            store.find_release(&before)?
+            let before = before.ok_or_else(|| {
+                Error::invalid(format!(
+                    "environment `{}` has no earlier release to roll back to",
+                    req.environment
+                ))
+            })?;
+            known.find(&before).await?
         }
     };
     Ok(Plan {
@@ -182,8 +184,23 @@ fn plan(system: &System, store: &Store, req: &DeployRequest) -> Result<Plan> {
         token,
         release,
         existing,
-        previous,
     })
+}
+
+/// `user@host`, for lease holders.
+fn whoami() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "someone".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "somewhere".into());
+    format!("{user}@{host}")
+}
+
+/// Who holds a lease: `user@host, run N (deploy of NAME)`.
+pub(crate) fn holder(run: i64, what: &str) -> String {
+    format!("{}, run {run} ({what})", whoami())
 }
 
 /// Run the deploy step, recording it (with its log) in the store.
@@ -194,17 +211,18 @@ pub async fn deploy(
     req: &DeployRequest,
     log: &Log,
 ) -> Result<DeployOutcome> {
-    let plan = plan(system, store, req)?;
+    let known = Known::new(system, home, store);
+    let plan = plan(system, home, store, &known, req, log).await?;
     let what = format!(
         "{} of {} ({})",
         req.kind.as_str(),
-        plan.release.name,
-        plan.release.id
+        plan.release.record.name,
+        plan.release.record.id
     );
     let _lock = lock::lock(home, &plan.env_name, &what, req.wait, log)?;
     // Re-read under the lock: another deploy may have finished while we waited.
     let plan = if req.wait {
-        self::plan(system, store, req)?
+        self::plan(system, home, store, &known, req, log).await?
     } else {
         plan
     };
@@ -212,74 +230,190 @@ pub async fn deploy(
         store,
         req.kind.run_kind(),
         Some(&plan.env_name),
-        Some(&plan.release.id),
-        plan.existing.as_ref().map(|r| r.id.as_str()),
+        Some(&plan.release.record.id),
+        plan.existing.as_ref().map(|r| r.record.id.as_str()),
         log,
     )?;
     log.line(format!(
         "{} {} ({}) to `{}`{}",
         req.kind.as_str(),
-        plan.release.name,
-        plan.release.id,
+        plan.release.record.name,
+        plan.release.record.id,
         plan.env_name,
         plan.existing
             .as_ref()
-            .map(|x| format!(", replacing {} ({})", x.name, x.id))
+            .map(|x| format!(", replacing {} ({})", x.record.name, x.record.id))
             .unwrap_or_default()
     ));
     let id = run.id();
-    let result = execute(system, home, store, req.kind, &plan, &log).await;
+    let result = execute(system, home, store, &known, req, &plan, id, &log).await;
     run.finish(result).map(|()| DeployOutcome {
         run: id,
-        release: plan.release,
-        existing: plan.existing,
+        release: plan.release.record,
+        existing: plan.existing.map(|x| x.record),
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn execute(
     system: &System,
     home: &Home,
     store: &Store,
-    kind: Kind,
+    known: &Known<'_>,
+    req: &DeployRequest,
     plan: &Plan,
+    run: i64,
     log: &Log,
 ) -> Result<()> {
     let env = environment(system, &plan.env_name)?;
     let buffers = buffers::Buffers::new(home, &plan.env_name);
-    let new_config = release_config(home, &plan.release.id)?;
     let fleet = Fleet::new(system, &plan.env_name, env, home, &plan.token)?;
+    let identity = req.release_identity.as_deref();
+    let release = &plan.release.record;
 
-    // 1. Pull release, and make sure of every agent before anything runs anywhere:
-    //    a refused certificate or an unreachable agent stops the deploy here.
-    log.stage("pull release", async {
-        buffers.prepare_new(home, &plan.release, &new_config, log)?;
-        if let Some(x) = &plan.existing {
-            let cfg = release_config(home, &x.id)?;
-            buffers.ensure_existing(home, x, &cfg, log)?;
+    // 1. Pull release (from the registry when this home lacks it) and open its
+    //    configuration; make sure of every agent, and take the environment's lease on
+    //    each, before anything runs anywhere: a refused certificate, an unreachable
+    //    agent or another run's lease stops the deploy here.
+    let (new_config, existing_config, leases, previous_specs) = log
+        .stage("pull release", async {
+            known.pull(&plan.release, identity, log).await?;
+            let new_config = release_config(home, &release.id, identity)?;
+            buffers.prepare_new(home, release, &new_config, log)?;
+            let mut existing_config = None;
+            if let Some(x) = &plan.existing {
+                match known.pull(x, identity, log).await {
+                    Ok(()) => {
+                        let cfg = release_config(home, &x.record.id, identity)?;
+                        buffers.ensure_existing(home, &x.record, &cfg, log)?;
+                        existing_config = Some(cfg);
+                    }
+                    Err(e) => log.line(format!(
+                        "no buffer of the running release {}: {e}",
+                        x.record.id
+                    )),
+                }
+            }
+            let hosts = hosts_in_groups(env);
+            fleet.connect(hosts.clone(), "pull release", log).await?;
+            let what = format!("{} of {}", req.kind.as_str(), release.name);
+            let leases = fleet
+                .lease(
+                    system.name(),
+                    &plan.env_name,
+                    hosts,
+                    &holder(run, &what),
+                    env.lease_ttl(),
+                    req.wait,
+                    "pull release",
+                    log,
+                )
+                .await?;
+            // What each target runs now, as its agent says: what a failure switches
+            // back to, whichever home deployed it.
+            let previous_specs = match running_specs(system, &plan.env_name, env, &fleet).await {
+                Ok(s) => s,
+                Err(e) => {
+                    leases.release().await;
+                    return Err(e);
+                }
+            };
+            Ok::<_, Error>((new_config, existing_config, leases, previous_specs))
+        })
+        .await?;
+    let result = rollout(
+        system,
+        store,
+        req.kind,
+        plan,
+        &fleet,
+        &buffers,
+        &new_config,
+        &previous_specs,
+        log,
+    )
+    .await;
+    leases.release().await;
+    // Decrypted files stay in the buffers only while the run needs them.
+    buffers.scrub(&new_config);
+    if let Some(cfg) = &existing_config {
+        buffers.scrub(cfg);
+    }
+    result
+}
+
+/// The spec every `group/host` target of the environment runs now, as its agent says.
+async fn running_specs(
+    system: &System,
+    env_name: &str,
+    env: &Environment,
+    fleet: &Fleet,
+) -> Result<BTreeMap<String, GroupSpec>> {
+    let mut calls = Vec::new();
+    for (group_name, group) in &env.groups {
+        for host in &group.hosts {
+            let Some(h) = env.hosts.get(host) else { continue };
+            let key = group_key(system, env_name, group_name);
+            calls.push(async move {
+                let r = match fleet.client(host, &h.agent) {
+                    Ok(c) => c.current_spec(&key).await,
+                    Err(e) => Err(e),
+                };
+                (target_id(group_name, host), host, r)
+            });
         }
-        let hosts = hosts_in_groups(env);
-        fleet.connect(hosts, "pull release", log).await?;
-        Ok::<_, Error>(())
-    })
-    .await?;
+    }
+    let mut out = BTreeMap::new();
+    for (id, host, r) in futures_util::future::join_all(calls).await {
+        match r {
+            Ok(Some(spec)) => {
+                out.insert(id, spec);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(Error::failed(
+                    "pull release",
+                    format!("nothing was changed on any host; {}", prefixed(host, &e)),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
 
+/// Stages 2 to 7, under the leases.
+#[allow(clippy::too_many_arguments)]
+async fn rollout(
+    system: &System,
+    store: &Store,
+    kind: Kind,
+    plan: &Plan,
+    fleet: &Fleet,
+    buffers: &buffers::Buffers,
+    new_config: &ReleaseConfig,
+    previous_specs: &BTreeMap<String, GroupSpec>,
+    log: &Log,
+) -> Result<()> {
+    let env = environment(system, &plan.env_name)?;
+    let release = &plan.release.record;
+    let existing = plan.existing.as_ref().map(|x| &x.record);
     let facts = Facts {
         system: system.name().to_string(),
         environment: Some(plan.env_name.clone()),
         kind: Some(kind.as_str().to_string()),
         release: ReleaseFacts {
-            id: plan.release.id.clone(),
-            name: plan.release.name.clone(),
+            id: release.id.clone(),
+            name: release.name.clone(),
             path: buffers.new_dir(),
         },
-        existing_release: plan.existing.as_ref().map(|x| ReleaseFacts {
+        existing_release: existing.map(|x| ReleaseFacts {
             id: x.id.clone(),
             name: x.name.clone(),
             path: buffers.existing_dir(),
         }),
     };
     let nodes_in_env: Vec<&str> = env.groups.values().map(|g| g.node.as_str()).collect();
-    let plugins = specs::plugins_for(&new_config, &nodes_in_env);
+    let plugins = specs::plugins_for(new_config, &nodes_in_env);
     let plugin_refs: Vec<_> = plugins.iter().collect();
 
     // 2. Pre-deploy plugins: a failure here means no host was touched.
@@ -306,9 +440,9 @@ async fn execute(
                 system,
                 &plan.env_name,
                 env,
-                &plan.release,
-                plan.existing.as_ref(),
-                &new_config,
+                release,
+                existing,
+                new_config,
                 &buffers.new_dir(),
                 log,
             )
@@ -316,17 +450,12 @@ async fn execute(
         .await?;
 
     // 4. Push specs; agents pull images.
-    log.stage("push", push(&targets, &fleet, log)).await?;
+    log.stage("push", push(&targets, fleet, log)).await?;
 
     // 5. Change release, batch by batch.
-    let previous_specs: BTreeMap<String, GroupSpec> = plan
-        .previous
-        .as_ref()
-        .and_then(|p| p.specs.clone())
-        .unwrap_or_default();
     log.stage(
         "change release",
-        change_release(env, &targets, &previous_specs, &fleet, log),
+        change_release(env, &targets, previous_specs, fleet, log),
     )
     .await?;
     log.line(format!(
@@ -336,17 +465,17 @@ async fn execute(
     ));
 
     // 6. Switch buffers, and record where the environment stands.
+    // The record keeps no spec: specs hold decrypted configuration, and the agents
+    // say what they run.
     log.stage("switch buffers", async {
         buffers.switch()?;
-        let specs: BTreeMap<String, GroupSpec> =
-            targets.iter().map(|t| (t.id(), t.spec.clone())).collect();
         store.set_environment(&EnvironmentRecord {
             name: plan.env_name.clone(),
-            release: Some(plan.release.id.clone()),
-            existing_release: plan.existing.as_ref().map(|x| x.id.clone()),
+            release: Some(release.id.clone()),
+            existing_release: existing.map(|x| x.id.clone()),
             updated_at: String::new(),
             applied: serde_json::to_value(specs::environment_json(&plan.env_name, env)).ok(),
-            specs: Some(specs),
+            specs: None,
         })
     })
     .await?;
@@ -610,6 +739,7 @@ pub async fn auto_deploy(
     home: &Home,
     store: &Store,
     id: &str,
+    release_identity: Option<&Path>,
     log: &Log,
     mut report: impl FnMut(AutoDeploy<'_>),
 ) -> Result<()> {
@@ -627,6 +757,7 @@ pub async fn auto_deploy(
             release: Some(id.to_string()),
             kind: Kind::Deploy,
             wait: true,
+            release_identity: release_identity.map(Path::to_path_buf),
         };
         deploy(system, home, store, &req, log).await?;
         report(AutoDeploy::Deployed { environment: name });

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use crate::agent::api::{self, GroupSpec, HealthSpec, ReleaseRef};
 use crate::log::Log;
-use crate::release::config::ReleaseConfig;
+use crate::release::config::{NodeConfig, ReleaseConfig};
 use crate::store::ReleaseRecord;
 use crate::system::project::PluginDecl;
 use crate::system::{Environment, System};
@@ -65,6 +65,21 @@ pub fn environment_json(name: &str, env: &Environment) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({"name": name, "hosts": hosts, "groups": groups, "services": env.services})
+}
+
+/// The decrypted `*.age` files of `node`'s container folder, by path inside it.
+fn secret_files(cfg: &ReleaseConfig, node: &NodeConfig) -> BTreeMap<String, String> {
+    let dir = node
+        .templates
+        .strip_suffix("templates")
+        .unwrap_or_default();
+    cfg.files
+        .iter()
+        .filter_map(|(path, data)| {
+            let rel = path.strip_prefix(dir)?;
+            Some((rel.to_string(), data.clone()))
+        })
+        .collect()
 }
 
 /// The reference agents run for `repo` (`REGISTRY/SYSTEM/NODE`) of `release`, and the
@@ -165,7 +180,8 @@ pub fn build(
         }
         let config = super::config::node_config(cfg, node, &ctx)?;
         let templates = read_templates(&buffer.join(&node.templates))?;
-        let config_version = api::config_version(&config, &templates);
+        let secrets = secret_files(cfg, node);
+        let config_version = api::config_version_with(&config, &templates, &secrets);
         log.line(format!(
             "node `{}`: configuration {config_version}, {} template(s)",
             node.name,
@@ -204,6 +220,7 @@ pub fn build(
                 config_version: config_version.clone(),
                 templates: templates.clone(),
                 environment_name: env_name.to_string(),
+                secrets: secrets.clone(),
             };
             for index in 0..spec.instances {
                 template::render_templates(&spec.templates, &spec.app_context(index))?;

@@ -40,7 +40,7 @@ pub struct Registry {
     searched: String,
 }
 
-fn loopback(host: &str) -> bool {
+pub(crate) fn loopback(host: &str) -> bool {
     let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
     name == "localhost" || name.starts_with("127.") || name == "[::1]"
 }
@@ -68,6 +68,53 @@ impl Registry {
             login: auth.credentials.clone(),
             searched: auth.searched.clone(),
         })
+    }
+
+    /// How this registry is spoken to: `https`, or `http` for a loopback registry that
+    /// does not speak TLS.
+    pub async fn scheme(&self) -> Result<&'static str> {
+        let https = format!("https://{}/v2/", self.host);
+        match self.send_url(Method::GET, &https, None).await {
+            Ok(_) => Ok("https"),
+            Err(e) if loopback(&self.host) => {
+                let http = format!("http://{}/v2/", self.host);
+                self.send_url(Method::GET, &http, None)
+                    .await
+                    .map(|_| "http")
+                    .map_err(|_| e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The digest of `repo:tag`'s manifest, if the registry has it.
+    pub async fn manifest_digest(&self, repo: &str, tag: &str) -> Result<Option<String>> {
+        let path = format!("/v2/{repo}/manifests/{tag}");
+        let basic = self.login.as_ref().map(|c| format!("Basic {}", c.basic()));
+        let (mut status, mut headers, _) = self.send(Method::HEAD, &path, basic.as_deref()).await?;
+        if status == StatusCode::UNAUTHORIZED
+            && let Some(challenge) = headers
+                .get(header::WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+        {
+            let token = self.token(challenge, &format!("repository:{repo}:pull")).await?;
+            (status, headers, _) = self
+                .send(Method::HEAD, &path, Some(&format!("Bearer {token}")))
+                .await?;
+        }
+        match status {
+            s if s.is_success() => Ok(headers
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .map(String::from)),
+            StatusCode::NOT_FOUND => Ok(None),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(self.refused()),
+            s => Err(Error::failed(
+                "registry",
+                format!("registry {} answered {s} about {repo}:{tag}", self.host),
+            )),
+        }
     }
 
     /// Delete `repo`'s manifest `digest` (`sha256:…`).

@@ -51,6 +51,7 @@ pub use crypto::{
     DecryptError, Identities, decrypt, decrypt_file, encrypt_armored, generate, is_armored,
     write_new_identity,
 };
+pub(crate) use crypto::parse_recipients;
 pub use document::{decrypt_secrets_file, encrypt_secrets_file};
 
 use crate::{Error, Result};

@@ -19,6 +19,9 @@ pub struct SystemFile {
     pub system: String,
     #[serde(default = "default_registry")]
     pub registry: String,
+    /// Age recipients the release configuration (decrypted secrets) is sealed to.
+    #[serde(default)]
+    pub release_recipients: Vec<String>,
     pub sources: Vec<SourceSpec>,
     #[serde(default)]
     pub environments: IndexMap<String, Environment>,
@@ -47,6 +50,9 @@ pub struct Environment {
     /// A PEM file (relative to the system file) of the CA that signed the agents'
     /// certificates; without it, hosts are pinned (`fingerprint`) or trusted on first use.
     pub agent_ca: Option<String>,
+    /// How long a deploy's lease on the agents lives unless renewed (`2m`, `30s`): a
+    /// killed deploy's lease expires after it.
+    pub lease_ttl: Option<String>,
     #[serde(default)]
     pub services: IndexMap<String, serde_json::Value>,
     #[serde(default)]
@@ -80,6 +86,19 @@ pub struct Group {
 pub struct ProxySettings {
     /// How long the proxy waits for an instance's response head (`60s`, `2m`).
     pub response_timeout: Option<String>,
+}
+
+/// How long a lease lives unless renewed, by default.
+pub const DEFAULT_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(120);
+
+impl Environment {
+    /// The lease time to live (validated at load).
+    pub fn lease_ttl(&self) -> std::time::Duration {
+        self.lease_ttl
+            .as_deref()
+            .and_then(project::parse_duration)
+            .unwrap_or(DEFAULT_LEASE_TTL)
+    }
 }
 
 impl Group {
@@ -198,8 +217,38 @@ impl System {
         )
     }
 
+    /// Is there somewhere to seal release configurations to? Required with a registry:
+    /// releases then travel to other homes, and must hold no clear secret.
+    pub fn check_release_recipients(&self) -> Result<()> {
+        if self.spec.registry != "local" && self.spec.release_recipients.is_empty() {
+            return Err(self.error_at(
+                "registry:",
+                "a system with a registry needs `release_recipients`",
+                Some(
+                    "releases are stored in the registry with their secrets sealed to age \
+                     recipients: make a release key with `stretch keys generate -o release.key` \
+                     and list its public key (`age1…`) under `release_recipients:`; deploys then \
+                     need that key (`--release-identity release.key`)"
+                        .into(),
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&mut self) -> Result<()> {
         let name = self.spec.system.clone();
+        for r in &self.spec.release_recipients {
+            if let Err(e) = crate::secrets::parse_recipients(std::slice::from_ref(r)) {
+                // Never quote a pasted secret key back in the excerpt.
+                let at = if r.starts_with("AGE-SECRET-KEY-") {
+                    "release_recipients"
+                } else {
+                    r.as_str()
+                };
+                return Err(self.error_at(at, e.to_string(), e.help().map(String::from)));
+            }
+        }
         if !valid_name(&name) {
             return Err(self.error_at(
                 "system:",
@@ -268,6 +317,15 @@ impl System {
                         Some("write `sha256:` and 64 hex digits, as `stretch agent --print-fingerprint` prints it".into()),
                     ));
                 }
+            }
+            if let Some(t) = &env.lease_ttl
+                && project::parse_duration(t).is_none_or(|d| d < std::time::Duration::from_secs(1))
+            {
+                return Err(self.error_at(
+                    &format!("lease_ttl: {t}"),
+                    format!("environment `{env_name}`: `lease_ttl` `{t}` is not a duration of a second or more"),
+                    Some("write e.g. `30s` or `2m`".into()),
+                ));
             }
             for (group_name, group) in &env.groups {
                 if let Some(t) = group
@@ -424,7 +482,7 @@ mod tests {
         );
         assert_eq!(
             message("system: shop\nsource: []\n"),
-            "2:1 unknown field `source`, expected one of `system`, `registry`, `sources`, `environments`"
+            "2:1 unknown field `source`, expected one of `system`, `registry`, `release_recipients`, `sources`, `environments`"
         );
         assert_eq!(
             message(

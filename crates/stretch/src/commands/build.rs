@@ -42,7 +42,15 @@ pub async fn run(args: BuildArgs, settings: &Settings, printer: &Printer) -> Res
         reused: outcome.reused,
     };
     render::show(printer, &built);
-    auto_deploy(&system, &home, &store, &built.release.id, printer).await
+    auto_deploy(
+        &system,
+        &home,
+        &store,
+        &built.release.id,
+        settings.release_identity.as_deref(),
+        printer,
+    )
+    .await
 }
 
 /// Deploy a new release to every `auto_deploy` environment not already running it.
@@ -51,10 +59,11 @@ async fn auto_deploy(
     home: &Home,
     store: &Store,
     id: &str,
+    release_identity: Option<&std::path::Path>,
     printer: &Printer,
 ) -> Result<()> {
     let log = Log::new(vec![printer.progress()]);
-    deploy::auto_deploy(system, home, store, id, &log, |step| match step {
+    deploy::auto_deploy(system, home, store, id, release_identity, &log, |step| match step {
         AutoDeploy::Starting { environment } => {
             printer.info(format!("auto_deploy: deploying {id} to `{environment}`"))
         }

@@ -24,6 +24,7 @@ pub async fn deploy(
         release: args.release,
         kind,
         wait: args.wait,
+        release_identity: settings.release_identity.clone(),
     };
     let log = Log::new(vec![printer.progress()]);
     let outcome = deploy::deploy(&system, &home, &store, &req, &log).await?;
@@ -44,6 +45,7 @@ pub async fn apply(
         environment: env.to_string(),
         dry_run,
         wait,
+        release_identity: settings.release_identity.clone(),
     };
     // The plan is printed before anything changes; progress follows.
     let log = Log::new(vec![printer.progress()]);

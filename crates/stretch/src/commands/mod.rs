@@ -32,7 +32,8 @@ pub async fn run(command: Command, settings: &Settings, printer: &Printer) -> Re
     };
     match command {
         Command::Build(args) => build::run(args, settings, printer).await,
-        Command::Releases => runs::releases(settings, printer),
+        Command::Releases { remote: false } => runs::releases(settings, printer),
+        Command::Releases { remote: true } => runs::remote_releases(settings, printer).await,
         Command::Prune { keep, dry_run } => runs::prune(keep, dry_run, settings, printer).await,
         Command::History { environment } => {
             runs::history(environment.as_deref(), settings, printer)

@@ -20,6 +20,16 @@ pub fn releases(settings: &Settings, printer: &Printer) -> Result<()> {
     Ok(())
 }
 
+/// `releases --remote`: the registry's releases, marked with what this home knows
+/// environments run.
+pub async fn remote_releases(settings: &Settings, printer: &Printer) -> Result<()> {
+    let system = super::load_system(settings)?;
+    let store = super::open_store_if_any(settings)?;
+    let list = stretch_core::outcome::remote_releases(&system, store.as_ref()).await?;
+    render::show(printer, &list);
+    Ok(())
+}
+
 pub async fn prune(
     keep: usize,
     dry_run: bool,

@@ -17,6 +17,7 @@ pub async fn run(args: ServeArgs, settings: &Settings) -> Result<()> {
         system_file: settings.system_file.clone(),
         home: settings.home.clone(),
         identity: args.identity,
+        release_identity: settings.release_identity.clone(),
         // clap makes sure both or neither are given.
         tls: args.tls_cert.zip(args.tls_key),
         insecure_http: args.insecure_http,

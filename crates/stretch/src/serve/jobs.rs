@@ -203,7 +203,16 @@ pub async fn start_build(state: &Shared, sources: &BTreeMap<String, String>) -> 
 /// deploy records its own run); a failure is said on the server's stderr too.
 async fn auto_deploy(st: &Shared, system: &stretch_core::system::System, id: &str) {
     let log = Log::null();
-    let done = deploy::auto_deploy(system, &st.home, &st.store, id, &log, |_| {}).await;
+    let done = deploy::auto_deploy(
+        system,
+        &st.home,
+        &st.store,
+        id,
+        st.release_identity.as_deref(),
+        &log,
+        |_| {},
+    )
+    .await;
     if let Err(e) = done {
         eprintln!("stretch serve: auto_deploy of {id} failed: {e}");
     }
@@ -227,6 +236,7 @@ pub async fn start_deploy(
         release,
         kind,
         wait: false,
+        release_identity: state.release_identity.clone(),
     };
     start_recorded(state, kind.run_kind(), move |st, log| async move {
         let r = deploy::deploy(&system, &st.home, &st.store, &req, &log).await;
@@ -249,6 +259,7 @@ pub async fn start_apply(state: &Shared, environment: &str, dry_run: bool) -> Re
         environment: environment.to_string(),
         dry_run,
         wait: false,
+        release_identity: state.release_identity.clone(),
     };
     start_recorded(state, RunKind::Config, move |st, log| async move {
         let r = apply::apply(&system, &st.home, &st.store, &req, &log).await;

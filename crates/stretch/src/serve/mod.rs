@@ -40,6 +40,8 @@ pub struct Options {
     pub home: PathBuf,
     /// The age identity builds decrypt secrets with.
     pub identity: Option<PathBuf>,
+    /// The release identity deploys open sealed release configurations with.
+    pub release_identity: Option<PathBuf>,
     /// `--tls-cert`, `--tls-key`: serve HTTPS.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// `--insecure-http`: plain HTTP is allowed beyond loopback.
@@ -55,6 +57,7 @@ pub struct AppState {
     /// A second connection for reads, so readers never queue behind a busy writer.
     pub reader: Store,
     pub identity: Option<PathBuf>,
+    pub release_identity: Option<PathBuf>,
     pub auth: auth::Auth,
     pub jobs: jobs::Jobs,
     pub feeds: feed::Feeds,
@@ -140,6 +143,7 @@ pub async fn serve(opts: Options) -> Result<()> {
         store,
         reader,
         identity: opts.identity,
+        release_identity: opts.release_identity,
         auth: auth::Auth::new(&opts.tokens, identity.is_some()),
         jobs: jobs::Jobs::default(),
         feeds: feed::Feeds::default(),

@@ -180,6 +180,7 @@ fn spec(system: &str, image: &str, release: &str, listen: Option<u16>) -> GroupS
         config_version: String::new(),
         templates: BTreeMap::new(),
         environment_name: "test".to_string(),
+        secrets: BTreeMap::new(),
     };
     s.config_version = config_version(&s.config, &s.templates);
     s

@@ -123,7 +123,8 @@ fn three_nodes(ctx: &Ctx, system: &str, registry: &str) -> (String, String) {
     ctx.write(
         "system.yml",
         format!(
-            "system: {system}\nregistry: {registry}\nsources:\n  - name: app\n    git: ./repo\n    ref: main\n  - name: overrides\n    path: ./overrides\n"
+            "system: {system}\nregistry: {registry}\n{}sources:\n  - name: app\n    git: ./repo\n    ref: main\n  - name: overrides\n    path: ./overrides\n",
+            ctx.recipients(registry)
         ),
     );
     ctx.write(

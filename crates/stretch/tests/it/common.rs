@@ -47,16 +47,38 @@ impl std::fmt::Display for Out {
 }
 
 /// A temp folder with a `system.yml` (written by the test) and a home inside it.
+///
+/// Every context has a release key (`release.key`, given to every run through
+/// `STRETCH_RELEASE_IDENTITY`); systems with a registry seal releases to it.
 pub struct Ctx {
     pub dir: tempfile::TempDir,
     pub env: Vec<(String, String)>,
+    /// The release key's recipient (`age1…`).
+    pub release_recipient: String,
 }
 
 impl Ctx {
     pub fn new() -> Ctx {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (key, recipient) = stretch_core::secrets::generate();
+        let key_file = dir.path().join("release.key");
+        std::fs::write(&key_file, key).expect("write release.key");
         Ctx {
-            dir: tempfile::tempdir().expect("temp dir"),
-            env: Vec::new(),
+            dir,
+            env: vec![(
+                "STRETCH_RELEASE_IDENTITY".into(),
+                key_file.display().to_string(),
+            )],
+            release_recipient: recipient,
+        }
+    }
+
+    /// The `release_recipients:` line of a system with `registry` (none for `local`).
+    pub fn recipients(&self, registry: &str) -> String {
+        if registry == "local" {
+            String::new()
+        } else {
+            format!("release_recipients: [{}]\n", self.release_recipient)
         }
     }
 
@@ -124,7 +146,10 @@ impl Ctx {
     pub fn one_node(&self, system: &str, registry: &str) {
         self.write(
             "system.yml",
-            format!("system: {system}\nregistry: {registry}\nsources:\n  - path: ./app\n"),
+            format!(
+                "system: {system}\nregistry: {registry}\n{}sources:\n  - path: ./app\n",
+                self.recipients(registry)
+            ),
         );
         self.write("app/stretch.yml", "name: web\n");
         self.write(

@@ -82,8 +82,9 @@ impl World {
         self.ctx.write(
             "system.yml",
             format!(
-                "system: {}\nregistry: {registry}\nsources:\n  - path: ./app\nenvironments:\n  production:\n    agent_token_file: ./token\n    services: {{greeting: hello}}\n{env_extra}    hosts:\n{hosts}    groups:\n      web: {{node: web, hosts: [{}], listen: {}, {group_extra}}}\n",
+                "system: {}\nregistry: {registry}\n{}sources:\n  - path: ./app\nenvironments:\n  production:\n    agent_token_file: ./token\n    services: {{greeting: hello}}\n{env_extra}    hosts:\n{hosts}    groups:\n      web: {{node: web, hosts: [{}], listen: {}, {group_extra}}}\n",
                 self.system,
+                self.ctx.recipients(registry),
                 names.join(", "),
                 self.listen
             ),

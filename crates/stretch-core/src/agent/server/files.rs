@@ -1,6 +1,7 @@
 //! An instance's folder, mounted read-only at `/stretch`: `config.json` (the node's
-//! configuration tree) and `templates/` (the container templates rendered with the
-//! instance's application context, `.jinja` dropped).
+//! configuration tree), `templates/` (the container templates rendered with the
+//! instance's application context, `.jinja` dropped) and `secrets/` (the node's
+//! decrypted `*.age` files, `.age` dropped).
 //!
 //! The folder itself is the mount, so a config-only update replaces files inside it
 //! one by one, each atomically (temp file + rename): an app never reads a half-written
@@ -13,6 +14,8 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
+use base64::Engine;
+
 use crate::agent::api::GroupSpec;
 use crate::template::render_templates;
 use crate::{Error, Result};
@@ -20,20 +23,27 @@ use crate::{Error, Result};
 /// Where the folder is mounted inside the container.
 pub const MOUNT_TARGET: &str = "/stretch";
 
-/// The files of instance `index` of `spec`: (`config.json` | `templates/PATH`, text).
-pub fn render(spec: &GroupSpec, index: u32) -> Result<Vec<(String, String)>> {
-    for path in spec.templates.keys() {
+/// The files of instance `index` of `spec`: (`config.json` | `templates/PATH` |
+/// `secrets/PATH`, content).
+pub fn render(spec: &GroupSpec, index: u32) -> Result<Vec<(String, Vec<u8>)>> {
+    for path in spec.templates.keys().chain(spec.secrets.keys()) {
         check_template_path(path)?;
     }
     let config = serde_json::to_string_pretty(&spec.config)
         .map_err(|e| Error::invalid(format!("the configuration cannot be encoded: {e}")))?;
-    let mut files = vec![("config.json".to_string(), config + "\n")];
+    let mut files = vec![("config.json".to_string(), (config + "\n").into_bytes())];
     let rendered = render_templates(&spec.templates, &spec.app_context(index))?;
     files.extend(
         rendered
             .into_iter()
-            .map(|(path, text)| (format!("templates/{path}"), text)),
+            .map(|(path, text)| (format!("templates/{path}"), text.into_bytes())),
     );
+    for (path, data) in &spec.secrets {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .map_err(|e| Error::invalid(format!("secret file `{path}` is damaged: {e}")))?;
+        files.push((format!("secrets/{path}"), bytes));
+    }
     Ok(files)
 }
 
@@ -66,7 +76,7 @@ pub async fn write_instance_blocking(dir: PathBuf, spec: &GroupSpec, index: u32)
         .map_err(|e| Error::failed("agent", format!("writing an instance's files: {e}")))?
 }
 
-fn write_files(dir: &Path, files: &[(String, String)]) -> Result<()> {
+fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
     let failed = |what: &str, path: &Path, e: std::io::Error| {
         Error::failed("agent", format!("{what} `{}`: {e}", path.display()))
     };
@@ -79,12 +89,13 @@ fn write_files(dir: &Path, files: &[(String, String)]) -> Result<()> {
         if let Some(parent) = path.parent() {
             mkdir_all(dir, parent).map_err(|e| failed("creating", parent, e))?;
         }
-        write_atomic(&path, text.as_bytes()).map_err(|e| failed("writing", &path, e))?;
+        write_atomic(&path, text).map_err(|e| failed("writing", &path, e))?;
         wanted.insert(path);
     }
-    // Templates of the previous configuration that this one no longer has.
+    // Templates and secrets of the previous configuration that this one no longer has.
     let stale: Vec<PathBuf> = walkdir::WalkDir::new(&templates)
         .into_iter()
+        .chain(walkdir::WalkDir::new(dir.join("secrets")))
         .filter_map(|e| e.ok())
         .filter(|e| !e.file_type().is_dir() && !wanted.contains(e.path()))
         .map(|e| e.into_path())
@@ -181,7 +192,29 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<BTreeMap<_, _>>(),
             environment_name: "prod".into(),
+            secrets: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn secret_files_are_written_and_removed_when_gone() {
+        use base64::Engine;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("inst");
+        let mut s = spec(&[]);
+        let b64 = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
+        s.secrets = [
+            ("db/password".to_string(), b64("p4ss")),
+            ("tls.key".to_string(), b64("KEY")),
+        ]
+        .into();
+        write_instance(&dir, &s, 0).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("secrets/db/password")).unwrap(), "p4ss");
+        s.secrets.remove("tls.key");
+        write_instance(&dir, &s, 0).unwrap();
+        assert!(!dir.join("secrets/tls.key").exists());
+        s.secrets = [("../escape".to_string(), b64("x"))].into();
+        assert!(write_instance(&dir, &s, 0).is_err());
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub struct Agent {
     /// The desired state, as saved in `state.json`.
     pub records: Mutex<BTreeMap<GroupKey, GroupRecord>>,
     pub groups: Mutex<HashMap<GroupKey, Arc<Group>>>,
+    /// Who may change each environment now (see [`super::leases`]).
+    pub leases: super::leases::Leases,
 }
 
 impl Agent {
@@ -686,6 +688,7 @@ impl Agent {
             node: spec.map(|s| s.node.clone()).unwrap_or_default(),
             host: spec.map(|s| s.host.clone()).unwrap_or_default(),
             release: current.map(|c| c.release.clone()),
+            existing_release: current.and_then(|c| c.existing_release.clone()),
             config_version: current.map(|c| c.config_version.clone()),
             listen: current.and_then(|c| c.listen),
             healthy: current.is_some()

@@ -7,6 +7,7 @@
 //!   checking and stopping containers; `files.rs` — an instance's `/stretch` folder.
 //! * `proxy.rs` — the proxies; `health.rs` — health checks.
 //! * `state.rs` — the data dir and `state.json`; `adopt.rs` — re-adoption on start.
+//! * `leases.rs` — one run at a time per environment, with fencing tokens.
 //!
 //! The API speaks TLS only: the agent's own certificate (made in its data dir on first
 //! start, see [`tls_identity`]) or an operator's. Connections are bounded
@@ -22,6 +23,7 @@ mod files;
 mod groups;
 mod health;
 mod instances;
+mod leases;
 mod proxy;
 mod state;
 
@@ -34,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -103,7 +105,9 @@ pub async fn serve(
         .map_err(|e| Error::failed("agent", format!("address of `{}`: {e}", config.listen)))?;
     let docker = Docker::connect().await?;
     let records = data.load()?;
+    let leases = leases::Leases::open(data.root.join("leases.json"));
     let agent = Arc::new(Agent {
+        leases,
         docker,
         docker_config: config.docker_config.clone(),
         data,
@@ -124,7 +128,11 @@ pub async fn serve(
     let group = "/v1/groups/{system}/{environment}/{group}";
     let app = Router::new()
         .route("/v1/state", get(state))
-        .route(group, put(put_spec).delete(delete_group))
+        .route(group, put(put_spec).delete(delete_group).get(get_spec))
+        .route(
+            "/v1/leases/{system}/{environment}",
+            post(take_lease).delete(release_lease),
+        )
         .route(&format!("{group}/switch"), post(switch))
         .route(&format!("{group}/config"), post(config_update))
         .fallback(not_found)
@@ -332,31 +340,116 @@ async fn state(State(agent): Shared) -> Response {
     axum::Json(state).into_response()
 }
 
-async fn put_spec(State(agent): Shared, Path(p): GroupPath, body: Bytes) -> Response {
+/// The lease token a write carries, if any.
+fn lease_token(headers: &HeaderMap) -> ApiResult<Option<u64>> {
+    match headers.get(crate::agent::api::LEASE_HEADER) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .map(Some)
+            .ok_or_else(|| ApiError::bad_request("the lease header is not a number")),
+    }
+}
+
+/// A write to group `p` is allowed only with the environment's lease, once it has one.
+fn fenced(agent: &Agent, p: &(String, String, String), headers: &HeaderMap) -> ApiResult<()> {
+    agent.leases.check(&p.0, &p.1, lease_token(headers)?)
+}
+
+async fn take_lease(
+    State(agent): Shared,
+    Path((system, environment)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let result = parse(&body).and_then(|req: crate::agent::api::LeaseRequest| {
+        let grant = agent.leases.take(&system, &environment, &req)?;
+        if let Some(stale) = &grant.took_over {
+            agent.log.line(format!(
+                "{system}/{environment}: {} took over the lease of {}, expired {}s ago",
+                req.holder,
+                stale.holder,
+                stale.expired_ms_ago / 1000
+            ));
+        }
+        Ok(grant)
+    });
+    respond(result)
+}
+
+async fn release_lease(
+    State(agent): Shared,
+    Path((system, environment)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    match lease_token(&headers) {
+        Ok(token) => {
+            agent.leases.release(&system, &environment, token);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn get_spec(State(agent): Shared, Path(p): GroupPath) -> Response {
+    let key = key(p);
+    match agent.record(&key).and_then(|r| r.current) {
+        Some(spec) => axum::Json(spec).into_response(),
+        None => ApiError::not_found(format!(
+            "group `{}` of `{}/{}` runs nothing here",
+            key.group, key.system, key.environment
+        ))
+        .into_response(),
+    }
+}
+
+async fn put_spec(
+    State(agent): Shared,
+    Path(p): GroupPath,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let result = async {
+        fenced(&agent, &p, &headers)?;
         let spec = parse(&body)?;
         detached(async move { agent.prepare(key(p), spec).await }).await
     };
     respond(result.await)
 }
 
-async fn switch(State(agent): Shared, Path(p): GroupPath, body: Bytes) -> Response {
+async fn switch(
+    State(agent): Shared,
+    Path(p): GroupPath,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let result = async {
+        fenced(&agent, &p, &headers)?;
         let switch = parse(&body)?;
         detached(async move { agent.switch(key(p), switch).await }).await
     };
     respond(result.await)
 }
 
-async fn config_update(State(agent): Shared, Path(p): GroupPath, body: Bytes) -> Response {
+async fn config_update(
+    State(agent): Shared,
+    Path(p): GroupPath,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let result = async {
+        fenced(&agent, &p, &headers)?;
         let spec = parse(&body)?;
         detached(async move { agent.update_config(key(p), spec).await }).await
     };
     respond(result.await)
 }
 
-async fn delete_group(State(agent): Shared, Path(p): GroupPath) -> Response {
+async fn delete_group(State(agent): Shared, Path(p): GroupPath, headers: HeaderMap) -> Response {
+    if let Err(e) = fenced(&agent, &p, &headers) {
+        return e.into_response();
+    }
     match detached(async move { agent.remove_group(key(p)).await }).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => e.into_response(),

@@ -1,0 +1,538 @@
+//! The registry as release store: a release travels as the OCI artifact
+//! `REGISTRY/SYSTEM/release:ID` (artifact type `application/vnd.stretch.release.v1`)
+//! whose blobs are the archive and the sealed configuration and whose annotation is
+//! the release's record. A build pushes it; a deploy in a home that lacks the release
+//! pulls it, checks it against its id and keeps it. Logins are the images' (Docker's
+//! configuration, `docker::auth`); blobs the registry already has are not sent again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference, RegistryOperation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use crate::docker::auth::{self, Lookup};
+use crate::docker::registry::{Registry, loopback};
+use crate::home::{Home, write_private};
+use crate::log::Log;
+use crate::release::sealed;
+use crate::store::{ReleaseRecord, Store};
+use crate::system::System;
+use crate::{Error, Result};
+
+pub const ARTIFACT_TYPE: &str = "application/vnd.stretch.release.v1";
+pub const ARCHIVE_TYPE: &str = "application/vnd.stretch.release.archive.v1.tar+zstd";
+pub const CONFIG_TYPE: &str = "application/vnd.stretch.release.config.v1+age";
+const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+const EMPTY_TYPE: &str = "application/vnd.oci.empty.v1+json";
+const EMPTY: &[u8] = b"{}";
+/// The annotation holding the release's record (JSON).
+const RECORD: &str = "dev.stretch.release";
+/// The repository of a system's releases, under the registry.
+pub const REPOSITORY: &str = "release";
+/// Streaming reads and writes of blobs.
+const CHUNK: usize = 1 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Descriptor {
+    #[serde(rename = "mediaType")]
+    media_type: String,
+    digest: String,
+    size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Manifest {
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
+    #[serde(rename = "mediaType")]
+    media_type: String,
+    #[serde(rename = "artifactType", default)]
+    artifact_type: Option<String>,
+    config: Descriptor,
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+/// A release as the registry holds it.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    pub record: ReleaseRecord,
+    archive: Descriptor,
+    config: Descriptor,
+}
+
+/// A system's releases in its registry.
+pub struct ReleaseStore {
+    client: Client,
+    auth: RegistryAuth,
+    lookup: Lookup,
+    host: String,
+    repository: String,
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(data))
+}
+
+/// `sha256:…` of a file, read in chunks (archives can be gigabytes).
+fn file_digest(path: &Path) -> std::io::Result<(String, u64)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok((format!("sha256:{:x}", h.finalize()), size))
+}
+
+impl ReleaseStore {
+    /// The release store of `system`; `None` with `registry: local` (the home is the
+    /// store). `stage` names failures.
+    pub async fn open(system: &System, stage: &str) -> Result<Option<ReleaseStore>> {
+        let host = system.spec.registry.clone();
+        if host == "local" {
+            return Ok(None);
+        }
+        let lookup = auth::lookup(&host, None)?;
+        let scheme = Registry::new(&host, &lookup)?
+            .scheme()
+            .await
+            .map_err(|e| Error::failed(stage, e.to_string()))?;
+        // reqwest underneath takes the process's rustls provider: ours is ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = ClientConfig {
+            protocol: if scheme == "http" {
+                ClientProtocol::HttpsExcept(vec![host.clone()])
+            } else {
+                ClientProtocol::Https
+            },
+            // As Docker does, a loopback registry may present a self-made certificate.
+            accept_invalid_certificates: scheme == "https" && loopback(&host),
+            use_monolithic_push: true,
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        let auth = match &lookup.credentials {
+            Some(c) => RegistryAuth::Basic(c.username.clone(), c.secret().to_string()),
+            None => RegistryAuth::Anonymous,
+        };
+        Ok(Some(ReleaseStore {
+            client: Client::new(config),
+            auth,
+            lookup,
+            host,
+            repository: format!("{}/{REPOSITORY}", system.name()),
+        }))
+    }
+
+    /// Where release `id` lives: `REGISTRY/SYSTEM/release:ID`.
+    pub fn reference(&self, id: &str) -> String {
+        format!("{}/{}:{id}", self.host, self.repository)
+    }
+
+    fn tag(&self, tag: &str) -> Reference {
+        Reference::with_tag(self.host.clone(), self.repository.clone(), tag.to_string())
+    }
+
+    fn error(&self, stage: &str, what: &str, e: OciDistributionError) -> Error {
+        let cause = e.to_string();
+        let denied = matches!(
+            e,
+            OciDistributionError::UnauthorizedError { .. }
+                | OciDistributionError::AuthenticationFailure(_)
+        ) || cause.to_lowercase().contains("unauthorized")
+            || cause.to_lowercase().contains("denied");
+        if denied
+            && let Some(refused) = auth::refused(&self.host, "unauthorized", &self.lookup, stage)
+        {
+            return refused;
+        }
+        Error::failed(
+            stage,
+            format!("registry {}: cannot {what}: {cause}", self.host),
+        )
+    }
+
+    /// Push release `record` (its archive and stored configuration, from `home`).
+    /// Returns the manifest's digest.
+    pub async fn push(&self, home: &Home, record: &ReleaseRecord, log: &Log) -> Result<String> {
+        const STAGE: &str = "push";
+        let id = &record.id;
+        let reference = self.tag(id);
+        self.client
+            .auth(&reference, &self.auth, RegistryOperation::Push)
+            .await
+            .map_err(|e| self.error(STAGE, "log in", e))?;
+        let config = home.sealed_config(id);
+        let config = std::fs::read(&config).map_err(|e| {
+            Error::failed(
+                STAGE,
+                format!("cannot read the sealed configuration of release {id}: {e}"),
+            )
+        })?;
+        let archive_path = home.archive(id);
+        let path = archive_path.clone();
+        let (archive_digest, archive_size) =
+            tokio::task::spawn_blocking(move || file_digest(&path))
+                .await
+                .map_err(|e| Error::failed(STAGE, e.to_string()))?
+                .map_err(|e| Error::failed(STAGE, format!("cannot read the archive: {e}")))?;
+        let archive = Descriptor {
+            media_type: ARCHIVE_TYPE.into(),
+            digest: archive_digest,
+            size: archive_size,
+        };
+        let sealed = Descriptor {
+            media_type: CONFIG_TYPE.into(),
+            digest: sha256_hex(&config),
+            size: config.len() as u64,
+        };
+        let empty = Descriptor {
+            media_type: EMPTY_TYPE.into(),
+            digest: sha256_hex(EMPTY),
+            size: EMPTY.len() as u64,
+        };
+        let mut sent = 0u64;
+        for (d, data) in [(&empty, Some(EMPTY.to_vec())), (&sealed, Some(config))] {
+            if !self.has_blob(&reference, &d.digest).await? {
+                let data = data.unwrap_or_default();
+                sent += data.len() as u64;
+                self.client
+                    .push_blob(&reference, data, &d.digest)
+                    .await
+                    .map_err(|e| self.error(STAGE, "push a blob", e))?;
+            }
+        }
+        if self.has_blob(&reference, &archive.digest).await? {
+            log.line(format!(
+                "release archive {} already in the registry",
+                short(&archive.digest)
+            ));
+        } else {
+            let stream = file_stream(archive_path).await?;
+            self.client
+                .push_blob_stream(&reference, stream, &archive.digest, Some(archive.size))
+                .await
+                .map_err(|e| self.error(STAGE, "push the release archive", e))?;
+            sent += archive.size;
+        }
+        let record_json = serde_json::to_string(record)
+            .map_err(|e| Error::failed(STAGE, format!("cannot encode the record: {e}")))?;
+        let manifest = Manifest {
+            schema_version: 2,
+            media_type: MANIFEST_TYPE.into(),
+            artifact_type: Some(ARTIFACT_TYPE.into()),
+            config: empty,
+            layers: vec![archive, sealed],
+            annotations: BTreeMap::from([
+                (
+                    "org.opencontainers.image.created".to_string(),
+                    record.created_at.clone(),
+                ),
+                (RECORD.to_string(), record_json),
+            ]),
+        };
+        let body = serde_json::to_vec(&manifest)
+            .map_err(|e| Error::failed(STAGE, format!("cannot encode the manifest: {e}")))?;
+        let digest = sha256_hex(&body);
+        self.client
+            .push_manifest_raw(
+                &reference,
+                body,
+                hyper::header::HeaderValue::from_static(MANIFEST_TYPE),
+            )
+            .await
+            .map_err(|e| self.error(STAGE, "push the release manifest", e))?;
+        log.line(format!(
+            "release pushed: {} ({} sent, {})",
+            self.reference(id),
+            human_bytes(sent),
+            short(&digest)
+        ));
+        Ok(digest)
+    }
+
+    async fn has_blob(&self, reference: &Reference, digest: &str) -> Result<bool> {
+        self.client
+            .blob_exists(reference, digest)
+            .await
+            .map_err(|e| self.error("push", "look up a blob", e))
+    }
+
+    /// The release tagged `tag`, if the registry has it.
+    pub async fn get(&self, tag: &str, stage: &str) -> Result<Option<Remote>> {
+        let reference = self.tag(tag);
+        let raw = match self
+            .client
+            .pull_manifest_raw(&reference, &self.auth, &[MANIFEST_TYPE])
+            .await
+        {
+            Ok((raw, _)) => raw,
+            Err(OciDistributionError::ImageManifestNotFoundError(_)) => return Ok(None),
+            Err(OciDistributionError::RegistryError { envelope, .. })
+                if envelope.errors.iter().any(|e| {
+                    matches!(
+                        e.code,
+                        oci_client::errors::OciErrorCode::ManifestUnknown
+                            | oci_client::errors::OciErrorCode::NameUnknown
+                    )
+                }) =>
+            {
+                return Ok(None);
+            }
+            Err(OciDistributionError::ServerError { code: 404, .. }) => return Ok(None),
+            Err(e) => return Err(self.error(stage, "read a release manifest", e)),
+        };
+        let bad = |why: String| {
+            Error::failed(
+                stage,
+                format!("{} is not a stretch release: {why}", self.reference(tag)),
+            )
+        };
+        let m: Manifest = serde_json::from_slice(&raw).map_err(|e| bad(e.to_string()))?;
+        if m.artifact_type.as_deref() != Some(ARTIFACT_TYPE) {
+            return Err(bad(format!("artifact type {:?}", m.artifact_type)));
+        }
+        let record: ReleaseRecord = m
+            .annotations
+            .get(RECORD)
+            .ok_or_else(|| bad("no release record".into()))
+            .and_then(|r| serde_json::from_str(r).map_err(|e| bad(e.to_string())))?;
+        if record.id != tag {
+            return Err(bad(format!("it names release {}", record.id)));
+        }
+        let layer = |t: &str| {
+            m.layers
+                .iter()
+                .find(|l| l.media_type == t)
+                .cloned()
+                .ok_or_else(|| bad(format!("no {t} blob")))
+        };
+        Ok(Some(Remote {
+            archive: layer(ARCHIVE_TYPE)?,
+            config: layer(CONFIG_TYPE)?,
+            record,
+        }))
+    }
+
+    /// The ids of every release in the registry.
+    pub async fn ids(&self, stage: &str) -> Result<Vec<String>> {
+        let reference = self.tag("latest");
+        let mut out: Vec<String> = Vec::new();
+        loop {
+            let last = out.last().cloned();
+            let page = match self
+                .client
+                .list_tags(&reference, &self.auth, Some(1000), last.as_deref())
+                .await
+            {
+                Ok(p) => p,
+                Err(OciDistributionError::RegistryError { envelope, .. })
+                    if envelope.errors.iter().any(|e| {
+                        matches!(e.code, oci_client::errors::OciErrorCode::NameUnknown)
+                    }) =>
+                {
+                    return Ok(Vec::new());
+                }
+                Err(OciDistributionError::ServerError { code: 404, .. }) => return Ok(Vec::new()),
+                Err(e) => return Err(self.error(stage, "list releases", e)),
+            };
+            let n = page.tags.len();
+            out.extend(page.tags);
+            if n < 1000 {
+                break;
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Every release in the registry, newest first.
+    pub async fn list(&self, stage: &str) -> Result<Vec<ReleaseRecord>> {
+        let mut out = Vec::new();
+        for id in self.ids(stage).await? {
+            if let Some(r) = self.get(&id, stage).await? {
+                out.push(r.record);
+            }
+        }
+        out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        Ok(out)
+    }
+
+    /// The release `key` names: an id, a unique id prefix (6 or more characters) or
+    /// a name.
+    pub async fn find(&self, key: &str, stage: &str) -> Result<Option<Remote>> {
+        if let Some(r) = self.get(key, stage).await? {
+            return Ok(Some(r));
+        }
+        let ids = self.ids(stage).await?;
+        let by_prefix: Vec<&String> = if key.len() >= 6 {
+            ids.iter().filter(|id| id.starts_with(key)).collect()
+        } else {
+            Vec::new()
+        };
+        match by_prefix.as_slice() {
+            [one] => return self.get(one, stage).await,
+            [] => {}
+            many => {
+                return Err(Error::invalid(format!(
+                    "`{key}` is the prefix of {} releases in the registry",
+                    many.len()
+                )));
+            }
+        }
+        for id in &ids {
+            if let Some(r) = self.get(id, stage).await?
+                && r.record.name == key
+            {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Bring `remote` into `home`: download its blobs (each checked against its
+    /// digest), check the release against its id (which needs the release identity),
+    /// and record it in `store`.
+    pub async fn pull(
+        &self,
+        home: &Home,
+        store: &Store,
+        remote: &Remote,
+        identity: Option<&Path>,
+        log: &Log,
+    ) -> Result<()> {
+        const STAGE: &str = "pull release";
+        let id = &remote.record.id;
+        let reference = self.tag(id);
+        let tmp_archive = home.releases().join(format!(".pull-{id}.tar.zst.tmp"));
+        let tmp_config = home.releases().join(format!(".pull-{id}.config.age.tmp"));
+        let cleanup = || {
+            let _ = std::fs::remove_file(&tmp_archive);
+            let _ = std::fs::remove_file(&tmp_config);
+        };
+        let result = async {
+            self.download(&reference, &remote.config, &tmp_config)
+                .await?;
+            let sealed_bytes = std::fs::read(&tmp_config)
+                .map_err(|e| Error::failed(STAGE, format!("cannot read a pulled blob: {e}")))?;
+            let clear = sealed::clear(id, &sealed_bytes, true, identity)?;
+            if crate::build::release_id(&remote.record.archive_hash, &clear) != *id {
+                return Err(Error::failed(
+                    STAGE,
+                    format!(
+                        "{} does not match its id: it was tampered with",
+                        self.reference(id)
+                    ),
+                ));
+            }
+            drop(clear);
+            self.download(&reference, &remote.archive, &tmp_archive)
+                .await?;
+            // The archive's content is checked against its hash when it is extracted.
+            std::fs::rename(&tmp_config, home.sealed_config(id))
+                .and_then(|()| std::fs::rename(&tmp_archive, home.archive(id)))
+                .map_err(|e| Error::failed(STAGE, format!("cannot keep release {id}: {e}")))?;
+            if store.release_by_id(id)?.is_none() {
+                store.insert_release(&remote.record)?;
+            }
+            log.line(format!(
+                "pulled release {} ({}) from {}: {}",
+                remote.record.name,
+                id,
+                self.reference(id),
+                human_bytes(remote.archive.size + remote.config.size)
+            ));
+            Ok(())
+        }
+        .await;
+        cleanup();
+        result
+    }
+
+    async fn download(&self, reference: &Reference, d: &Descriptor, to: &Path) -> Result<()> {
+        const STAGE: &str = "pull release";
+        write_private(to, b"")
+            .map_err(|e| Error::failed(STAGE, format!("cannot write `{}`: {e}", to.display())))?;
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(to)
+            .await
+            .map_err(|e| Error::failed(STAGE, format!("cannot write `{}`: {e}", to.display())))?;
+        let out = tokio::io::BufWriter::with_capacity(CHUNK, file);
+        self.client
+            .auth(reference, &self.auth, RegistryOperation::Pull)
+            .await
+            .map_err(|e| self.error(STAGE, "log in", e))?;
+        // oci-client checks the bytes against the digest as they come.
+        self.client
+            .pull_blob(reference, d.digest.as_str(), out)
+            .await
+            .map_err(|e| self.error(STAGE, &format!("pull blob {}", short(&d.digest)), e))?;
+        let len = std::fs::metadata(to).map(|m| m.len()).unwrap_or(0);
+        if len != d.size {
+            return Err(Error::failed(
+                STAGE,
+                format!(
+                    "blob {} has {len} bytes, the manifest says {}",
+                    short(&d.digest),
+                    d.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A file as a stream of chunks, for a streaming upload.
+async fn file_stream(
+    path: PathBuf,
+) -> Result<impl futures_util::Stream<Item = oci_client::errors::Result<Bytes>> + Send + 'static> {
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| Error::failed("push", format!("cannot read the archive: {e}")))?;
+    Ok(futures_util::stream::unfold(file, |mut f| async move {
+        let mut buf = vec![0u8; CHUNK];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(Bytes::from(buf)), f))
+            }
+            Err(e) => Some((Err(OciDistributionError::IoError(e)), f)),
+        }
+    }))
+}
+
+fn short(digest: &str) -> &str {
+    let d = digest.strip_prefix("sha256:").unwrap_or(digest);
+    &d[..d.len().min(12)]
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
