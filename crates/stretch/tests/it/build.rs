@@ -202,7 +202,8 @@ fn three_nodes_two_sources_with_secrets_push_to_a_registry() {
     let history = stretch_test::docker(&["history", "--no-trunc", &web]);
     assert!(!history.contains("s3cret-root") && !history.contains("web-token-123"));
 
-    // Home 0700; archive and release configuration 0600; secrets decrypted in the config.
+    // Home 0700; archive and sealed release configuration 0600; secrets decrypted in
+    // the configuration, which is sealed to the release key: no clear secret in any file.
     let home = ctx.home();
     assert_eq!(
         std::fs::metadata(&home).unwrap().permissions().mode() & 0o777,
@@ -210,7 +211,7 @@ fn three_nodes_two_sources_with_secrets_push_to_a_registry() {
     );
     for f in [
         format!("releases/{id}.tar.zst"),
-        format!("releases/{id}.json"),
+        format!("releases/{id}.config.age"),
     ] {
         assert_eq!(
             std::fs::metadata(home.join(&f))
@@ -222,9 +223,20 @@ fn three_nodes_two_sources_with_secrets_push_to_a_registry() {
             "{f}"
         );
     }
+    assert!(!home.join(format!("releases/{id}.json")).exists());
+    for entry in walkdir::WalkDir::new(&home).into_iter().flatten() {
+        if entry.file_type().is_file() {
+            let data = std::fs::read(entry.path()).unwrap();
+            let text = String::from_utf8_lossy(&data);
+            for secret in ["s3cret-root", "web-token-123"] {
+                assert!(!text.contains(secret), "{secret} in {}", entry.path().display());
+            }
+        }
+    }
+    let key = stretch_core::secrets::Identities::from_file(&ctx.path().join("release.key")).unwrap();
+    let sealed = std::fs::read(home.join(format!("releases/{id}.config.age"))).unwrap();
     let config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(home.join(format!("releases/{id}.json"))).unwrap())
-            .unwrap();
+        serde_json::from_slice(&stretch_core::secrets::decrypt(&key, &sealed).unwrap()).unwrap();
     assert_eq!(
         config["secrets"]["secrets.yml"]["db"]["password"],
         "s3cret-root"
