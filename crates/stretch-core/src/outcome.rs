@@ -75,7 +75,11 @@ fn with_uses(r: &ReleaseRecord, uses: &[(String, Use)]) -> Release {
 /// Every release, newest first, with the environments that use it.
 pub fn releases(store: &Store) -> Result<Vec<Release>> {
     let uses = uses(store)?;
-    Ok(store.releases()?.iter().map(|r| with_uses(r, &uses)).collect())
+    Ok(store
+        .releases()?
+        .iter()
+        .map(|r| with_uses(r, &uses))
+        .collect())
 }
 
 /// Which release each environment runs or would roll back to, as this home knows.

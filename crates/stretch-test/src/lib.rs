@@ -355,6 +355,11 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Where the registry keeps its blobs and manifests.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     /// Start a registry and wait until it answers `GET /v2/`.
     pub fn start() -> Registry {
         Registry::start_with(None, false)

@@ -43,7 +43,12 @@ pub struct GlobalArgs {
     /// The release identity: the age key of one of `release_recipients`, which opens
     /// the sealed configuration of releases (deploy, rollback, apply, auto_deploy,
     /// serve). Not the build's `--identity`.
-    #[arg(long, global = true, env = "STRETCH_RELEASE_IDENTITY", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "STRETCH_RELEASE_IDENTITY",
+        value_name = "FILE"
+    )]
     pub release_identity: Option<PathBuf>,
     /// With an `https://` server: also trust certificates this CA file (PEM) signed.
     /// STRETCH_SERVER_FINGERPRINT (`sha256:…`) instead trusts only that certificate.

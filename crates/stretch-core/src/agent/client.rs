@@ -27,8 +27,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::api::{
-    AgentState, ErrorBody, GroupKey, GroupSpec, GroupStatus, LEASE_HEADER, LeaseGrant, LeaseRequest,
-    Prepared, Switch,
+    AgentState, ErrorBody, GroupKey, GroupSpec, GroupStatus, LEASE_HEADER, LeaseGrant,
+    LeaseRequest, Prepared, Switch,
 };
 use super::trust::Basis;
 use crate::net::tls::{Expect, PeerCheck, Refusal};

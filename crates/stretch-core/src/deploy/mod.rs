@@ -22,9 +22,9 @@ use crate::plugin::{self, Facts, Hook, ReleaseFacts};
 use crate::release::config::ReleaseConfig;
 use crate::run::Run;
 use crate::store::{EnvironmentRecord, ReleaseRecord, RunKind, Store};
-use known::{Found, Known};
 use crate::system::{Environment, System};
 use crate::{Error, Result};
+use known::{Found, Known};
 
 pub use specs::HostGroup;
 
@@ -352,7 +352,9 @@ async fn running_specs(
     let mut calls = Vec::new();
     for (group_name, group) in &env.groups {
         for host in &group.hosts {
-            let Some(h) = env.hosts.get(host) else { continue };
+            let Some(h) = env.hosts.get(host) else {
+                continue;
+            };
             let key = group_key(system, env_name, group_name);
             calls.push(async move {
                 let r = match fleet.client(host, &h.agent) {

@@ -69,10 +69,7 @@ pub fn environment_json(name: &str, env: &Environment) -> serde_json::Value {
 
 /// The decrypted `*.age` files of `node`'s container folder, by path inside it.
 fn secret_files(cfg: &ReleaseConfig, node: &NodeConfig) -> BTreeMap<String, String> {
-    let dir = node
-        .templates
-        .strip_suffix("templates")
-        .unwrap_or_default();
+    let dir = node.templates.strip_suffix("templates").unwrap_or_default();
     cfg.files
         .iter()
         .filter_map(|(path, data)| {

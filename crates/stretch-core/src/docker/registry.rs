@@ -98,7 +98,9 @@ impl Registry {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
         {
-            let token = self.token(challenge, &format!("repository:{repo}:pull")).await?;
+            let token = self
+                .token(challenge, &format!("repository:{repo}:pull"))
+                .await?;
             (status, headers, _) = self
                 .send(Method::HEAD, &path, Some(&format!("Bearer {token}")))
                 .await?;

@@ -138,8 +138,11 @@ mod tests {
             plugins: vec![],
             nodes: vec![],
             config_files: Default::default(),
-            secrets: [("a/secrets.yml".to_string(), serde_json::json!({"pw": "hunter2-clear"}))]
-                .into(),
+            secrets: [(
+                "a/secrets.yml".to_string(),
+                serde_json::json!({"pw": "hunter2-clear"}),
+            )]
+            .into(),
             files: Default::default(),
         };
         let json = serde_json::to_vec(&cfg).unwrap();
@@ -154,7 +157,10 @@ mod tests {
         let other_file = dir.path().join("other.key");
         std::fs::write(&other_file, other).unwrap();
         let err = open(&home, "id1", Some(&other_file)).unwrap_err();
-        assert!(err.to_string().contains("cannot open the configuration"), "{err}");
+        assert!(
+            err.to_string().contains("cannot open the configuration"),
+            "{err}"
+        );
         // Without recipients (registry: local) it stays plain, 0600.
         write(&home, "id2", &[], &json).unwrap();
         assert_eq!(open(&home, "id2", None).unwrap(), cfg);

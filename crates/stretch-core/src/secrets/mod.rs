@@ -47,11 +47,11 @@ use std::fmt;
 
 use age::secrecy::{ExposeSecret, SecretString};
 
+pub(crate) use crypto::parse_recipients;
 pub use crypto::{
     DecryptError, Identities, decrypt, decrypt_file, encrypt_armored, generate, is_armored,
     write_new_identity,
 };
-pub(crate) use crypto::parse_recipients;
 pub use document::{decrypt_secrets_file, encrypt_secrets_file};
 
 use crate::{Error, Result};

@@ -63,15 +63,23 @@ async fn auto_deploy(
     printer: &Printer,
 ) -> Result<()> {
     let log = Log::new(vec![printer.progress()]);
-    deploy::auto_deploy(system, home, store, id, release_identity, &log, |step| match step {
-        AutoDeploy::Starting { environment } => {
-            printer.info(format!("auto_deploy: deploying {id} to `{environment}`"))
-        }
-        AutoDeploy::Deployed { environment } => {
-            if !printer.json {
-                printer.out(format!("deployed: {id} is live on `{environment}`"));
+    deploy::auto_deploy(
+        system,
+        home,
+        store,
+        id,
+        release_identity,
+        &log,
+        |step| match step {
+            AutoDeploy::Starting { environment } => {
+                printer.info(format!("auto_deploy: deploying {id} to `{environment}`"))
             }
-        }
-    })
+            AutoDeploy::Deployed { environment } => {
+                if !printer.json {
+                    printer.out(format!("deployed: {id} is live on `{environment}`"));
+                }
+            }
+        },
+    )
     .await
 }

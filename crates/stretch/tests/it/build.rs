@@ -229,11 +229,16 @@ fn three_nodes_two_sources_with_secrets_push_to_a_registry() {
             let data = std::fs::read(entry.path()).unwrap();
             let text = String::from_utf8_lossy(&data);
             for secret in ["s3cret-root", "web-token-123"] {
-                assert!(!text.contains(secret), "{secret} in {}", entry.path().display());
+                assert!(
+                    !text.contains(secret),
+                    "{secret} in {}",
+                    entry.path().display()
+                );
             }
         }
     }
-    let key = stretch_core::secrets::Identities::from_file(&ctx.path().join("release.key")).unwrap();
+    let key =
+        stretch_core::secrets::Identities::from_file(&ctx.path().join("release.key")).unwrap();
     let sealed = std::fs::read(home.join(format!("releases/{id}.config.age"))).unwrap();
     let config: serde_json::Value =
         serde_json::from_slice(&stretch_core::secrets::decrypt(&key, &sealed).unwrap()).unwrap();

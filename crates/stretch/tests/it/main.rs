@@ -10,6 +10,7 @@ mod build;
 mod common;
 mod deploy;
 mod registry;
+mod release_store;
 mod secrets;
 mod serve;
 mod snapshots;

@@ -209,7 +209,10 @@ mod tests {
         ]
         .into();
         write_instance(&dir, &s, 0).unwrap();
-        assert_eq!(fs::read_to_string(dir.join("secrets/db/password")).unwrap(), "p4ss");
+        assert_eq!(
+            fs::read_to_string(dir.join("secrets/db/password")).unwrap(),
+            "p4ss"
+        );
         s.secrets.remove("tls.key");
         write_instance(&dir, &s, 0).unwrap();
         assert!(!dir.join("secrets/tls.key").exists());

@@ -141,7 +141,8 @@ impl Leases {
         let key = name(system, environment);
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let (tokens, held) = &mut *table;
-        if token.is_some() && token == tokens.get(&key).copied()
+        if token.is_some()
+            && token == tokens.get(&key).copied()
             && let Some(h) = held.get_mut(&key)
         {
             h.released = true;
@@ -150,7 +151,12 @@ impl Leases {
 
     /// May a write carrying `token` change `system/environment`? Once an environment
     /// was leased here, only with the newest token.
-    pub fn check(&self, system: &str, environment: &str, token: Option<u64>) -> Result<(), ApiError> {
+    pub fn check(
+        &self,
+        system: &str,
+        environment: &str,
+        token: Option<u64>,
+    ) -> Result<(), ApiError> {
         let key = name(system, environment);
         let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let (tokens, held) = &*table;
@@ -196,14 +202,32 @@ mod tests {
         let a = leases.take("s", "prod", &req("a", None, 60_000)).unwrap();
         assert_eq!(a.token, 1);
         assert!(a.took_over.is_none());
-        let refused = leases.take("s", "prod", &req("b", None, 60_000)).unwrap_err();
+        let refused = leases
+            .take("s", "prod", &req("b", None, 60_000))
+            .unwrap_err();
         assert_eq!(refused.status, StatusCode::LOCKED);
-        assert!(refused.message.contains("leased to a"), "{}", refused.message);
+        assert!(
+            refused.message.contains("leased to a"),
+            "{}",
+            refused.message
+        );
         // Other environments are independent.
-        assert_eq!(leases.take("s", "staging", &req("b", None, 60_000)).unwrap().token, 1);
+        assert_eq!(
+            leases
+                .take("s", "staging", &req("b", None, 60_000))
+                .unwrap()
+                .token,
+            1
+        );
         assert!(leases.check("s", "prod", Some(1)).is_ok());
         assert!(leases.check("s", "prod", None).is_err());
-        assert_eq!(leases.take("s", "prod", &req("a", Some(1), 60_000)).unwrap().token, 1);
+        assert_eq!(
+            leases
+                .take("s", "prod", &req("a", Some(1), 60_000))
+                .unwrap()
+                .token,
+            1
+        );
         // Expired: b takes over, and a can neither write nor renew.
         leases.take("s", "prod", &req("a", Some(1), 1)).unwrap();
         std::thread::sleep(Duration::from_millis(5));
@@ -211,13 +235,23 @@ mod tests {
         assert_eq!(b.token, 2);
         assert_eq!(b.took_over.as_ref().map(|t| t.holder.as_str()), Some("a"));
         assert!(leases.check("s", "prod", Some(1)).is_err());
-        assert!(leases.take("s", "prod", &req("a", Some(1), 60_000)).is_err());
+        assert!(
+            leases
+                .take("s", "prod", &req("a", Some(1), 60_000))
+                .is_err()
+        );
         // Released: the next one takes it at once, with a newer token, no takeover.
         leases.release("s", "prod", Some(2));
         let c = leases.take("s", "prod", &req("c", None, 60_000)).unwrap();
         assert_eq!((c.token, c.took_over), (3, None));
         // Tokens survive a restart.
         let again = Leases::open(path);
-        assert_eq!(again.take("s", "prod", &req("d", None, 60_000)).unwrap().token, 4);
+        assert_eq!(
+            again
+                .take("s", "prod", &req("d", None, 60_000))
+                .unwrap()
+                .token,
+            4
+        );
     }
 }
