@@ -174,6 +174,7 @@ impl ReleaseStore {
     /// Returns the manifest's digest.
     pub async fn push(&self, home: &Home, record: &ReleaseRecord, log: &Log) -> Result<String> {
         const STAGE: &str = "push";
+        let started = std::time::Instant::now();
         let id = &record.id;
         let reference = self.tag(id);
         self.client
@@ -261,9 +262,10 @@ impl ReleaseStore {
             .await
             .map_err(|e| self.error(STAGE, "push the release manifest", e))?;
         log.line(format!(
-            "release pushed: {} ({} sent, {})",
+            "release pushed: {} ({} sent in {:.2}s, {})",
             self.reference(id),
             human_bytes(sent),
+            started.elapsed().as_secs_f64(),
             short(&digest)
         ));
         Ok(digest)
@@ -421,6 +423,7 @@ impl ReleaseStore {
         log: &Log,
     ) -> Result<()> {
         const STAGE: &str = "pull release";
+        let started = std::time::Instant::now();
         let id = &remote.record.id;
         let reference = self.tag(id);
         let tmp_archive = home.releases().join(format!(".pull-{id}.tar.zst.tmp"));
@@ -455,11 +458,12 @@ impl ReleaseStore {
                 store.insert_release(&remote.record)?;
             }
             log.line(format!(
-                "pulled release {} ({}) from {}: {}",
+                "pulled release {} ({}) from {}: {} in {:.2}s",
                 remote.record.name,
                 id,
                 self.reference(id),
-                human_bytes(remote.archive.size + remote.config.size)
+                human_bytes(remote.archive.size + remote.config.size),
+                started.elapsed().as_secs_f64()
             ));
             Ok(())
         }
