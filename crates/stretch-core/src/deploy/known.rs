@@ -148,6 +148,30 @@ impl<'a> Known<'a> {
     }
 }
 
+/// Lines said while planning, before the run's log exists: kept, and said again once
+/// the run started (so they are in its history, and reach a server's clients).
+#[derive(Default)]
+pub struct Notes(std::sync::Mutex<Vec<String>>);
+
+impl crate::log::Sink for Notes {
+    fn event(&self, event: &crate::log::Event) {
+        if let crate::log::Event::Line { text, .. } = event
+            && let Ok(mut lines) = self.0.lock()
+        {
+            lines.push(text.clone());
+        }
+    }
+}
+
+impl Notes {
+    pub fn take(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default()
+    }
+}
+
 /// What an environment's agents run: the release most of its groups serve, and the
 /// one that release replaced. For a home that has no record of the environment.
 pub async fn from_agents(

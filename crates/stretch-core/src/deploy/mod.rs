@@ -137,6 +137,8 @@ struct Plan {
     token: String,
     release: Found,
     existing: Option<Found>,
+    /// What the agents said while planning, said again in the run's log.
+    notes: Vec<String>,
 }
 
 async fn plan(
@@ -145,16 +147,20 @@ async fn plan(
     store: &Store,
     known: &Known<'_>,
     req: &DeployRequest,
-    log: &Log,
 ) -> Result<Plan> {
     let env = environment(system, &req.environment)?;
     let token = agent_token(system, &req.environment, env)?;
+    let mut plan_notes = Vec::new();
     // What runs now, and what ran before: the home's record, else the hosts say.
     let (current, before) = match store.environment(&req.environment)? {
         Some(p) => (p.release, p.existing_release),
         None => {
             let fleet = Fleet::new(system, &req.environment, env, home, &token)?;
-            known::from_agents(system, &req.environment, env, &fleet, log).await
+            let notes = std::sync::Arc::new(known::Notes::default());
+            let quiet = Log::new(vec![notes.clone()]);
+            let found = known::from_agents(system, &req.environment, env, &fleet, &quiet).await;
+            plan_notes = notes.take();
+            found
         }
     };
     let existing = match &current {
@@ -184,6 +190,7 @@ async fn plan(
         token,
         release,
         existing,
+        notes: plan_notes,
     })
 }
 
@@ -212,7 +219,7 @@ pub async fn deploy(
     log: &Log,
 ) -> Result<DeployOutcome> {
     let known = Known::new(system, home, store);
-    let plan = plan(system, home, store, &known, req, log).await?;
+    let plan = plan(system, home, store, &known, req).await?;
     let what = format!(
         "{} of {} ({})",
         req.kind.as_str(),
@@ -222,7 +229,7 @@ pub async fn deploy(
     let _lock = lock::lock(home, &plan.env_name, &what, req.wait, log)?;
     // Re-read under the lock: another deploy may have finished while we waited.
     let plan = if req.wait {
-        self::plan(system, home, store, &known, req, log).await?
+        self::plan(system, home, store, &known, req).await?
     } else {
         plan
     };
@@ -245,6 +252,9 @@ pub async fn deploy(
             .map(|x| format!(", replacing {} ({})", x.record.name, x.record.id))
             .unwrap_or_default()
     ));
+    for note in &plan.notes {
+        log.line(note);
+    }
     let id = run.id();
     let result = execute(system, home, store, &known, req, &plan, id, &log).await;
     run.finish(result).map(|()| DeployOutcome {

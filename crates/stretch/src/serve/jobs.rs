@@ -228,7 +228,10 @@ pub async fn start_deploy(
 ) -> Result<Started> {
     let system = state.system()?;
     deploy::environment(&system, environment)?;
-    if let Some(key) = &release {
+    // A release this home lacks may still be in the registry: the deploy looks there.
+    if let Some(key) = &release
+        && system.spec.registry == "local"
+    {
         state.reader.find_release(key)?;
     }
     let req = DeployRequest {
