@@ -144,6 +144,18 @@ fn a_release_built_in_one_home_is_deployed_and_rolled_back_from_others() {
         .json();
     assert_eq!(status["release"]["id"], r1.as_str(), "{status}");
     assert!(status["release"]["name"].is_string(), "{status}");
+    // Another fresh home applies: the agents' specs say every host is up to date.
+    let home_d = w.ctx.path().join("home-d");
+    let applied = run_at(&w, &home_d, &["apply", "production", "--json"])
+        .ok()
+        .json();
+    assert_eq!(applied["plan"]["release"], r1.as_str(), "{applied}");
+    assert_eq!(
+        applied["plan"]["actions"],
+        serde_json::json!([]),
+        "{applied}"
+    );
+    w.assert_serving(&r1);
     let remote = run_at(&w, &home_c, &["releases", "--remote", "--json"])
         .ok()
         .json();
