@@ -82,10 +82,35 @@ async fn stages(
     };
     system.check_release_recipients()?;
     sweep_unrecorded(home, store, log)?;
-    let (pulled, merged) = log
+    // Inputs exactly as at the last build (no file read, only stamped): same release.
+    let inputs = source::fingerprint(system, home, opts.identity.as_deref())?;
+    if let Some(record) = unchanged_since_last_build(home, store, inputs.as_deref())? {
+        log.stage("pull", async {
+            log.line(format!(
+                "inputs unchanged since the build of {} ({}): nothing to pull",
+                record.name, record.id
+            ));
+            Ok::<_, Error>(())
+        })
+        .await?;
+        log.line(format!(
+            "release {} ({}) already exists: nothing to build",
+            record.id, record.name
+        ));
+        return Ok(BuildOutcome {
+            run: 0,
+            release: record,
+            reused: true,
+        });
+    }
+    let (pulled, merged, stamps) = log
         .stage("pull", async {
             let (s, h, l) = (system.clone(), home.clone(), log.clone());
-            blocking(move || source::pull_all(&s, &h, &l)).await
+            let (pulled, merged) = blocking(move || source::pull_all(&s, &h, &l)).await?;
+            // Linked files share their content with the sources: what the archive
+            // reads must still be there when the images are built.
+            let stamps = source::Stamps::take(&merged, &[])?;
+            Ok::<_, Error>((pulled, merged, stamps))
         })
         .await?;
     let decrypted = log
@@ -103,6 +128,7 @@ async fn stages(
             "release {} ({}) already exists: nothing to build",
             record.id, record.name
         ));
+        remember_inputs(home, inputs.as_deref(), &record.id);
         return Ok(BuildOutcome {
             run: 0,
             release: record,
@@ -124,6 +150,15 @@ async fn stages(
                 ),
             )
             .await?;
+        if let Some(changed) = stamps.changed(&merged) {
+            return Err(Error::failed(
+                "images",
+                format!(
+                    "`{}` changed during the build: the images might not hold what was archived; build again",
+                    changed.display()
+                ),
+            ));
+        }
         // Images, then the release itself: the registry is the store every home
         // deploys from.
         let record = log
@@ -147,11 +182,14 @@ async fn stages(
         Ok::<_, Error>(record)
     };
     match rest.await {
-        Ok(record) => Ok(BuildOutcome {
-            run: 0,
-            release: record,
-            reused: false,
-        }),
+        Ok(record) => {
+            remember_inputs(home, inputs.as_deref(), &record.id);
+            Ok(BuildOutcome {
+                run: 0,
+                release: record,
+                reused: false,
+            })
+        }
         Err(e) => {
             // A failed build leaves no half-made release behind.
             let _ = std::fs::remove_file(home.archive(&record.id));
@@ -161,6 +199,51 @@ async fn stages(
                 unpush(system, &digest).await;
             }
             Err(e)
+        }
+    }
+}
+
+/// Where the last build's input fingerprint and release are kept.
+fn inputs_file(home: &Home) -> std::path::PathBuf {
+    home.root.join("last-build.json")
+}
+
+/// The release of the last build, if `inputs` are still what it built from and the
+/// home still holds that release.
+fn unchanged_since_last_build(
+    home: &Home,
+    store: &Store,
+    inputs: Option<&str>,
+) -> Result<Option<ReleaseRecord>> {
+    let Some(inputs) = inputs else {
+        return Ok(None);
+    };
+    let Ok(text) = std::fs::read(inputs_file(home)) else {
+        return Ok(None);
+    };
+    let last: serde_json::Value = serde_json::from_slice(&text).unwrap_or_default();
+    if last["inputs"].as_str() != Some(inputs) {
+        return Ok(None);
+    }
+    let Some(id) = last["release"].as_str() else {
+        return Ok(None);
+    };
+    match store.release_by_id(id)? {
+        Some(r) if home.archive(id).exists() && sealed::stored(home, id).is_some() => Ok(Some(r)),
+        _ => Ok(None),
+    }
+}
+
+/// Keep what a finished build was built from (best effort: it only saves time).
+fn remember_inputs(home: &Home, inputs: Option<&str>, id: &str) {
+    let path = inputs_file(home);
+    match inputs {
+        Some(inputs) => {
+            let doc = serde_json::json!({"inputs": inputs, "release": id});
+            let _ = write_private(&path, doc.to_string().as_bytes());
+        }
+        None => {
+            let _ = std::fs::remove_file(&path);
         }
     }
 }
@@ -449,6 +532,13 @@ async fn build_hooks(
     if d.project.all_plugins().next().is_none() {
         log.line("no build plugins");
         return Ok(());
+    }
+    // Plugins may write anywhere in the tree: it gets files of its own first.
+    let copied = source::materialize(merged)?;
+    if copied > 0 {
+        log.line(format!(
+            "{copied} linked file(s) copied so that plugins cannot change the sources"
+        ));
     }
     for (path, data) in &d.files {
         write_private(&merged.join(path), data).map_err(|e| {

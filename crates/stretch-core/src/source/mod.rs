@@ -71,10 +71,178 @@ fn pull_one(source: &Source, home: &Home, dir: &Path, log: &Log) -> Result<Optio
             git::pull(url, git_ref.as_deref(), &home.git(), dir, log).map(Some)
         }
         SourceKind::Path { path } => {
-            path::copy(path, dir, std::slice::from_ref(&home.root))?;
+            let b = path::link(path, dir, std::slice::from_ref(&home.root))?;
+            if b.copied > 0 {
+                log.line(format!(
+                    "source {}: {} file(s) copied (no hard link possible), {} linked",
+                    source.name, b.copied, b.linked
+                ));
+            }
             Ok(None)
         }
     }
+}
+
+/// What identifies a file's content without reading it: size, modification time,
+/// inode, mode. Not the change time: linking a source file into a build tree changes
+/// it (as make and cargo do, a content change that keeps size and mtime is missed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime: i64,
+    mtime_ns: i64,
+    ino: u64,
+    mode: u32,
+}
+
+fn stamp(meta: &fs::Metadata) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    Stamp {
+        len: meta.len(),
+        mtime: meta.mtime(),
+        mtime_ns: meta.mtime_nsec(),
+        ino: meta.ino(),
+        mode: meta.mode(),
+    }
+}
+
+/// The stamps of every file under a tree, to tell later whether one changed.
+#[derive(Debug, Clone, Default)]
+pub struct Stamps(Vec<(PathBuf, Stamp)>);
+
+impl Stamps {
+    /// Stamp every file under `root` (not following links, skipping `.git` folders and
+    /// `exclude`d folders).
+    pub fn take(root: &Path, exclude: &[PathBuf]) -> Result<Stamps> {
+        let mut out = Vec::new();
+        let walker = walkdir::WalkDir::new(root)
+            .min_depth(1)
+            .follow_links(false)
+            .sort_by_file_name()
+            .into_iter()
+            .filter_entry(|e| e.file_name() != ".git" && !exclude.iter().any(|x| x == e.path()));
+        for entry in walker {
+            let entry = entry.map_err(|e| {
+                Error::failed("pull", format!("cannot walk `{}`: {e}", root.display()))
+            })?;
+            let meta = entry.metadata().map_err(|e| {
+                Error::failed(
+                    "pull",
+                    format!("cannot read `{}`: {e}", entry.path().display()),
+                )
+            })?;
+            let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
+            out.push((rel.to_path_buf(), stamp(&meta)));
+        }
+        Ok(Stamps(out))
+    }
+
+    /// The first file that is not as it was stamped (changed, gone), if any.
+    pub fn changed(&self, root: &Path) -> Option<PathBuf> {
+        self.0
+            .iter()
+            .find(|(rel, s)| {
+                fs::symlink_metadata(root.join(rel))
+                    .map(|m| stamp(&m) != *s)
+                    .unwrap_or(true)
+            })
+            .map(|(rel, _)| rel.clone())
+    }
+
+    fn hash_into(&self, h: &mut blake3::Hasher) {
+        for (rel, s) in &self.0 {
+            h.update(rel.as_os_str().as_encoded_bytes());
+            h.update(b"\0");
+            for n in [
+                s.len,
+                s.mtime as u64,
+                s.mtime_ns as u64,
+                s.ino,
+                u64::from(s.mode),
+            ] {
+                h.update(&n.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// What a build's inputs look like without reading a file: the system file, the
+/// build identity and every file's stamps. `None` when a source is a git source (its
+/// ref must be fetched to be known). The same fingerprint as a finished build's means
+/// the same release.
+pub fn fingerprint(
+    system: &System,
+    home: &Home,
+    identity: Option<&Path>,
+) -> Result<Option<String>> {
+    let mut h = blake3::Hasher::new();
+    h.update(b"stretch-inputs-v1\0");
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(b"\0");
+    h.update(system.file.as_os_str().as_encoded_bytes());
+    h.update(b"\0");
+    h.update(&fs::read(&system.file).unwrap_or_default());
+    if let Some(id) = identity {
+        h.update(b"\0identity\0");
+        h.update(blake3::hash(&fs::read(id).unwrap_or_default()).as_bytes());
+    }
+    for source in &system.sources {
+        let SourceKind::Path { path } = &source.kind else {
+            return Ok(None);
+        };
+        h.update(b"\0source\0");
+        h.update(source.name.as_bytes());
+        h.update(b"\0");
+        h.update(path.as_os_str().as_encoded_bytes());
+        // A source that cannot be read is the pull's to report.
+        let Ok(real) = path.canonicalize() else {
+            return Ok(None);
+        };
+        let home_root = home
+            .root
+            .canonicalize()
+            .unwrap_or_else(|_| home.root.clone());
+        match Stamps::take(&real, &[home_root]) {
+            Ok(stamps) => stamps.hash_into(&mut h),
+            Err(_) => return Ok(None),
+        }
+    }
+    Ok(Some(h.finalize().to_hex().to_string()))
+}
+
+/// Give `root` files of its own: every file that shares its content with another path
+/// (a hard link to a source) is replaced by a copy, so that writing into the tree
+/// (build plugins may) cannot change the sources.
+pub fn materialize(root: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut copied = 0;
+    for entry in walkdir::WalkDir::new(root).follow_links(false) {
+        let entry = entry.map_err(|e| {
+            Error::failed("plugins", format!("cannot walk `{}`: {e}", root.display()))
+        })?;
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let path = entry.path();
+        let meta = entry.metadata().map_err(|e| {
+            Error::failed("plugins", format!("cannot read `{}`: {e}", path.display()))
+        })?;
+        if meta.nlink() < 2 {
+            continue;
+        }
+        let fail = |e: std::io::Error| {
+            Error::failed("plugins", format!("cannot copy `{}`: {e}", path.display()))
+        };
+        let dir = path.parent().unwrap_or(root);
+        let tmp = tempfile::Builder::new()
+            .prefix(".materialize")
+            .tempfile_in(dir)
+            .map_err(fail)?;
+        fs::copy(path, tmp.path()).map_err(fail)?;
+        tmp.persist(path).map_err(|e| fail(e.error))?;
+        copied += 1;
+    }
+    Ok(copied)
 }
 
 pub(crate) fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {

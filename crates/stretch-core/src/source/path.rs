@@ -1,4 +1,8 @@
-//! `path:` sources: a plain directory copied into its buffer.
+//! `path:` sources: a plain directory brought into its buffer by hard links (a copy
+//! where a link cannot be made: another filesystem, another owner). Linked files share
+//! their content with the sources, so nothing may write into a buffer in place: the
+//! build replaces files (write to a temp file, rename), and materializes the tree
+//! before build plugins, which may write anywhere.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -6,9 +10,28 @@ use std::path::{Path, PathBuf};
 use super::io_error;
 use crate::{Error, Result};
 
-/// Copy the tree at `from` into `to`, skipping `.git` folders and the `exclude`d
-/// folders (the home folder, when it lies inside the source).
-pub fn copy(from: &Path, to: &Path, exclude: &[PathBuf]) -> Result<()> {
+/// How a tree was brought in.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Brought {
+    pub linked: u64,
+    pub copied: u64,
+}
+
+/// Bring the tree at `from` into `to` (files hard-linked where possible, else copied),
+/// skipping `.git` folders and the `exclude`d folders (the home folder, when it lies
+/// inside the source).
+pub fn link(from: &Path, to: &Path, exclude: &[PathBuf]) -> Result<Brought> {
+    bring(from, to, exclude, true)
+}
+
+/// [`link`], copying every file.
+pub fn copy(from: &Path, to: &Path, exclude: &[PathBuf]) -> Result<Brought> {
+    bring(from, to, exclude, false)
+}
+
+fn bring(from: &Path, to: &Path, exclude: &[PathBuf], links: bool) -> Result<Brought> {
+    let mut brought = Brought::default();
+    let mut links = links;
     if !from.is_dir() {
         return Err(Error::invalid(format!(
             "source folder `{}` does not exist",
@@ -42,8 +65,15 @@ pub fn copy(from: &Path, to: &Path, exclude: &[PathBuf]) -> Result<()> {
                 fs::read_link(entry.path()).map_err(|e| io_error("read link", entry.path(), e))?;
             std::os::unix::fs::symlink(&target, &dest).map_err(|e| io_error("link", &dest, e))?;
         } else if ft.is_file() {
+            if links && fs::hard_link(entry.path(), &dest).is_ok() {
+                brought.linked += 1;
+                continue;
+            }
+            // Once a link fails (another filesystem, protected links), the rest copy.
+            links = false;
             // fs::copy keeps the mode (the exec bit matters) and uses copy_file_range.
             fs::copy(entry.path(), &dest).map_err(|e| io_error("copy", entry.path(), e))?;
+            brought.copied += 1;
         } else {
             return Err(Error::invalid(format!(
                 "`{}` is not a file, folder or symlink",
@@ -51,5 +81,5 @@ pub fn copy(from: &Path, to: &Path, exclude: &[PathBuf]) -> Result<()> {
             )));
         }
     }
-    Ok(())
+    Ok(brought)
 }

@@ -7,6 +7,7 @@ mod agent;
 mod apply;
 mod bad_input;
 mod build;
+mod build_speed;
 mod common;
 mod deploy;
 mod registry;
