@@ -655,6 +655,9 @@ mod tests {
                         past-the-hundred-byte-limit-of-a-tar-header/and-past-the-ustar-prefix-of-\
                         one-hundred-and-fifty-five-bytes-too/file-with-a-long-name.txt";
 
+    const PINNED_SAMPLE_HASH: &str =
+        "68c931c66ec8cd26ad0f827e317b36869b54a7e2e1d869b8ca3682843a320fae";
+
     /// A tree with nested folders, an executable, symlinks, an empty folder, long names.
     fn sample() -> TempDir {
         let dir = TempDir::new().unwrap();
@@ -709,6 +712,30 @@ mod tests {
         assert_eq!(da.files, 8);
         assert_eq!(da.bytes, 6 + 12 + 19 + 70_000 + 5);
         assert_eq!(hash_tree(tree.path(), &no_skip).unwrap(), da);
+    }
+
+    /// The archive format is part of every release id: the sample tree's hash is
+    /// pinned, so a change to the format cannot pass unnoticed (it would need a
+    /// migration note).
+    #[test]
+    fn the_format_is_stable() {
+        assert_eq!(
+            hash(sample().path()),
+            PINNED_SAMPLE_HASH,
+            "the archive format changed: release ids of existing trees would change"
+        );
+    }
+
+    /// A tree whose files are hard links (as `path:` sources are brought into a build)
+    /// archives exactly as its source does.
+    #[test]
+    fn linked_trees_archive_like_their_sources() {
+        let tree = sample();
+        let linked = TempDir::new().unwrap();
+        let to = linked.path().join("t");
+        crate::source::path::link(tree.path(), &to, &[]).unwrap();
+        fs::create_dir_all(to.join("logs/empty")).unwrap();
+        assert_eq!(hash(&to), hash(tree.path()));
     }
 
     #[test]
