@@ -240,13 +240,15 @@ impl System {
         let name = self.spec.system.clone();
         for r in &self.spec.release_recipients {
             if let Err(e) = crate::secrets::parse_recipients(std::slice::from_ref(r)) {
-                // Never quote a pasted secret key back in the excerpt.
-                let at = if r.starts_with("AGE-SECRET-KEY-") {
-                    "release_recipients"
-                } else {
-                    r.as_str()
-                };
-                return Err(self.error_at(at, e.to_string(), e.help().map(String::from)));
+                // A pasted secret key is never quoted back: no excerpt of its line.
+                if r.starts_with("AGE-SECRET-KEY-") {
+                    let (line, column) = yaml::line_of(&self.text, "release_recipients");
+                    return Err(Error::invalid_with_help(
+                        format!("{}:{line}:{column}: {e}", self.file.display()),
+                        "list public keys (`age1…`, the `# public key:` line of a key file), never a secret key",
+                    ));
+                }
+                return Err(self.error_at(r, e.to_string(), e.help().map(String::from)));
             }
         }
         if !valid_name(&name) {

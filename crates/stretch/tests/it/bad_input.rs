@@ -301,3 +301,46 @@ fn failing_build_plugin() {
     ctx.write("app/stretch.yml", "name: web\nplugins:\n  nope: {}\n");
     ctx.run(&["build"]).fails(2, &["unknown plugin `nope`"]);
 }
+
+#[test]
+fn a_registry_without_release_recipients_or_with_a_bad_one() {
+    // With a registry, releases travel: their secrets must be sealed to someone.
+    let ctx = Ctx::new();
+    ctx.write(
+        "system.yml",
+        "system: shop\nregistry: 127.0.0.1:5999\nsources: [{path: ./app}]\n",
+    );
+    ctx.write("app/stretch.yml", "name: web\n");
+    ctx.run(&["build"]).fails(
+        2,
+        &[
+            "system.yml:2:1",
+            "needs `release_recipients`",
+            "stretch keys generate -o release.key",
+        ],
+    );
+    ctx.assert_nothing_recorded();
+    // A recipient that is not one, named at its line; a pasted secret key is not shown.
+    ctx.write(
+        "system.yml",
+        "system: shop\nregistry: 127.0.0.1:5999\nrelease_recipients: [age1nope]\nsources: [{path: ./app}]\n",
+    );
+    ctx.run(&["build"]).fails(
+        2,
+        &["system.yml:3:", "`age1nope` is not a valid age recipient"],
+    );
+    let (key, _) = stretch_core::secrets::generate();
+    let secret = key
+        .lines()
+        .find(|l| l.starts_with("AGE-SECRET-KEY-"))
+        .unwrap();
+    ctx.write(
+        "system.yml",
+        format!("system: shop\nregistry: 127.0.0.1:5999\nrelease_recipients: [{secret}]\nsources: [{{path: ./app}}]\n"),
+    );
+    let out = ctx
+        .run(&["build"])
+        .fails(2, &["system.yml:3:", "is not a valid age recipient"]);
+    assert!(!out.stderr.contains(secret), "{out}");
+    ctx.assert_nothing_recorded();
+}
