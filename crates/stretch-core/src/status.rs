@@ -129,31 +129,14 @@ pub async fn environment(
     .await;
     // A home with no record of the environment: its hosts say what runs.
     if out.release.is_none() {
-        let mut votes: std::collections::BTreeMap<(String, String), (usize, Option<ReleaseName>)> =
-            std::collections::BTreeMap::new();
-        for s in states.iter().flatten().flatten() {
-            for g in &s.groups {
-                if g.key.system != system.name() || g.key.environment != name {
-                    continue;
-                }
-                if let Some(r) = &g.release {
-                    let e = votes
-                        .entry((r.id.clone(), r.name.clone()))
-                        .or_insert((0, None));
-                    e.0 += 1;
-                    e.1 = g.existing_release.as_ref().map(|x| ReleaseName {
-                        id: x.id.clone(),
-                        name: Some(x.name.clone()),
-                    });
-                }
-            }
-        }
-        if let Some(((id, rname), (_, before))) = votes.into_iter().max_by_key(|(_, (n, _))| *n) {
-            out.release = Some(ReleaseName {
-                id,
-                name: Some(rname),
-            });
-            out.existing_release = before;
+        let answered = states.iter().flatten().flatten();
+        if let Some((current, before)) = deploy::known::majority(answered, system.name(), name) {
+            let named = |r: crate::agent::api::ReleaseRef| ReleaseName {
+                id: r.id,
+                name: Some(r.name),
+            };
+            out.release = Some(named(current));
+            out.existing_release = before.map(named);
         }
     }
     for ((host, h), state) in env.hosts.iter().zip(states) {

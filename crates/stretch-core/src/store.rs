@@ -304,6 +304,16 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     if !has_event {
         conn.execute_batch("ALTER TABLE log_lines ADD COLUMN event TEXT")?;
     }
+    // Homes made before records stopped keeping agent specs (decrypted configuration):
+    // forget them, so no clear secret stays at rest. A read first: most opens write nothing.
+    let old_specs: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM environments WHERE specs IS NOT NULL)",
+        [],
+        |r| r.get(0),
+    )?;
+    if old_specs {
+        conn.execute_batch("UPDATE environments SET specs = NULL")?;
+    }
     Ok(conn)
 }
 
@@ -732,9 +742,9 @@ pub struct EnvironmentRecord {
     pub existing_release: Option<String>,
     pub updated_at: String,
     /// The environment's definition (from system.yml) last applied, for `apply`'s diff.
+    /// No agent spec is kept: specs hold decrypted configuration, and agents say what
+    /// they run.
     pub applied: Option<serde_json::Value>,
-    /// The agent specs last sent, per `GROUP/HOST` (for switching back).
-    pub specs: Option<std::collections::BTreeMap<String, crate::agent::api::GroupSpec>>,
 }
 
 impl Store {
@@ -748,45 +758,26 @@ impl Store {
             Option<String>,
             String,
             Option<String>,
-            Option<String>,
         );
         let raw: Option<Raw> = self.with(|c| {
             c.query_row(
-                "SELECT name, release, existing_release, updated_at, applied, specs FROM environments WHERE name = ?1",
+                "SELECT name, release, existing_release, updated_at, applied FROM environments WHERE name = ?1",
                 [name],
-                |row| {
-                    Ok((
-                        row.get(0)?,
-                        row.get(1)?,
-                        row.get(2)?,
-                        row.get(3)?,
-                        row.get(4)?,
-                        row.get(5)?,
-                    ))
-                },
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
             )
             .optional()
         })?;
-        let Some((name, release, existing_release, updated_at, applied, specs)) = raw else {
+        let Some((name, release, existing_release, updated_at, applied)) = raw else {
             return Ok(None);
         };
-        let damaged = |what: &str, e: serde_json::Error| {
-            Error::Failed {
+        let applied = match applied {
+            Some(a) => Some(serde_json::from_str(&a).map_err(|e| Error::Failed {
                 stage: "store".to_string(),
-                message: format!(
-                    "the record of environment `{name}` is damaged ({what}: {e})"
-                ),
+                message: format!("the record of environment `{name}` is damaged (applied: {e})"),
                 help: Some(
                     "run `stretch status ENV` to see what its hosts run, then deploy a release to rewrite the record".to_string(),
                 ),
-            }
-        };
-        let applied = match applied {
-            Some(a) => Some(serde_json::from_str(&a).map_err(|e| damaged("applied", e))?),
-            None => None,
-        };
-        let specs = match specs {
-            Some(a) => Some(serde_json::from_str(&a).map_err(|e| damaged("specs", e))?),
+            })?),
             None => None,
         };
         Ok(Some(EnvironmentRecord {
@@ -795,26 +786,16 @@ impl Store {
             existing_release,
             updated_at,
             applied,
-            specs,
         }))
     }
 
     pub fn set_environment(&self, e: &EnvironmentRecord) -> Result<()> {
         let applied = e.applied.as_ref().map(|a| a.to_string());
-        let specs = match &e.specs {
-            Some(specs) => Some(serde_json::to_string(specs).map_err(|e| {
-                Error::failed(
-                    "store",
-                    format!("cannot encode the environment record: {e}"),
-                )
-            })?),
-            None => None,
-        };
         self.with(|c| {
             c.execute(
                 "INSERT OR REPLACE INTO environments (name, release, existing_release, updated_at, applied, specs)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![e.name, e.release, e.existing_release, now_rfc3339(), applied, specs],
+                 VALUES (?1, ?2, ?3, ?4, ?5, NULL)",
+                params![e.name, e.release, e.existing_release, now_rfc3339(), applied],
             )
             .map(|_| ())
         })
@@ -926,12 +907,11 @@ mod tests {
             existing_release: None,
             updated_at: String::new(),
             applied: Some(serde_json::json!({"hosts": {}})),
-            specs: Some(std::collections::BTreeMap::new()),
         })
         .unwrap();
         let back = s.environment("prod").unwrap().unwrap();
-        assert_eq!(back.specs, Some(std::collections::BTreeMap::new()));
-        s.with(|c| c.execute("UPDATE environments SET specs = '{\"web/h1\": 3}'", []))
+        assert_eq!(back.applied, Some(serde_json::json!({"hosts": {}})));
+        s.with(|c| c.execute("UPDATE environments SET applied = '{\"hosts\": '", []))
             .unwrap();
         let err = s.environment("prod").unwrap_err().to_string();
         assert!(

@@ -434,7 +434,6 @@ pub async fn apply(
         existing_release,
         updated_at: String::new(),
         applied: Some(specs::environment_json(&req.environment, env)),
-        specs: None,
     })?;
     let outcome = match (&result, failures.is_empty()) {
         (Ok(_), true) => Ok(ApplyOutcome {

@@ -2,10 +2,12 @@
 //! store first, then the system's registry (the release store every home shares), and
 //! for what an environment runs, its agents when this home has no record of it.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use tokio::sync::OnceCell;
 
+use crate::agent::api::{AgentState, ReleaseRef};
 use crate::agent::fleet::Fleet;
 use crate::home::Home;
 use crate::log::Log;
@@ -172,8 +174,34 @@ impl Notes {
     }
 }
 
-/// What an environment's agents run: the release most of its groups serve, and the
-/// one that release replaced. For a home that has no record of the environment.
+/// The release most of `system`'s environment `env` groups serve, and the release it
+/// replaced, as the agents' states say.
+pub fn majority<'a>(
+    states: impl IntoIterator<Item = &'a AgentState>,
+    system: &str,
+    env: &str,
+) -> Option<(ReleaseRef, Option<ReleaseRef>)> {
+    type Votes = BTreeMap<(String, Option<String>), (usize, ReleaseRef, Option<ReleaseRef>)>;
+    let mut votes = Votes::new();
+    for state in states {
+        for g in &state.groups {
+            if g.key.system != system || g.key.environment != env {
+                continue;
+            }
+            let Some(r) = &g.release else { continue };
+            let before = g.existing_release.clone();
+            let key = (r.id.clone(), before.as_ref().map(|b| b.id.clone()));
+            votes.entry(key).or_insert((0, r.clone(), before)).0 += 1;
+        }
+    }
+    votes
+        .into_values()
+        .max_by_key(|(n, _, _)| *n)
+        .map(|(_, r, before)| (r, before))
+}
+
+/// What an environment's agents run (ids): the release most of its groups serve, and
+/// the one that release replaced. For a home that has no record of the environment.
 pub async fn from_agents(
     system: &System,
     env_name: &str,
@@ -181,24 +209,69 @@ pub async fn from_agents(
     fleet: &Fleet,
     log: &Log,
 ) -> (Option<String>, Option<String>) {
-    let hosts = super::hosts_in_groups(env);
-    let mut votes: std::collections::BTreeMap<(String, Option<String>), usize> =
-        std::collections::BTreeMap::new();
-    for (_, state) in fleet.states(hosts, log).await {
-        let Ok(state) = state else { continue };
-        for g in state.groups {
-            if g.key.system != system.name() || g.key.environment != env_name {
-                continue;
-            }
-            if let Some(r) = g.release {
-                let before = g.existing_release.map(|x| x.id);
-                *votes.entry((r.id, before)).or_default() += 1;
-            }
+    let states = fleet.states(super::hosts_in_groups(env), log).await;
+    let answered = states.iter().filter_map(|(_, s)| s.as_ref().ok());
+    match majority(answered, system.name(), env_name) {
+        Some((current, before)) => (Some(current.id), before.map(|b| b.id)),
+        None => (None, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::api::{GroupKey, GroupStatus};
+
+    fn group(
+        system: &str,
+        env: &str,
+        group: &str,
+        release: &str,
+        before: Option<&str>,
+    ) -> GroupStatus {
+        let r = |id: &str| ReleaseRef {
+            id: id.into(),
+            name: format!("name-{id}"),
+            created_at: String::new(),
+        };
+        GroupStatus {
+            key: GroupKey {
+                system: system.into(),
+                environment: env.into(),
+                group: group.into(),
+            },
+            node: "web".into(),
+            host: "h".into(),
+            release: Some(r(release)),
+            existing_release: before.map(r),
+            config_version: None,
+            listen: None,
+            instances: vec![],
+            healthy: true,
         }
     }
-    votes
-        .into_iter()
-        .max_by_key(|(_, n)| *n)
-        .map(|((current, before), _)| (Some(current), before))
-        .unwrap_or((None, None))
+
+    #[test]
+    fn most_groups_decide_and_other_environments_do_not_count() {
+        let state = |groups| AgentState {
+            version: String::new(),
+            groups,
+        };
+        let states = [
+            state(vec![
+                group("s", "prod", "web", "r2", Some("r1")),
+                group("s", "staging", "web", "r9", None),
+                group("t", "prod", "web", "r9", None),
+            ]),
+            state(vec![group("s", "prod", "web", "r2", Some("r1"))]),
+            state(vec![group("s", "prod", "api", "r3", Some("r2"))]),
+        ];
+        let (current, before) = majority(&states, "s", "prod").unwrap();
+        assert_eq!(
+            (current.id.as_str(), current.name.as_str()),
+            ("r2", "name-r2")
+        );
+        assert_eq!(before.map(|b| b.id), Some("r1".to_string()));
+        assert!(majority(&states, "s", "dev").is_none());
+    }
 }

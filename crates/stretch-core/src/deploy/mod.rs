@@ -477,8 +477,6 @@ async fn rollout(
     ));
 
     // 6. Switch buffers, and record where the environment stands.
-    // The record keeps no spec: specs hold decrypted configuration, and the agents
-    // say what they run.
     log.stage("switch buffers", async {
         buffers.switch()?;
         store.set_environment(&EnvironmentRecord {
@@ -487,7 +485,6 @@ async fn rollout(
             existing_release: existing.map(|x| x.id.clone()),
             updated_at: String::new(),
             applied: serde_json::to_value(specs::environment_json(&plan.env_name, env)).ok(),
-            specs: None,
         })
     })
     .await?;

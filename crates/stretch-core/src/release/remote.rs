@@ -211,9 +211,8 @@ impl ReleaseStore {
             size: EMPTY.len() as u64,
         };
         let mut sent = 0u64;
-        for (d, data) in [(&empty, Some(EMPTY.to_vec())), (&sealed, Some(config))] {
+        for (d, data) in [(&empty, EMPTY.to_vec()), (&sealed, config)] {
             if !self.has_blob(&reference, &d.digest).await? {
-                let data = data.unwrap_or_default();
                 sent += data.len() as u64;
                 self.client
                     .push_blob(&reference, data, &d.digest)
@@ -433,6 +432,10 @@ impl ReleaseStore {
             let _ = std::fs::remove_file(&tmp_config);
         };
         let result = async {
+            self.client
+                .auth(&reference, &self.auth, RegistryOperation::Pull)
+                .await
+                .map_err(|e| self.error(STAGE, "log in", e))?;
             self.download(&reference, &remote.config, &tmp_config)
                 .await?;
             let sealed_bytes = std::fs::read(&tmp_config)
@@ -482,11 +485,11 @@ impl ReleaseStore {
             .open(to)
             .await
             .map_err(|e| Error::failed(STAGE, format!("cannot write `{}`: {e}", to.display())))?;
-        let out = tokio::io::BufWriter::with_capacity(CHUNK, file);
-        self.client
-            .auth(reference, &self.auth, RegistryOperation::Pull)
-            .await
-            .map_err(|e| self.error(STAGE, "log in", e))?;
+        // A registry may not send more than the manifest says: the write stops there.
+        let out = Bounded {
+            inner: tokio::io::BufWriter::with_capacity(CHUNK, file),
+            left: d.size,
+        };
         // oci-client checks the bytes against the digest as they come.
         self.client
             .pull_blob(reference, d.digest.as_str(), out)
@@ -504,6 +507,46 @@ impl ReleaseStore {
             ));
         }
         Ok(())
+    }
+}
+
+/// A writer that takes at most `left` more bytes and fails past them.
+struct Bounded<W> {
+    inner: W,
+    left: u64,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Bounded<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if buf.len() as u64 > self.left {
+            return std::task::Poll::Ready(Err(std::io::Error::other(
+                "the blob is larger than its manifest says",
+            )));
+        }
+        let this = &mut *self;
+        let r = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            this.left -= *n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -186,6 +186,18 @@ pub fn fingerprint(
         h.update(b"\0identity\0");
         h.update(blake3::hash(&fs::read(id).unwrap_or_default()).as_bytes());
     }
+    // A git source's ref must be fetched to be known: no walk is worth doing then.
+    if system
+        .sources
+        .iter()
+        .any(|s| !matches!(s.kind, SourceKind::Path { .. }))
+    {
+        return Ok(None);
+    }
+    let home_root = home
+        .root
+        .canonicalize()
+        .unwrap_or_else(|_| home.root.clone());
     for source in &system.sources {
         let SourceKind::Path { path } = &source.kind else {
             return Ok(None);
@@ -198,11 +210,7 @@ pub fn fingerprint(
         let Ok(real) = path.canonicalize() else {
             return Ok(None);
         };
-        let home_root = home
-            .root
-            .canonicalize()
-            .unwrap_or_else(|_| home.root.clone());
-        match Stamps::take(&real, &[home_root]) {
+        match Stamps::take(&real, std::slice::from_ref(&home_root)) {
             Ok(stamps) => stamps.hash_into(&mut h),
             Err(_) => return Ok(None),
         }

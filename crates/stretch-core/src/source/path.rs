@@ -21,17 +21,8 @@ pub struct Brought {
 /// skipping `.git` folders and the `exclude`d folders (the home folder, when it lies
 /// inside the source).
 pub fn link(from: &Path, to: &Path, exclude: &[PathBuf]) -> Result<Brought> {
-    bring(from, to, exclude, true)
-}
-
-/// [`link`], copying every file.
-pub fn copy(from: &Path, to: &Path, exclude: &[PathBuf]) -> Result<Brought> {
-    bring(from, to, exclude, false)
-}
-
-fn bring(from: &Path, to: &Path, exclude: &[PathBuf], links: bool) -> Result<Brought> {
     let mut brought = Brought::default();
-    let mut links = links;
+    let mut links = true;
     if !from.is_dir() {
         return Err(Error::invalid(format!(
             "source folder `{}` does not exist",

@@ -26,6 +26,17 @@ struct Held {
     released: bool,
 }
 
+impl Held {
+    fn new(req: &LeaseRequest, token: u64, expires: Instant) -> Held {
+        Held {
+            holder: req.holder.clone(),
+            token,
+            expires,
+            released: false,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Leases {
     path: PathBuf,
@@ -82,15 +93,7 @@ impl Leases {
                     }
                 )));
             }
-            held.insert(
-                key,
-                Held {
-                    holder: req.holder.clone(),
-                    token,
-                    expires: now + ttl,
-                    released: false,
-                },
-            );
+            held.insert(key, Held::new(req, token, now + ttl));
             return Ok(LeaseGrant {
                 token,
                 took_over: None,
@@ -124,15 +127,7 @@ impl Leases {
                 format!("cannot write `{}`: {e}", self.path.display()),
             )));
         }
-        held.insert(
-            key,
-            Held {
-                holder: req.holder.clone(),
-                token,
-                expires: now + ttl,
-                released: false,
-            },
-        );
+        held.insert(key, Held::new(req, token, now + ttl));
         Ok(LeaseGrant { token, took_over })
     }
 
