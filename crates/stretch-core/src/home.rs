@@ -38,8 +38,27 @@ impl Home {
     pub fn releases(&self) -> PathBuf {
         self.root.join("releases")
     }
+    /// The index of a release's archive (its chunks are in [`Home::chunks`]).
     pub fn archive(&self, id: &str) -> PathBuf {
+        self.releases().join(format!("{id}.index"))
+    }
+    /// A release archive of the first format: one `.tar.zst`.
+    pub fn legacy_archive(&self, id: &str) -> PathBuf {
         self.releases().join(format!("{id}.tar.zst"))
+    }
+    /// The release's archive as this home holds it, in either format, if it does.
+    pub fn stored_archive(&self, id: &str) -> Option<PathBuf> {
+        [self.archive(id), self.legacy_archive(id)]
+            .into_iter()
+            .find(|p| p.exists())
+    }
+    /// The chunk store every archive of this home shares.
+    pub fn chunks(&self) -> PathBuf {
+        self.root.join("chunks")
+    }
+    /// The stat cache of the last build's archive (see `release::archive`).
+    pub fn chunk_cache(&self) -> PathBuf {
+        self.chunks().join("stat-cache.json")
     }
     pub fn release_config(&self, id: &str) -> PathBuf {
         self.releases().join(format!("{id}.json"))

@@ -11,6 +11,7 @@ use crate::docker::registry::{Deleted, Registry};
 use crate::docker::{self, Docker, split_reference};
 use crate::home::Home;
 use crate::log::Log;
+use crate::release::archive;
 use crate::store::{ReleaseRecord, Store};
 use crate::system::System;
 use crate::{Error, Result};
@@ -146,12 +147,43 @@ pub async fn prune(
             };
             removed.push(ctx.remove(r).await?);
         }
+        sweep_chunks(home, log);
     }
     Ok(Pruned {
         dry_run: req.dry_run,
         removed,
         kept,
     })
+}
+
+/// Remove the chunks no archive of the home lists any more (a removed release's, or
+/// left by a build that was killed). A damaged index stops the sweep: its chunks
+/// might be the ones it would remove.
+fn sweep_chunks(home: &Home, log: &Log) {
+    let mut keep = std::collections::HashSet::new();
+    let Ok(entries) = std::fs::read_dir(home.releases()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "index") {
+            continue;
+        }
+        match archive::Index::read(&path) {
+            Ok(index) => keep.extend(index.chunks.into_iter().map(|c| c.hash)),
+            Err(e) => {
+                log.line(format!("chunks not swept: {e}"));
+                return;
+            }
+        }
+    }
+    let (count, bytes) = archive::sweep(&home.chunks(), &keep);
+    if count > 0 {
+        log.line(format!(
+            "removed {count} chunk file(s) no release uses ({:.1} MiB)",
+            bytes as f64 / (1u64 << 20) as f64
+        ));
+    }
 }
 
 /// The registry's manifests of `r`: `REPO@DIGEST` (none with `registry: local`).
@@ -262,6 +294,7 @@ impl Ctx<'_> {
         }
         for path in [
             home.archive(&r.id),
+            home.legacy_archive(&r.id),
             home.release_config(&r.id),
             home.sealed_config(&r.id),
         ] {

@@ -117,7 +117,7 @@ async fn stages(
         .stage("decrypt", decrypt(system, &merged, opts, log))
         .await?;
     let release_config = release_config(system, &decrypted);
-    let (record, reused) = log
+    let (record, reused, created) = log
         .stage(
             "archive",
             archive_stage(system, home, store, &merged, &release_config, pulled, log),
@@ -193,6 +193,9 @@ async fn stages(
         Err(e) => {
             // A failed build leaves no half-made release behind.
             let _ = std::fs::remove_file(home.archive(&record.id));
+            for chunk in &created {
+                let _ = std::fs::remove_file(chunk);
+            }
             let _ = std::fs::remove_file(home.release_config(&record.id));
             let _ = std::fs::remove_file(home.sealed_config(&record.id));
             if let Some(digest) = pushed.take() {
@@ -229,7 +232,9 @@ fn unchanged_since_last_build(
         return Ok(None);
     };
     match store.release_by_id(id)? {
-        Some(r) if home.archive(id).exists() && sealed::stored(home, id).is_some() => Ok(Some(r)),
+        Some(r) if home.stored_archive(id).is_some() && sealed::stored(home, id).is_some() => {
+            Ok(Some(r))
+        }
         _ => Ok(None),
     }
 }
@@ -269,6 +274,7 @@ fn sweep_unrecorded(home: &Home, store: &Store, log: &Log) -> Result<()> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let id = name
             .strip_suffix(".tar.zst")
+            .or_else(|| name.strip_suffix(".index"))
             .or_else(|| name.strip_suffix(".config.age"))
             .or_else(|| name.strip_suffix(".json"));
         let orphan = match id {
@@ -457,6 +463,7 @@ pub fn release_id(archive_hash: &str, config_json: &[u8]) -> String {
 }
 
 /// Stage 3: write the archive and the release configuration; find out the id.
+/// Returns the record, whether it existed, and the chunk files this build added.
 async fn archive_stage(
     system: &System,
     home: &Home,
@@ -465,34 +472,49 @@ async fn archive_stage(
     config: &ReleaseConfig,
     sources: Vec<Pulled>,
     log: &Log,
-) -> Result<(ReleaseRecord, bool)> {
+) -> Result<(ReleaseRecord, bool, Vec<PathBuf>)> {
     let config_json =
         serde_json::to_vec_pretty(config).map_err(|e| Error::failed("archive", e.to_string()))?;
     let tmp = home
         .releases()
-        .join(format!(".building-{}.tar.zst", std::process::id()));
-    let (m, t) = (merged.to_path_buf(), tmp.clone());
-    let digest = blocking(move || archive::write_archive(&m, &t, &|_| false)).await?;
+        .join(format!(".building-{}.index.tmp", std::process::id()));
+    let (m, t, h) = (merged.to_path_buf(), tmp.clone(), home.clone());
+    let written = blocking(move || {
+        archive::write_archive(&m, &h.chunks(), &t, &|_| false, Some(&h.chunk_cache()))
+    })
+    .await?;
+    let digest = &written.digest;
     let id = release_id(&digest.hash, &config_json);
     log.line(format!(
         "archived {} files, {} bytes: release id {id}",
         digest.files, digest.bytes
     ));
-    if let Some(existing) = store.release_by_id(&id)? {
-        let _ = std::fs::remove_file(&tmp);
-        if home.archive(&id).exists() {
-            return Ok((existing, true));
+    log.line(format!(
+        "chunks: {} new, {} already stored; {} not read (files unchanged since the last build)",
+        written.created.len(),
+        written.chunks.saturating_sub(written.created.len()),
+        written.cached
+    ));
+    let keep = |existing: bool| -> Result<()> {
+        if existing && home.stored_archive(&id).is_some() {
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(());
         }
-        // The record survived but its archive did not: restore it.
-        std::fs::rename(&tmp, home.archive(&id))
-            .map_err(|e| Error::failed("archive", format!("cannot store the archive: {e}")))?;
-        sealed::write(home, &id, &system.spec.release_recipients, &config_json)?;
-        return Ok((existing, true));
+        std::fs::rename(&tmp, home.archive(&id)).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::failed("archive", format!("cannot store the archive: {e}"))
+        })
+    };
+    if let Some(existing) = store.release_by_id(&id)? {
+        // The record may have survived without its archive: then it is restored.
+        let restore = home.stored_archive(&id).is_none();
+        keep(true)?;
+        if restore {
+            sealed::write(home, &id, &system.spec.release_recipients, &config_json)?;
+        }
+        return Ok((existing, true, Vec::new()));
     }
-    std::fs::rename(&tmp, home.archive(&id)).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::failed("archive", format!("cannot store the archive: {e}"))
-    })?;
+    keep(false)?;
     sealed::write(home, &id, &system.spec.release_recipients, &config_json)?;
     let name = name::memorable(&id, &|n| store.name_taken(n).unwrap_or(false));
     let record = ReleaseRecord {
@@ -501,9 +523,9 @@ async fn archive_stage(
         created_at: now_rfc3339(),
         sources,
         images: Vec::new(),
-        archive_hash: digest.hash,
+        archive_hash: written.digest.hash,
     };
-    Ok((record, false))
+    Ok((record, false, written.created))
 }
 
 /// Stage 6: decrypted `*.age` files join the merged tree (0600) while build hooks run,

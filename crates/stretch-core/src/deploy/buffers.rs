@@ -62,12 +62,11 @@ impl Buffers {
             fs::remove_dir_all(&dir).map_err(|e| io("clean", &dir, e))?;
         }
         let _ = fs::remove_file(self.marker(buffer));
-        archive::extract_archive(
-            &home.archive(&release.id),
-            &dir,
-            Some(&release.archive_hash),
-        )
-        .map_err(|e| e.context(&format!("release {}", release.id)))?;
+        let archive = home
+            .stored_archive(&release.id)
+            .unwrap_or_else(|| home.archive(&release.id));
+        archive::extract_archive(&archive, &home.chunks(), &dir, Some(&release.archive_hash))
+            .map_err(|e| e.context(&format!("release {}", release.id)))?;
         self.reveal(cfg, buffer)?;
         fs::write(self.marker(buffer), &release.id)
             .map_err(|e| io("write", &self.marker(buffer), e))?;

@@ -54,7 +54,7 @@ impl<'a> Known<'a> {
 
     /// Does this home hold the archive and configuration of `id`?
     fn here(&self, id: &str) -> bool {
-        self.home.archive(id).exists() && sealed::stored(self.home, id).is_some()
+        self.home.stored_archive(id).is_some() && sealed::stored(self.home, id).is_some()
     }
 
     async fn with_files(&self, record: ReleaseRecord) -> Result<Found> {

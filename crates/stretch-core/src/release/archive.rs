@@ -1,36 +1,69 @@
-//! Deterministic release archives: a tree written as tar + zstd with a fixed entry order,
-//! times, owners and modes, identified by the blake3 hash of the uncompressed tar.
+//! Deterministic release archives, stored as chunks: a tree becomes one tar stream
+//! (fixed entry order, times, owners and modes) cut at entry boundaries into chunks
+//! (files of 4 MiB or more in 4 MiB pieces of their own), each chunk one zstd frame in
+//! the home's chunk store named by the blake3 hash of its bytes, and an index listing
+//! them in order.
 //!
-//! The same tree gives the same bytes on every run and machine, so the hash can name a
-//! release (SPEC §5 step 3). Files are streamed in 1 MiB chunks, never loaded whole:
-//! one thread reads the tree and hashes the tar stream while another feeds zstd's
-//! workers, so the tree is read once and compression does not wait on reads.
+//! The archive's hash is blake3 over its chunks' hashes and sizes, so a rebuild gets it
+//! without reading the files whose stat is unchanged since the last build (the stat
+//! cache), and content already stored is never compressed, stored or pushed again. The
+//! chunk files concatenated in order are a valid `.tar.zst` of the tree. Archives of
+//! the earlier format (one `.tar.zst` hashed as a whole) are still read.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
 use tar::{EntryType, Header};
 
 use crate::{Error, Result};
 
 const STAGE: &str = "archive";
 
+/// The index format, part of every archive hash.
+pub const FORMAT: &str = "stretch-archive-v2";
+
 /// zstd level: level 3 is zstd's default, a good speed/size balance for mixed trees.
 const LEVEL: i32 = 3;
 
-/// Read size for file contents: large enough to keep syscalls and per-call overhead of
-/// the hasher and compressor negligible, small enough to stay in cache between them.
-const CHUNK: usize = 1 << 20;
+/// Read size for file contents.
+const READ: usize = 1 << 20;
 
-/// What identifies an archive: the blake3 hash of its uncompressed tar stream, with
-/// counts for logs.
+/// Files this big or bigger are cut into pieces of this size, each a chunk of its own:
+/// a change to a big file rewrites only its pieces, and workers share the work.
+const PIECE: u64 = 4 << 20;
+
+/// Smaller entries share a chunk until it holds this much...
+const GROUP: u64 = 4 << 20;
+
+/// ...or until an entry whose path hash picks it as a cut (one in this many), so that
+/// an added or removed file regroups only its neighbours, not everything after it.
+const CUT_ONE_IN: u8 = 64;
+
+/// Most worker threads (hashing and compressing chunks): the cap bounds memory.
+const MAX_WORKERS: usize = 8;
+
+/// Largest chunk accepted from an index: a group is at most [`GROUP`] plus one entry
+/// smaller than [`PIECE`], with its headers.
+const MAX_CHUNK: u64 = 16 << 20;
+
+/// Largest index read back (a million chunks is far beyond any real tree).
+const MAX_INDEX: u64 = 256 << 20;
+
+/// Files modified this recently are not trusted to the stat cache: a later write in
+/// the same clock tick would not change their stat (git's "racy clean" problem).
+const RACY: Duration = Duration::from_secs(2);
+
+/// What identifies an archive, with counts for logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Digest {
-    /// blake3 hex (64 lowercase characters) of the uncompressed tar stream.
+    /// blake3 hex (64 lowercase characters); see [`archive_hash`].
     pub hash: String,
     /// Regular files and symlinks (folders are not counted).
     pub files: u64,
@@ -38,106 +71,792 @@ pub struct Digest {
     pub bytes: u64,
 }
 
-/// Write the tree at `root` as a deterministic tar+zstd (level 3, multithreaded on all
-/// cores) to `out`, atomically (temp file in the same folder, fsync, rename; mode 0600),
-/// returning the digest of the uncompressed tar. `skip(rel_path)` excludes entries (paths
-/// relative to `root`); a skipped folder excludes everything under it.
-pub fn write_archive(root: &Path, out: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<Digest> {
-    // Walk first: a tree we cannot archive fails before anything is created.
-    let items = scan(root, skip)?;
-    let name = out.file_name().ok_or_else(|| {
-        Error::invalid(format!("archive path `{}` has no file name", out.display()))
-    })?;
-    let dir = match out.parent() {
+/// One chunk of an archive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    /// blake3 hex of the chunk's uncompressed bytes.
+    pub hash: String,
+    /// Uncompressed size.
+    pub size: u64,
+    /// Compressed size (its file in the chunk store).
+    pub stored: u64,
+}
+
+/// An archive: its chunks in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Index {
+    pub format: String,
+    pub hash: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub chunks: Vec<ChunkRef>,
+}
+
+impl Index {
+    /// Read and check an index file: its hash must be the hash of its chunk list.
+    pub fn read(path: &Path) -> Result<Index> {
+        let bad = |why: String| {
+            Error::failed(
+                STAGE,
+                format!("archive index `{}` is damaged: {why}", path.display()),
+            )
+        };
+        let file = File::open(path).map_err(|e| {
+            let msg = format!("cannot open archive `{}`: {e}", path.display());
+            if e.kind() == io::ErrorKind::NotFound {
+                Error::invalid(msg)
+            } else {
+                Error::failed(STAGE, msg)
+            }
+        })?;
+        let mut raw = Vec::new();
+        file.take(MAX_INDEX)
+            .read_to_end(&mut raw)
+            .map_err(|e| bad(e.to_string()))?;
+        Index::parse(&raw).map_err(bad)
+    }
+
+    /// Parse and check an index (as [`Index::read`]).
+    pub fn parse(raw: &[u8]) -> std::result::Result<Index, String> {
+        let index: Index = serde_json::from_slice(raw).map_err(|e| e.to_string())?;
+        if index.format != FORMAT {
+            return Err(format!("unknown format `{}`", index.format));
+        }
+        if let Some(c) = index.chunks.iter().find(|c| c.size > MAX_CHUNK) {
+            return Err(format!("chunk {} claims {} bytes", short(&c.hash), c.size));
+        }
+        let hash = archive_hash(&index.chunks)?;
+        if hash != index.hash {
+            return Err(format!("its chunks hash to {hash}, it says {}", index.hash));
+        }
+        Ok(index)
+    }
+
+    /// Write the index to `path` atomically and durably (its chunks must be synced
+    /// already: see [`sync_store`]).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let raw = serde_json::to_vec(self).map_err(|e| Error::failed(STAGE, e.to_string()))?;
+        let dir = parent(path);
+        let err =
+            |e: io::Error| Error::failed(STAGE, format!("cannot write `{}`: {e}", path.display()));
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".index")
+            .suffix(".tmp")
+            .tempfile_in(dir)
+            .map_err(err)?;
+        tmp.write_all(&raw).map_err(err)?;
+        tmp.as_file().sync_all().map_err(err)?;
+        tmp.persist(path).map_err(|e| err(e.error))?;
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+/// The hash of an archive made of `chunks`: blake3 over the format name, then each
+/// chunk's hash (32 bytes) and size (8 bytes, little-endian).
+pub fn archive_hash(chunks: &[ChunkRef]) -> std::result::Result<String, String> {
+    let mut h = blake3::Hasher::new();
+    h.update(FORMAT.as_bytes());
+    h.update(b"\0");
+    for c in chunks {
+        let hash = blake3::Hash::from_hex(&c.hash)
+            .map_err(|_| format!("`{}` is not a chunk hash", c.hash))?;
+        h.update(hash.as_bytes());
+        h.update(&c.size.to_le_bytes());
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// Where the chunk `hash` lives in the chunk store `store`.
+pub fn chunk_path(store: &Path, hash: &str) -> PathBuf {
+    let fan = hash.get(..2).unwrap_or("__");
+    store.join(fan).join(format!("{hash}.zst"))
+}
+
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    };
-    let write_err =
-        |e: io::Error| Error::failed(STAGE, format!("cannot write `{}`: {e}", out.display()));
-
-    let mut prefix = std::ffi::OsString::from(".");
-    prefix.push(name);
-    prefix.push(".");
-    let tmp = tempfile::Builder::new()
-        .prefix(&prefix)
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(write_err)?;
-    // Owner-only: the tree may hold configuration nobody else should read.
-    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o600)).map_err(write_err)?;
-
-    let syncing = tmp.as_file().try_clone().map_err(write_err)?;
-    let (tick, ticks) = mpsc::sync_channel::<()>(1);
-    let digest = std::thread::scope(|s| {
-        // Flush written data to disk while compression goes on, so the final fsync below
-        // has little left to wait for. Errors here resurface in that fsync.
-        s.spawn(move || {
-            for () in ticks {
-                let _ = syncing.sync_data();
-            }
-        });
-        let progress = Progress {
-            file: tmp.as_file(),
-            unsynced: 0,
-            tick,
-        };
-        let writer = BufWriter::with_capacity(CHUNK, progress);
-        let (writer, digest) = compress_tree(root, &items, writer, workers())?;
-        // Dropping the writer hangs up on the syncer thread.
-        writer.into_inner().map_err(|e| write_err(e.into_error()))?;
-        Ok::<_, Error>(digest)
-    })?;
-    tmp.as_file().sync_all().map_err(write_err)?;
-    tmp.persist(out).map_err(|e| write_err(e.error))?;
-    // Make the rename itself durable; failing here changes nothing for the caller.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
     }
-    Ok(digest)
 }
 
-/// Start writeback after this many bytes of output; see [`write_archive`].
-const SYNC_EVERY: u64 = 32 << 20;
-
-/// Writes to the archive file, asking the syncer thread to flush every [`SYNC_EVERY`].
-struct Progress<'a> {
-    file: &'a File,
-    unsynced: u64,
-    tick: mpsc::SyncSender<()>,
+/// What [`write_archive`] did.
+#[derive(Debug)]
+pub struct Written {
+    pub digest: Digest,
+    /// Chunk files this call added to the store (a failed build removes them).
+    pub created: Vec<PathBuf>,
+    /// Chunks taken from the stat cache, their files not read.
+    pub cached: usize,
+    /// Chunks in the archive.
+    pub chunks: usize,
 }
 
-impl Write for Progress<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.unsynced += n as u64;
-        if self.unsynced >= SYNC_EVERY {
-            self.unsynced = 0;
-            // If the syncer is still busy, its current flush will cover these bytes too.
-            let _ = self.tick.try_send(());
+/// Archive the tree at `root`: new chunks into the chunk store `store` (0600, fan-out
+/// folders 0700), the index to `index_out` (atomically, fsynced after the chunks). The
+/// stat cache at `cache` (if given) is read and rewritten. `skip(rel_path)` excludes
+/// entries (paths relative to `root`); a skipped folder excludes everything under it.
+pub fn write_archive(
+    root: &Path,
+    store: &Path,
+    index_out: &Path,
+    skip: &dyn Fn(&Path) -> bool,
+    cache: Option<&Path>,
+) -> Result<Written> {
+    let started = SystemTime::now();
+    // Walk first: a tree we cannot archive fails before anything is created.
+    let items = scan(root, skip)?;
+    let plan = plan(&items);
+    let old = cache.map(StatCache::load).unwrap_or_default();
+    let store_err =
+        |e: io::Error| Error::failed(STAGE, format!("cannot write `{}`: {e}", store.display()));
+    fs::create_dir_all(store).map_err(store_err)?;
+    fs::set_permissions(store, fs::Permissions::from_mode(0o700)).map_err(store_err)?;
+
+    let racy_after = started
+        .checked_sub(RACY)
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut refs: Vec<Option<ChunkRef>> = vec![None; plan.len()];
+    let mut keys: Vec<Option<[u8; 32]>> = vec![None; plan.len()];
+    let mut cached = 0;
+    let workers = workers();
+    let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(workers);
+    let work_rx = Mutex::new(work_rx);
+    let (done_tx, done_rx) = mpsc::channel::<(usize, io::Result<(ChunkRef, bool)>)>();
+    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+    let produced = std::thread::scope(|s| {
+        for _ in 0..workers {
+            let (rx, done, free) = (&work_rx, done_tx.clone(), free_tx.clone());
+            s.spawn(move || worker(store, rx, done, free));
         }
-        Ok(n)
+        drop((done_tx, free_tx));
+        // Taking the sender by value: any return hangs up, so the workers end.
+        let mut feed = |work: mpsc::SyncSender<(usize, Vec<u8>)>| -> Result<()> {
+            let mut headers = Headers::new();
+            for (seq, chunk) in plan.iter().enumerate() {
+                let key = chunk_key(&items, chunk);
+                if !is_racy(&items, chunk, racy_after) {
+                    keys[seq] = Some(key);
+                }
+                if let Some(r) = old.get(&key)
+                    && fs::metadata(chunk_path(store, &r.hash)).is_ok_and(|m| m.len() == r.stored)
+                {
+                    refs[seq] = Some(r.clone());
+                    cached += 1;
+                    continue;
+                }
+                let mut buf = free_rx.try_recv().unwrap_or_default();
+                buf.clear();
+                fill(root, &items, chunk, &mut headers, &mut buf)?;
+                work.send((seq, buf))
+                    .map_err(|_| Error::failed(STAGE, "the archive workers stopped"))?;
+            }
+            Ok(())
+        };
+        feed(work_tx)
+    });
+    let mut created = Vec::new();
+    let mut failed = None;
+    for (seq, result) in done_rx {
+        match result {
+            Ok((r, new)) => {
+                if new {
+                    created.push(chunk_path(store, &r.hash));
+                }
+                refs[seq] = Some(r);
+            }
+            Err(e) => {
+                failed.get_or_insert(Error::failed(
+                    STAGE,
+                    format!("cannot write a chunk into `{}`: {e}", store.display()),
+                ));
+            }
+        }
     }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+    let finish = || -> Result<Written> {
+        produced?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let chunks: Vec<ChunkRef> = refs
+            .iter()
+            .map(|r| {
+                r.clone()
+                    .ok_or_else(|| Error::failed(STAGE, "a chunk went missing"))
+            })
+            .collect::<Result<_>>()?;
+        let hash = archive_hash(&chunks).map_err(|e| Error::failed(STAGE, e))?;
+        let (files, bytes) = counts(&items);
+        // Every chunk on disk before the index that names them.
+        sync_store(store).map_err(store_err)?;
+        let index = Index {
+            format: FORMAT.into(),
+            hash: hash.clone(),
+            files,
+            bytes,
+            chunks,
+        };
+        index.write(index_out)?;
+        if let Some(cache) = cache {
+            let fresh = StatCache(
+                keys.iter()
+                    .zip(&index.chunks)
+                    .filter_map(|(k, r)| k.map(|k| (k, r.clone())))
+                    .collect(),
+            );
+            // Only a cache: failing to write it costs the next build time, nothing else.
+            let _ = fresh.save(cache);
+        }
+        Ok(Written {
+            digest: Digest { hash, files, bytes },
+            created: Vec::new(),
+            cached,
+            chunks: index.chunks.len(),
+        })
+    };
+    // Two equal chunks of one archive may both have been written.
+    created.sort();
+    created.dedup();
+    match finish() {
+        Ok(w) => Ok(Written { created, ..w }),
+        Err(e) => {
+            for path in &created {
+                let _ = fs::remove_file(path);
+            }
+            Err(e)
+        }
     }
 }
 
-/// The digest [`write_archive`] would return for the same tree, without writing anything.
+/// A worker: hash each chunk it is given and, if the store lacks it, compress and
+/// store it. Reports `(chunk, newly stored)` by sequence number.
+fn worker(
+    store: &Path,
+    work: &Mutex<mpsc::Receiver<(usize, Vec<u8>)>>,
+    done: mpsc::Sender<(usize, io::Result<(ChunkRef, bool)>)>,
+    free: mpsc::Sender<Vec<u8>>,
+) {
+    let mut zstd = compressor();
+    loop {
+        let job = match work.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok((seq, buf)) = job else { return };
+        let result = match &mut zstd {
+            Ok(z) => store_chunk(store, z, &buf),
+            Err(e) => Err(io::Error::new(e.kind(), format!("cannot start zstd: {e}"))),
+        };
+        let _ = done.send((seq, result));
+        let _ = free.send(buf);
+    }
+}
+
+fn compressor() -> io::Result<zstd::bulk::Compressor<'static>> {
+    let mut z = zstd::bulk::Compressor::new(LEVEL)?;
+    // Like the zstd CLI: a frame checksum catches corruption before the tar is parsed.
+    z.include_checksum(true)?;
+    Ok(z)
+}
+
+fn store_chunk(
+    store: &Path,
+    zstd: &mut zstd::bulk::Compressor<'static>,
+    data: &[u8],
+) -> io::Result<(ChunkRef, bool)> {
+    let hash = blake3::hash(data).to_hex().to_string();
+    let path = chunk_path(store, &hash);
+    let size = data.len() as u64;
+    if let Ok(m) = fs::metadata(&path) {
+        return Ok((
+            ChunkRef {
+                hash,
+                size,
+                stored: m.len(),
+            },
+            false,
+        ));
+    }
+    let compressed = zstd.compress(data)?;
+    put_chunk(&path, &compressed)?;
+    Ok((
+        ChunkRef {
+            hash,
+            size,
+            stored: compressed.len() as u64,
+        },
+        true,
+    ))
+}
+
+/// Flush the chunk store to disk: one `syncfs` rather than an fsync per chunk.
+pub fn sync_store(store: &Path) -> io::Result<()> {
+    let dir = File::open(store)?;
+    rustix::fs::syncfs(&dir)?;
+    Ok(())
+}
+
+/// Write a chunk file (0600) into place through a temp file; its fan-out folder is
+/// made 0700. The caller syncs.
+pub fn put_chunk(path: &Path, compressed: &[u8]) -> io::Result<()> {
+    let dir = parent(path);
+    if !dir.is_dir() {
+        fs::create_dir_all(dir)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".chunk")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(compressed)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Decompress a chunk and check it against its reference: exactly `size` bytes
+/// hashing to `hash`, or an error saying what was found.
+pub fn open_chunk(compressed: &[u8], chunk: &ChunkRef) -> std::result::Result<Vec<u8>, String> {
+    let size = usize::try_from(chunk.size.min(MAX_CHUNK)).unwrap_or(0);
+    let data = zstd::bulk::decompress(compressed, size)
+        .map_err(|e| format!("chunk {}: {e}", short(&chunk.hash)))?;
+    let found = blake3::hash(&data).to_hex();
+    if data.len() as u64 != chunk.size || found.as_str() != chunk.hash {
+        return Err(format!(
+            "chunk {}: {} bytes hashing to {}",
+            short(&chunk.hash),
+            data.len(),
+            short(found.as_str())
+        ));
+    }
+    Ok(data)
+}
+
+/// Remove every chunk of `store` that no index in `keep` lists; returns the count and
+/// compressed bytes removed.
+pub fn sweep(store: &Path, keep: &std::collections::HashSet<String>) -> (u64, u64) {
+    let (mut count, mut bytes) = (0, 0);
+    let Ok(fans) = fs::read_dir(store) else {
+        return (0, 0);
+    };
+    for fan in fans.flatten() {
+        if !fan.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let Ok(entries) = fs::read_dir(fan.path()) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let hash = name.strip_suffix(".zst").unwrap_or(&name);
+            if keep.contains(hash) {
+                continue;
+            }
+            let len = e.metadata().map_or(0, |m| m.len());
+            if fs::remove_file(e.path()).is_ok() {
+                count += 1;
+                bytes += len;
+            }
+        }
+    }
+    (count, bytes)
+}
+
+/// The stat cache: a chunk's key (the paths, kinds and stats of what it holds) → the
+/// chunk, as written by the last build.
+#[derive(Debug, Default)]
+struct StatCache(HashMap<[u8; 32], ChunkRef>);
+
+#[derive(Serialize, Deserialize)]
+struct StatCacheFile {
+    format: String,
+    chunks: Vec<(String, ChunkRef)>,
+}
+
+impl StatCache {
+    fn load(path: &Path) -> StatCache {
+        let parsed = fs::read(path)
+            .ok()
+            .and_then(|raw| serde_json::from_slice::<StatCacheFile>(&raw).ok());
+        let Some(file) = parsed.filter(|f| f.format == FORMAT) else {
+            return StatCache::default();
+        };
+        StatCache(
+            file.chunks
+                .into_iter()
+                .filter_map(|(k, r)| Some((*blake3::Hash::from_hex(k).ok()?.as_bytes(), r)))
+                .collect(),
+        )
+    }
+
+    fn get(&self, key: &[u8; 32]) -> Option<&ChunkRef> {
+        self.0.get(key)
+    }
+
+    fn save(&self, path: &Path) -> io::Result<()> {
+        let mut chunks: Vec<(String, ChunkRef)> = self
+            .0
+            .iter()
+            .map(|(k, r)| (blake3::Hash::from_bytes(*k).to_hex().to_string(), r.clone()))
+            .collect();
+        chunks.sort_by(|a, b| a.0.cmp(&b.0));
+        let raw = serde_json::to_vec(&StatCacheFile {
+            format: FORMAT.into(),
+            chunks,
+        })?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".cache")
+            .suffix(".tmp")
+            .tempfile_in(parent(path))?;
+        tmp.write_all(&raw)?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    }
+}
+
+/// The digest [`write_archive`] would return for the same tree, without writing
+/// anything.
 pub fn hash_tree(root: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<Digest> {
     let items = scan(root, skip)?;
-    let (_, digest) = write_tar(root, &items, io::sink())?;
-    Ok(digest)
+    let mut headers = Headers::new();
+    let mut buf = Vec::new();
+    let mut chunks = Vec::new();
+    for chunk in plan(&items) {
+        buf.clear();
+        fill(root, &items, &chunk, &mut headers, &mut buf)?;
+        chunks.push(ChunkRef {
+            hash: blake3::hash(&buf).to_hex().to_string(),
+            size: buf.len() as u64,
+            stored: 0,
+        });
+    }
+    let hash = archive_hash(&chunks).map_err(|e| Error::failed(STAGE, e))?;
+    let (files, bytes) = counts(&items);
+    Ok(Digest { hash, files, bytes })
 }
 
-/// Extract `archive` into `dest`, which must be an empty folder or absent (it is created,
-/// with its parents). If `expected` is given, the uncompressed tar's blake3 must equal
-/// it. Everything is extracted into a temporary sibling first and renamed into place
-/// only on success, so a bad archive leaves nothing behind.
+fn counts(items: &[Item]) -> (u64, u64) {
+    items.iter().fold((0, 0), |(f, b), i| match i.kind {
+        Kind::Dir => (f, b),
+        Kind::Symlink => (f + 1, b),
+        Kind::File => (f + 1, b + i.size),
+    })
+}
+
+/// The number of workers: all cores, up to [`MAX_WORKERS`]. The output does not
+/// depend on it.
+fn workers() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.clamp(1, MAX_WORKERS)
+}
+
+/// What to archive at a path relative to the root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    File,
+    Symlink,
+}
+
+#[derive(Debug)]
+struct Item {
+    rel: PathBuf,
+    kind: Kind,
+    /// Content size (files only).
+    size: u64,
+    exec: bool,
+    /// What the stat cache compares: modification time, inode, device.
+    mtime: (i64, i64),
+    ino: u64,
+    dev: u64,
+}
+
+/// Every entry under `root` not skipped, sorted byte-wise by relative path.
+fn scan(root: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<Vec<Item>> {
+    match fs::metadata(root) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::invalid(format!(
+                "`{}` is not a folder",
+                root.display()
+            )));
+        }
+        Err(e) => {
+            return Err(Error::invalid(format!(
+                "cannot read `{}`: {e}",
+                root.display()
+            )));
+        }
+    }
+    let rel = |p: &Path| {
+        p.strip_prefix(root)
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    };
+    let mut items = Vec::new();
+    let walk = walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .follow_links(false)
+        .into_iter()
+        .filter_entry(|e| !skip(&rel(e.path())));
+    for entry in walk {
+        let read_err = |path: Option<&Path>, e: &dyn std::fmt::Display| {
+            let path = path
+                .map(|p| rel(p).display().to_string())
+                .unwrap_or_default();
+            Error::failed(
+                STAGE,
+                format!("cannot read `{path}` in `{}`: {e}", root.display()),
+            )
+        };
+        let entry = entry.map_err(|e| read_err(e.path(), &e))?;
+        let meta = entry
+            .metadata()
+            .map_err(|e| read_err(Some(entry.path()), &e))?;
+        let ft = entry.file_type();
+        let kind = if ft.is_dir() {
+            Kind::Dir
+        } else if ft.is_file() {
+            Kind::File
+        } else if ft.is_symlink() {
+            Kind::Symlink
+        } else {
+            return Err(Error::invalid(format!(
+                "cannot archive `{}`: it is a socket, fifo or device; only files, folders and symlinks can be archived",
+                rel(entry.path()).display()
+            )));
+        };
+        items.push(Item {
+            rel: rel(entry.path()),
+            kind,
+            size: if kind == Kind::File { meta.len() } else { 0 },
+            exec: meta.permissions().mode() & 0o111 != 0,
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ino: meta.ino(),
+            dev: meta.dev(),
+        });
+    }
+    // Byte-wise order of the whole path, independent of the file system's listing order.
+    items.sort_unstable_by(|a, b| {
+        a.rel
+            .as_os_str()
+            .as_bytes()
+            .cmp(b.rel.as_os_str().as_bytes())
+    });
+    Ok(items)
+}
+
+/// Part of a chunk: the bytes `from..to` of an item's content, with its header when
+/// `from` is 0 and its padding when `to` is its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Part {
+    item: usize,
+    from: u64,
+    to: u64,
+}
+
+/// A planned chunk; the empty one is the end-of-archive blocks.
+type Planned = Vec<Part>;
+
+/// Cut the tar stream of `items` into chunks (see the constants above). Depends only
+/// on paths, kinds and sizes, so the same tree always gives the same chunks.
+fn plan(items: &[Item]) -> Vec<Planned> {
+    let mut chunks = Vec::new();
+    let mut group: Planned = Vec::new();
+    let mut group_size = 0u64;
+    for (i, item) in items.iter().enumerate() {
+        if item.kind == Kind::File && item.size >= PIECE {
+            if !group.is_empty() {
+                chunks.push(std::mem::take(&mut group));
+                group_size = 0;
+            }
+            let mut from = 0;
+            while from < item.size {
+                let to = (from + PIECE).min(item.size);
+                chunks.push(vec![Part { item: i, from, to }]);
+                from = to;
+            }
+            continue;
+        }
+        group.push(Part {
+            item: i,
+            from: 0,
+            to: item.size,
+        });
+        group_size += item.size + 512;
+        let cut =
+            blake3::hash(item.rel.as_os_str().as_bytes()).as_bytes()[0].is_multiple_of(CUT_ONE_IN);
+        if group_size >= GROUP || cut {
+            chunks.push(std::mem::take(&mut group));
+            group_size = 0;
+        }
+    }
+    if !group.is_empty() {
+        chunks.push(group);
+    }
+    // The end-of-archive blocks: a chunk of their own, the same in every archive.
+    chunks.push(Vec::new());
+    chunks
+}
+
+/// The stat cache's key of a chunk: what it holds and the stat of each file in it.
+fn chunk_key(items: &[Item], chunk: &[Part]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(FORMAT.as_bytes());
+    for p in chunk {
+        let item = &items[p.item];
+        let rel = item.rel.as_os_str().as_bytes();
+        h.update(&(rel.len() as u64).to_le_bytes());
+        h.update(rel);
+        h.update(&[item.kind as u8, u8::from(item.exec)]);
+        for n in [p.from, p.to, item.size, item.ino, item.dev] {
+            h.update(&n.to_le_bytes());
+        }
+        if item.kind != Kind::Dir {
+            h.update(&item.mtime.0.to_le_bytes());
+            h.update(&item.mtime.1.to_le_bytes());
+        }
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Does the chunk hold something modified too recently to trust its stat?
+fn is_racy(items: &[Item], chunk: &[Part], after: i64) -> bool {
+    chunk
+        .iter()
+        .any(|p| items[p.item].kind != Kind::Dir && items[p.item].mtime.0 >= after)
+}
+
+/// Writes tar headers: one builder for the whole archive, its output taken after
+/// every header (the builder writes the end-of-archive blocks only when finished).
+struct Headers {
+    builder: tar::Builder<Vec<u8>>,
+}
+
+impl Headers {
+    fn new() -> Headers {
+        Headers {
+            builder: tar::Builder::new(Vec::new()),
+        }
+    }
+
+    /// Append `item`'s header (and a GNU long-name entry if needed) to `out`.
+    fn append(&mut self, root: &Path, item: &Item, out: &mut Vec<u8>) -> Result<()> {
+        let write_err = |e: io::Error| {
+            Error::failed(
+                STAGE,
+                format!(
+                    "cannot write `{}` into the archive: {e}",
+                    item.rel.display()
+                ),
+            )
+        };
+        // A GNU header with every field we do not set left zero: uid/gid 0, no owner names.
+        let mut header = Header::new_gnu();
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        header.set_size(0);
+        match item.kind {
+            Kind::Dir => {
+                header.set_entry_type(EntryType::Directory);
+                header.set_mode(0o755);
+                self.builder
+                    .append_data(&mut header, &item.rel, io::empty())
+                    .map_err(write_err)?;
+            }
+            Kind::Symlink => {
+                let path = root.join(&item.rel);
+                let target = fs::read_link(&path).map_err(|e| {
+                    Error::failed(STAGE, format!("cannot read `{}`: {e}", path.display()))
+                })?;
+                header.set_entry_type(EntryType::Symlink);
+                header.set_mode(0o777);
+                self.builder
+                    .append_link(&mut header, &item.rel, &target)
+                    .map_err(write_err)?;
+            }
+            Kind::File => {
+                header.set_entry_type(EntryType::Regular);
+                header.set_mode(if item.exec { 0o755 } else { 0o644 });
+                header.set_size(item.size);
+                // Given no data the builder writes only the header; the body follows.
+                self.builder
+                    .append_data(&mut header, &item.rel, io::empty())
+                    .map_err(write_err)?;
+            }
+        }
+        out.append(self.builder.get_mut());
+        Ok(())
+    }
+}
+
+/// The tar bytes of a planned chunk, appended to `out`.
+fn fill(
+    root: &Path,
+    items: &[Item],
+    chunk: &[Part],
+    headers: &mut Headers,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    if chunk.is_empty() {
+        out.extend_from_slice(&[0u8; 1024]);
+        return Ok(());
+    }
+    for p in chunk {
+        let item = &items[p.item];
+        if p.from == 0 {
+            headers.append(root, item, out)?;
+        }
+        if item.kind != Kind::File {
+            continue;
+        }
+        let path = root.join(&item.rel);
+        let read_err =
+            |e: io::Error| Error::failed(STAGE, format!("cannot read `{}`: {e}", path.display()));
+        if p.to > p.from {
+            let mut file = File::open(&path).map_err(read_err)?;
+            if p.from > 0 {
+                file.seek(SeekFrom::Start(p.from)).map_err(read_err)?;
+            }
+            let want = p.to - p.from;
+            let start = out.len();
+            out.reserve(usize::try_from(want).unwrap_or(0));
+            let got = (&mut file).take(want).read_to_end(out).map_err(read_err)?;
+            if (got as u64) < want {
+                out.truncate(start);
+                return Err(Error::failed(
+                    STAGE,
+                    format!("`{}` shrank while it was being archived", path.display()),
+                ));
+            }
+        }
+        if p.to == item.size {
+            // Pad the body to a whole 512-byte block, as tar requires.
+            let pad = (512 - item.size % 512) % 512;
+            out.extend_from_slice(&[0u8; 512][..pad as usize]);
+        }
+    }
+    Ok(())
+}
+
+/// Extract `archive` (an index whose chunks are in `store`, or an archive of the
+/// earlier one-file format) into `dest`, which must be an empty folder or absent (it
+/// is created, with its parents). If `expected` is given, the archive's hash must
+/// equal it; every chunk is checked against its hash as it is read. Everything is
+/// extracted into a temporary sibling first and renamed into place only on success,
+/// so a bad archive leaves nothing behind.
 ///
 /// A `dest` created here is owner-only (0700), like the archive; an existing empty
 /// `dest` keeps its mode.
-pub fn extract_archive(archive: &Path, dest: &Path, expected: Option<&str>) -> Result<Digest> {
+pub fn extract_archive(
+    archive: &Path,
+    store: &Path,
+    dest: &Path,
+    expected: Option<&str>,
+) -> Result<Digest> {
     let dest_err = |e: io::Error| {
         Error::failed(
             STAGE,
@@ -163,53 +882,6 @@ pub fn extract_archive(archive: &Path, dest: &Path, expected: Option<&str>) -> R
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(dest_err(e)),
     };
-    let file = File::open(archive).map_err(|e| {
-        let msg = format!("cannot open archive `{}`: {e}", archive.display());
-        if e.kind() == io::ErrorKind::NotFound {
-            Error::invalid(msg)
-        } else {
-            Error::failed(STAGE, msg)
-        }
-    })?;
-
-    let name = dest.file_name().ok_or_else(|| {
-        Error::invalid(format!(
-            "cannot extract into `{}`: no folder name",
-            dest.display()
-        ))
-    })?;
-    let parent = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    fs::create_dir_all(parent).map_err(dest_err)?;
-    let mut prefix = std::ffi::OsString::from(".");
-    prefix.push(name);
-    prefix.push(".extract-");
-    let tmp = tempfile::Builder::new()
-        .prefix(&prefix)
-        .tempdir_in(parent)
-        .map_err(dest_err)?;
-
-    let decoder = zstd::stream::read::Decoder::new(file).map_err(|e| {
-        Error::failed(
-            STAGE,
-            format!("cannot read archive `{}`: {e}", archive.display()),
-        )
-    })?;
-    // Hash below the buffer so every byte the decoder yields is hashed exactly once.
-    let reader = BufReader::with_capacity(CHUNK, HashingReader::new(decoder));
-    let mut tar = tar::Archive::new(reader);
-    tar.set_preserve_permissions(true);
-    tar.set_mask(0);
-    // mtimes are all 0 in the archive; fresh times are less surprising on disk.
-    tar.set_preserve_mtime(false);
-
-    let unpacked = unpack(&mut tar, tmp.path());
-    let mut reader = tar.into_inner();
-    // The end-of-archive blocks (and anything after them) belong to the hashed stream.
-    let unpacked = unpacked.and_then(|d| io::copy(&mut reader, &mut io::sink()).map(|_| d));
-    let hashing = reader.into_inner();
     let corrupted = |detail: String| {
         Error::failed(
             STAGE,
@@ -219,23 +891,88 @@ pub fn extract_archive(archive: &Path, dest: &Path, expected: Option<&str>) -> R
             ),
         )
     };
-    let (files, bytes) = match unpacked {
-        Ok(counts) => counts,
-        // An error from the decoder means the compressed bytes are bad, not the disk.
-        Err(e) if hashing.read_failed => return Err(corrupted(e.to_string())),
-        Err(e) => {
-            return Err(Error::failed(
-                STAGE,
-                format!("cannot extract `{}`: {e}", archive.display()),
-            ));
+    let mut file = File::open(archive).map_err(|e| {
+        let msg = format!("cannot open archive `{}`: {e}", archive.display());
+        if e.kind() == io::ErrorKind::NotFound {
+            Error::invalid(msg)
+        } else {
+            Error::failed(STAGE, msg)
+        }
+    })?;
+    let mut magic = [0u8; 4];
+    let legacy = file.read_exact(&mut magic).is_ok() && magic == ZSTD_MAGIC;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| corrupted(e.to_string()))?;
+    let index = if legacy {
+        None
+    } else {
+        let index = Index::read(archive).map_err(|_| corrupted("not an archive index".into()))?;
+        if let Some(expected) = expected
+            && !expected.eq_ignore_ascii_case(&index.hash)
+        {
+            return Err(corrupted(format!(
+                "expected {expected}, found {}",
+                index.hash
+            )));
+        }
+        Some(index)
+    };
+
+    fs::create_dir_all(parent(dest)).map_err(dest_err)?;
+    let name = dest.file_name().ok_or_else(|| {
+        Error::invalid(format!(
+            "cannot extract into `{}`: no folder name",
+            dest.display()
+        ))
+    })?;
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(name);
+    prefix.push(".extract-");
+    let tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .tempdir_in(parent(dest))
+        .map_err(dest_err)?;
+
+    let (files, bytes, hash) = match &index {
+        Some(index) => {
+            let mut reader = ChunkReader::new(store, &index.chunks);
+            let unpacked = unpack_all(&mut reader, tmp.path());
+            if let Some(detail) = reader.corrupt {
+                return Err(corrupted(detail));
+            }
+            let (files, bytes) = unpacked.map_err(|e| {
+                Error::failed(
+                    STAGE,
+                    format!("cannot extract `{}`: {e}", archive.display()),
+                )
+            })?;
+            (files, bytes, index.hash.clone())
+        }
+        None => {
+            let decoder =
+                zstd::stream::read::Decoder::new(file).map_err(|e| corrupted(e.to_string()))?;
+            let mut reader = HashingReader::new(decoder);
+            let unpacked = unpack_all(&mut reader, tmp.path());
+            let (files, bytes) = match unpacked {
+                Ok(counts) => counts,
+                // An error from the decoder means the compressed bytes are bad, not the disk.
+                Err(e) if reader.read_failed => return Err(corrupted(e.to_string())),
+                Err(e) => {
+                    return Err(Error::failed(
+                        STAGE,
+                        format!("cannot extract `{}`: {e}", archive.display()),
+                    ));
+                }
+            };
+            let hash = reader.hasher.finalize().to_hex().to_string();
+            if let Some(expected) = expected
+                && !expected.eq_ignore_ascii_case(&hash)
+            {
+                return Err(corrupted(format!("expected {expected}, found {hash}")));
+            }
+            (files, bytes, hash)
         }
     };
-    let hash = hashing.hasher.finalize().to_hex().to_string();
-    if let Some(expected) = expected
-        && !expected.eq_ignore_ascii_case(&hash)
-    {
-        return Err(corrupted(format!("expected {expected}, found {hash}")));
-    }
 
     let mode = keep_mode.unwrap_or(0o700);
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(mode)).map_err(dest_err)?;
@@ -246,6 +983,21 @@ pub fn extract_archive(archive: &Path, dest: &Path, expected: Option<&str>) -> R
         return Err(dest_err(e));
     }
     Ok(Digest { hash, files, bytes })
+}
+
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// Unpack the tar stream `reader` under `dir` and read it to its end (everything
+/// after the end-of-archive blocks is part of what was hashed).
+fn unpack_all<R: Read>(reader: &mut R, dir: &Path) -> io::Result<(u64, u64)> {
+    let mut tar = tar::Archive::new(BufReader::with_capacity(READ, reader));
+    tar.set_preserve_permissions(true);
+    tar.set_mask(0);
+    // mtimes are all 0 in the archive; fresh times are less surprising on disk.
+    tar.set_preserve_mtime(false);
+    let counts = unpack(&mut tar, dir)?;
+    io::copy(&mut tar.into_inner(), &mut io::sink())?;
+    Ok(counts)
 }
 
 /// Unpack every entry of `tar` under `dir`, returning (files, bytes) as in [`Digest`].
@@ -279,322 +1031,65 @@ fn unpack<R: Read>(tar: &mut tar::Archive<R>, dir: &Path) -> io::Result<(u64, u6
     Ok((files, bytes))
 }
 
-/// zstd job size; see [`compress_tree`].
-const JOB_SIZE: u32 = 1 << 20;
-
-/// Most zstd workers used: 8 compress faster than one thread reads and hashes, and the
-/// cap keeps peak memory bounded (~45 MB) on big machines.
-const MAX_WORKERS: usize = 8;
-
-/// The number of zstd workers: all cores, up to [`MAX_WORKERS`]. zstd's output does not
-/// depend on it (for 1 or more workers), so archives stay identical across machines.
-fn workers() -> u32 {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    u32::try_from(cores.min(MAX_WORKERS)).unwrap_or(1)
+/// The tar stream of an index: its chunks in order, each decompressed and checked
+/// against its size and hash before any of its bytes is handed out. A failed check
+/// sets `corrupt` and fails the read.
+struct ChunkReader<'a> {
+    store: &'a Path,
+    chunks: &'a [ChunkRef],
+    next: usize,
+    current: Vec<u8>,
+    pos: usize,
+    corrupt: Option<String>,
 }
 
-/// Compress the tar of `items` into `out` with `workers` zstd threads.
-///
-/// Reading and hashing run on this thread while another feeds zstd, so the workers are
-/// not left idle while a file is read (zstd only hands out input in whole jobs).
-fn compress_tree<W: Write + Send>(
-    root: &Path,
-    items: &[Item],
-    out: W,
-    workers: u32,
-) -> Result<(W, Digest)> {
-    let zerr =
-        |e: io::Error| Error::failed(STAGE, format!("cannot start the zstd compressor: {e}"));
-    let mut encoder = zstd::stream::write::Encoder::new(out, LEVEL).map_err(zerr)?;
-    encoder.multithread(workers).map_err(zerr)?;
-    // Like the zstd CLI: a frame checksum catches corruption before the tar is parsed.
-    encoder.include_checksum(true).map_err(zerr)?;
-    // Fixed (the output depends on it): 1 MiB jobs instead of zstd's 8 MiB default for
-    // level 3 cost ~0.15% in size but measured ~30% less CPU (a job stays in cache) and
-    // keep memory at ~3 MB per worker instead of ~25.
-    encoder
-        .set_parameter(zstd::zstd_safe::CParameter::JobSize(JOB_SIZE))
-        .map_err(zerr)?;
-
-    let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(QUEUE);
-    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
-    std::thread::scope(|s| {
-        let compressor = s.spawn(move || -> io::Result<W> {
-            for mut buf in full_rx {
-                encoder.write_all(&buf)?;
-                buf.clear();
-                // The producer may be gone already; then the buffer is simply freed.
-                let _ = free_tx.send(buf);
-            }
-            encoder.finish()
-        });
-        let pipe = Pipe {
-            buf: Vec::with_capacity(CHUNK),
-            full: full_tx,
-            free: free_rx,
-        };
-        // `close` hands over the last partial buffer and hangs up, which ends the loop above.
-        let produced = write_tar(root, items, pipe).and_then(|(pipe, digest)| {
-            pipe.close()
-                .map(|()| digest)
-                .map_err(|e| Error::failed(STAGE, format!("cannot write the archive: {e}")))
-        });
-        let compressed = compressor
-            .join()
-            .map_err(|_| Error::failed(STAGE, "the archive compressor crashed"))?
-            .map_err(|e| Error::failed(STAGE, format!("cannot write the archive: {e}")));
-        // A compressor error is the cause of any "compressor stopped" on this side.
-        let out = compressed?;
-        Ok((out, produced?))
-    })
-}
-
-/// Buffers in flight between the reading and the compressing thread.
-const QUEUE: usize = 4;
-
-/// The writing end of the pipe to the compressor thread: fills `CHUNK`-sized buffers and
-/// sends them over, reusing the ones it gets back.
-struct Pipe {
-    buf: Vec<u8>,
-    full: mpsc::SyncSender<Vec<u8>>,
-    free: mpsc::Receiver<Vec<u8>>,
-}
-
-impl Pipe {
-    fn send(&mut self) -> io::Result<()> {
-        let next = self
-            .free
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
-        let full = std::mem::replace(&mut self.buf, next);
-        self.full
-            .send(full)
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the compressor stopped"))
+impl<'a> ChunkReader<'a> {
+    fn new(store: &'a Path, chunks: &'a [ChunkRef]) -> Self {
+        ChunkReader {
+            store,
+            chunks,
+            next: 0,
+            current: Vec::new(),
+            pos: 0,
+            corrupt: None,
+        }
     }
 
-    fn close(mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            self.send()
-        }
+    fn fail(&mut self, detail: String) -> io::Error {
+        let e = io::Error::other(detail.clone());
+        self.corrupt.get_or_insert(detail);
+        e
     }
 }
 
-impl Write for Pipe {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(CHUNK - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == CHUNK {
-            self.send()?;
+impl Read for ChunkReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.current.len() {
+            let Some(chunk) = self.chunks.get(self.next) else {
+                return Ok(0);
+            };
+            let path = chunk_path(self.store, &chunk.hash);
+            let compressed = match fs::read(&path) {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let detail = format!("chunk {} is missing", short(&chunk.hash));
+                    return Err(self.fail(detail));
+                }
+                Err(e) => return Err(e),
+            };
+            self.current = open_chunk(&compressed, chunk).map_err(|d| self.fail(d))?;
+            self.pos = 0;
+            self.next += 1;
         }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
         Ok(n)
     }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
-/// What to archive at a path relative to the root.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Dir,
-    File,
-    Symlink,
-}
-
-#[derive(Debug)]
-struct Item {
-    rel: PathBuf,
-    kind: Kind,
-}
-
-/// Every entry under `root` not skipped, sorted byte-wise by relative path.
-fn scan(root: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<Vec<Item>> {
-    match fs::metadata(root) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(Error::invalid(format!(
-                "`{}` is not a folder",
-                root.display()
-            )));
-        }
-        Err(e) => {
-            return Err(Error::invalid(format!(
-                "cannot read `{}`: {e}",
-                root.display()
-            )));
-        }
-    }
-    let rel = |p: &Path| {
-        p.strip_prefix(root)
-            .map(Path::to_path_buf)
-            .unwrap_or_default()
-    };
-    let mut items = Vec::new();
-    let walk = walkdir::WalkDir::new(root)
-        .min_depth(1)
-        .follow_links(false)
-        .into_iter()
-        .filter_entry(|e| !skip(&rel(e.path())));
-    for entry in walk {
-        let entry = entry.map_err(|e| {
-            let path = e
-                .path()
-                .map(|p| rel(p).display().to_string())
-                .unwrap_or_default();
-            Error::failed(
-                STAGE,
-                format!("cannot read `{path}` in `{}`: {e}", root.display()),
-            )
-        })?;
-        let ft = entry.file_type();
-        let kind = if ft.is_dir() {
-            Kind::Dir
-        } else if ft.is_file() {
-            Kind::File
-        } else if ft.is_symlink() {
-            Kind::Symlink
-        } else {
-            return Err(Error::invalid(format!(
-                "cannot archive `{}`: it is a socket, fifo or device; only files, folders and symlinks can be archived",
-                rel(entry.path()).display()
-            )));
-        };
-        items.push(Item {
-            rel: rel(entry.path()),
-            kind,
-        });
-    }
-    // Byte-wise order of the whole path, independent of the file system's listing order.
-    items.sort_unstable_by(|a, b| {
-        a.rel
-            .as_os_str()
-            .as_bytes()
-            .cmp(b.rel.as_os_str().as_bytes())
-    });
-    Ok(items)
-}
-
-/// Write the tar of `items` into `out`, hashing the stream on the way.
-fn write_tar<W: Write>(root: &Path, items: &[Item], out: W) -> Result<(W, Digest)> {
-    let mut tar = tar::Builder::new(HashingWriter::new(out));
-    let mut buf = vec![0u8; CHUNK];
-    let (mut files, mut bytes) = (0u64, 0u64);
-    let write_err = |rel: &Path, e: io::Error| {
-        Error::failed(
-            STAGE,
-            format!("cannot write `{}` into the archive: {e}", rel.display()),
-        )
-    };
-    for item in items {
-        let path = root.join(&item.rel);
-        let read_err =
-            |e: io::Error| Error::failed(STAGE, format!("cannot read `{}`: {e}", path.display()));
-        // A GNU header with every field we do not set left zero: uid/gid 0, no owner names.
-        let mut header = Header::new_gnu();
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(0);
-        header.set_size(0);
-        match item.kind {
-            Kind::Dir => {
-                header.set_entry_type(EntryType::Directory);
-                header.set_mode(0o755);
-                tar.append_data(&mut header, &item.rel, io::empty())
-                    .map_err(|e| write_err(&item.rel, e))?;
-            }
-            Kind::Symlink => {
-                let target = fs::read_link(&path).map_err(read_err)?;
-                header.set_entry_type(EntryType::Symlink);
-                header.set_mode(0o777);
-                tar.append_link(&mut header, &item.rel, &target)
-                    .map_err(|e| write_err(&item.rel, e))?;
-                files += 1;
-            }
-            Kind::File => {
-                let mut file = File::open(&path).map_err(read_err)?;
-                let meta = file.metadata().map_err(read_err)?;
-                if !meta.is_file() {
-                    return Err(Error::failed(
-                        STAGE,
-                        format!("`{}` changed while it was being archived", path.display()),
-                    ));
-                }
-                let size = meta.len();
-                header.set_entry_type(EntryType::Regular);
-                header.set_mode(if meta.permissions().mode() & 0o111 != 0 {
-                    0o755
-                } else {
-                    0o644
-                });
-                header.set_size(size);
-                // The builder writes the header (and a GNU long-name entry if needed)
-                // given no data; the body is then streamed in large chunks, which the
-                // builder's 8 KiB copy would not do.
-                tar.append_data(&mut header, &item.rel, io::empty())
-                    .map_err(|e| write_err(&item.rel, e))?;
-                let sink = tar.get_mut();
-                let mut left = size;
-                while left > 0 {
-                    let want = usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK));
-                    let n = match file.read(&mut buf[..want]) {
-                        Ok(0) => {
-                            return Err(Error::failed(
-                                STAGE,
-                                format!("`{}` shrank while it was being archived", path.display()),
-                            ));
-                        }
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(read_err(e)),
-                    };
-                    sink.write_all(&buf[..n])
-                        .map_err(|e| write_err(&item.rel, e))?;
-                    left -= n as u64;
-                }
-                // Pad the body to a whole 512-byte block, as tar requires.
-                let pad = (512 - size % 512) % 512;
-                sink.write_all(&[0u8; 512][..pad as usize])
-                    .map_err(|e| write_err(&item.rel, e))?;
-                files += 1;
-                bytes += size;
-            }
-        }
-    }
-    let hashing = tar
-        .into_inner()
-        .map_err(|e| Error::failed(STAGE, format!("cannot write the archive: {e}")))?;
-    let hash = hashing.hasher.finalize().to_hex().to_string();
-    Ok((hashing.inner, Digest { hash, files, bytes }))
-}
-
-/// Passes writes through to `inner`, hashing exactly the bytes it accepted.
-struct HashingWriter<W> {
-    inner: W,
-    hasher: blake3::Hasher,
-}
-
-impl<W> HashingWriter<W> {
-    fn new(inner: W) -> Self {
-        Self {
-            inner,
-            hasher: blake3::Hasher::new(),
-        }
-    }
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
+fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
 }
 
 /// Hashes what it reads, and remembers whether reading failed (a corrupt stream).
@@ -651,11 +1146,30 @@ mod tests {
         fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
     }
 
+    /// Set every file's and symlink's mtime an hour back, so the stat cache trusts them.
+    fn age(root: &Path) {
+        let ok = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("find \"$1\" -exec touch -h -d '1 hour ago' {} +")
+            .arg("sh")
+            .arg(root)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
     const LONG: &str = "a-rather-long-folder-name-that-goes-on/and-on-and-on-for-quite-a-while/\
                         past-the-hundred-byte-limit-of-a-tar-header/and-past-the-ustar-prefix-of-\
                         one-hundred-and-fifty-five-bytes-too/file-with-a-long-name.txt";
 
+    /// The sample tree's archive hash.
     const PINNED_SAMPLE_HASH: &str =
+        "45328cd6aadf0db125d686fc80911e0f913710ab1c11b586e45799009c40933d";
+
+    /// The blake3 of the sample tree's tar stream, as the first archive format hashed
+    /// it: the stream is unchanged, only how it is stored and hashed.
+    const PINNED_V1_STREAM_HASH: &str =
         "68c931c66ec8cd26ad0f827e317b36869b54a7e2e1d869b8ca3682843a320fae";
 
     /// A tree with nested folders, an executable, symlinks, an empty folder, long names.
@@ -683,6 +1197,64 @@ mod tests {
         hash_tree(root, &no_skip).unwrap().hash
     }
 
+    /// A place for archives: a chunk store, indexes and a stat cache.
+    struct Place {
+        dir: TempDir,
+    }
+
+    impl Place {
+        fn new() -> Place {
+            Place {
+                dir: TempDir::new().unwrap(),
+            }
+        }
+        fn store(&self) -> PathBuf {
+            self.dir.path().join("chunks")
+        }
+        fn index(&self, name: &str) -> PathBuf {
+            self.dir.path().join(name)
+        }
+        fn cache(&self) -> PathBuf {
+            self.dir.path().join("cache.json")
+        }
+        fn write(&self, tree: &Path, name: &str) -> Written {
+            write_archive(tree, &self.store(), &self.index(name), &no_skip, None).unwrap()
+        }
+        fn write_cached(&self, tree: &Path, name: &str) -> Written {
+            let cache = self.cache();
+            write_archive(
+                tree,
+                &self.store(),
+                &self.index(name),
+                &no_skip,
+                Some(&cache),
+            )
+            .unwrap()
+        }
+        fn extract(&self, name: &str, dest: &Path, expected: Option<&str>) -> Result<Digest> {
+            extract_archive(&self.index(name), &self.store(), dest, expected)
+        }
+        /// The chunk files of an index, concatenated: a `.tar.zst`.
+        fn concatenated(&self, name: &str) -> Vec<u8> {
+            let index = Index::read(&self.index(name)).unwrap();
+            let mut out = Vec::new();
+            for c in &index.chunks {
+                out.extend(fs::read(chunk_path(&self.store(), &c.hash)).unwrap());
+            }
+            out
+        }
+        fn chunk_files(&self) -> Vec<PathBuf> {
+            let mut out: Vec<PathBuf> = walkdir::WalkDir::new(self.store())
+                .into_iter()
+                .map(|e| e.unwrap())
+                .filter(|e| e.file_type().is_file())
+                .map(|e| e.into_path())
+                .collect();
+            out.sort();
+            out
+        }
+    }
+
     /// Copy `src` into a fresh temp folder with `cp -a` (keeps modes and symlinks).
     fn copy(src: &Path) -> TempDir {
         let dir = TempDir::new().unwrap();
@@ -700,13 +1272,16 @@ mod tests {
     #[test]
     fn same_tree_same_bytes() {
         let tree = sample();
-        let out = TempDir::new().unwrap();
-        let (a, b) = (out.path().join("a.tar.zst"), out.path().join("b.tar.zst"));
-        let da = write_archive(tree.path(), &a, &no_skip).unwrap();
+        let (a, b) = (Place::new(), Place::new());
+        let da = a.write(tree.path(), "i").digest;
         let copied = copy(tree.path());
-        let db = write_archive(copied.path(), &b, &no_skip).unwrap();
+        let db = b.write(copied.path(), "i").digest;
         assert_eq!(da, db);
-        assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
+        assert_eq!(
+            fs::read(a.index("i")).unwrap(),
+            fs::read(b.index("i")).unwrap()
+        );
+        assert_eq!(a.concatenated("i"), b.concatenated("i"));
         assert_eq!(da.hash.len(), 64);
         // README, main.py, run.sh, z.bin, empty.txt, LONG, two symlinks.
         assert_eq!(da.files, 8);
@@ -716,14 +1291,47 @@ mod tests {
 
     /// The archive format is part of every release id: the sample tree's hash is
     /// pinned, so a change to the format cannot pass unnoticed (it would need a
-    /// migration note).
+    /// migration note). The tar stream itself is still the first format's.
     #[test]
     fn the_format_is_stable() {
+        let tree = sample();
         assert_eq!(
-            hash(sample().path()),
+            hash(tree.path()),
             PINNED_SAMPLE_HASH,
             "the archive format changed: release ids of existing trees would change"
         );
+        let place = Place::new();
+        place.write(tree.path(), "i");
+        let stream = zstd::decode_all(&place.concatenated("i")[..]).unwrap();
+        assert_eq!(
+            blake3::hash(&stream).to_hex().as_str(),
+            PINNED_V1_STREAM_HASH
+        );
+    }
+
+    /// Archives of the first format (one `.tar.zst`, hashed as a whole) still extract,
+    /// checked against that hash.
+    #[test]
+    fn first_format_archives_still_extract() {
+        let tree = sample();
+        let place = Place::new();
+        place.write(tree.path(), "i");
+        let legacy = place.index("old.tar.zst");
+        fs::write(&legacy, place.concatenated("i")).unwrap();
+        let dest = place.dir.path().join("dest");
+        let d =
+            extract_archive(&legacy, &place.store(), &dest, Some(PINNED_V1_STREAM_HASH)).unwrap();
+        assert_eq!((d.hash.as_str(), d.files), (PINNED_V1_STREAM_HASH, 8));
+        assert_eq!(hash(&dest), hash(tree.path()));
+        let err = extract_archive(
+            &legacy,
+            &place.store(),
+            &place.dir.path().join("d2"),
+            Some(&"0".repeat(64)),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("was tampered with or corrupted"), "{err}");
     }
 
     /// A tree whose files are hard links (as `path:` sources are brought into a build)
@@ -741,30 +1349,32 @@ mod tests {
     #[test]
     fn archive_is_private_and_leaves_no_temp_files() {
         let tree = sample();
-        let out = TempDir::new().unwrap();
-        let path = out.path().join("r.tar.zst");
-        fs::write(&path, b"old").unwrap();
-        write_archive(tree.path(), &path, &no_skip).unwrap();
-        assert_eq!(
-            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        let names: Vec<_> = fs::read_dir(out.path())
+        let place = Place::new();
+        fs::write(place.index("i"), b"old").unwrap();
+        place.write_cached(tree.path(), "i");
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&place.index("i")), 0o600);
+        assert_eq!(mode(&place.store()), 0o700);
+        for f in place.chunk_files() {
+            assert!(f.extension().is_some_and(|e| e == "zst"), "{f:?}");
+            assert_eq!(mode(&f), 0o600, "{f:?}");
+            assert_eq!(mode(f.parent().unwrap()), 0o700, "{f:?}");
+        }
+        let mut names: Vec<_> = fs::read_dir(place.dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("r.tar.zst")]);
+        names.sort();
+        assert_eq!(names, ["cache.json", "chunks", "i"]);
     }
 
     #[test]
     fn entries_are_sorted_and_normalized() {
         let tree = sample();
-        let out = TempDir::new().unwrap();
-        let path = out.path().join("r.tar.zst");
-        write_archive(tree.path(), &path, &no_skip).unwrap();
-        let mut ar = tar::Archive::new(
-            zstd::stream::read::Decoder::new(File::open(&path).unwrap()).unwrap(),
-        );
+        let place = Place::new();
+        place.write(tree.path(), "i");
+        let stream = place.concatenated("i");
+        let mut ar = tar::Archive::new(zstd::stream::read::Decoder::new(&stream[..]).unwrap());
         let mut paths = Vec::new();
         for e in ar.entries().unwrap() {
             let e = e.unwrap();
@@ -825,7 +1435,7 @@ mod tests {
         let base = hash(tree.path());
         let copied = copy(tree.path());
         let r = copied.path();
-        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let old = UNIX_EPOCH + Duration::from_secs(1_000_000);
         File::options()
             .write(true)
             .open(r.join("README.md"))
@@ -846,9 +1456,11 @@ mod tests {
         write(r, "config.yml", b"token: x\n");
         let skip = |p: &Path| p == Path::new("secrets") || p == Path::new("config.yml");
         let skipped = hash_tree(r, &skip).unwrap();
-        let out = TempDir::new().unwrap();
-        let written = write_archive(r, &out.path().join("a.tar.zst"), &skip).unwrap();
-        assert_eq!(skipped, written);
+        let place = Place::new();
+        let written = write_archive(r, &place.store(), &place.index("i"), &skip, None).unwrap();
+        assert_eq!(skipped, written.digest);
+        let stream = zstd::decode_all(&place.concatenated("i")[..]).unwrap();
+        assert!(!stream.windows(7).any(|w| w == b"hunter2"));
         fs::remove_dir_all(r.join("secrets")).unwrap();
         fs::remove_file(r.join("config.yml")).unwrap();
         assert_eq!(hash_tree(r, &no_skip).unwrap(), skipped);
@@ -857,11 +1469,10 @@ mod tests {
     #[test]
     fn round_trip_restores_content_modes_and_symlinks() {
         let tree = sample();
-        let out = TempDir::new().unwrap();
-        let path = out.path().join("r.tar.zst");
-        let written = write_archive(tree.path(), &path, &no_skip).unwrap();
-        let dest = out.path().join("nested/x");
-        let read = extract_archive(&path, &dest, Some(&written.hash)).unwrap();
+        let place = Place::new();
+        let written = place.write(tree.path(), "i").digest;
+        let dest = place.dir.path().join("nested/x");
+        let read = place.extract("i", &dest, Some(&written.hash)).unwrap();
         assert_eq!(read, written);
         assert_eq!(hash(&dest), written.hash);
 
@@ -895,10 +1506,10 @@ mod tests {
         );
 
         // An existing empty folder works too, and keeps its mode; no expected hash is fine.
-        let empty = out.path().join("empty");
+        let empty = place.dir.path().join("empty");
         fs::create_dir(&empty).unwrap();
         chmod(&empty, 0o750);
-        assert_eq!(extract_archive(&path, &empty, None).unwrap(), written);
+        assert_eq!(place.extract("i", &empty, None).unwrap(), written);
         assert_eq!(
             fs::metadata(&empty).unwrap().permissions().mode() & 0o777,
             0o750
@@ -907,45 +1518,81 @@ mod tests {
     }
 
     /// Entries of `dir` other than `keep`: what a failed extraction would leave behind.
-    fn leftovers(dir: &Path, keep: &str) -> Vec<std::ffi::OsString> {
+    fn leftovers(dir: &Path, keep: &[&str]) -> Vec<std::ffi::OsString> {
         fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name())
-            .filter(|n| n != keep)
+            .filter(|n| !keep.iter().any(|k| n == k))
             .collect()
     }
 
     #[test]
     fn flipped_byte_is_detected_and_leaves_nothing() {
         let tree = sample();
-        let out = TempDir::new().unwrap();
-        let path = out.path().join("r.tar.zst");
-        let written = write_archive(tree.path(), &path, &no_skip).unwrap();
-        let good = fs::read(&path).unwrap();
-        for at in [good.len() / 3, good.len() / 2, good.len() - 6] {
-            let mut bad = good.clone();
-            bad[at] ^= 0x01;
-            fs::write(&path, &bad).unwrap();
-            let dest = out.path().join("dest");
-            let err = extract_archive(&path, &dest, Some(&written.hash))
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains("was tampered with or corrupted"), "{err}");
-            assert!(!dest.exists());
-            assert!(leftovers(out.path(), "r.tar.zst").is_empty());
+        let place = Place::new();
+        let written = place.write(tree.path(), "i").digest;
+        let files = place.chunk_files();
+        assert!(files.len() >= 2, "{files:?}");
+        for file in &files {
+            let good = fs::read(file).unwrap();
+            for at in [good.len() / 3, good.len() / 2, good.len() - 6] {
+                let mut bad = good.clone();
+                bad[at] ^= 0x01;
+                fs::write(file, &bad).unwrap();
+                let dest = place.dir.path().join("dest");
+                let err = place
+                    .extract("i", &dest, Some(&written.hash))
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains("was tampered with or corrupted"), "{err}");
+                assert!(!dest.exists());
+                assert!(leftovers(place.dir.path(), &["i", "chunks"]).is_empty());
+            }
+            fs::write(file, &good).unwrap();
         }
+        // The index itself: a changed chunk hash no longer matches the archive hash.
+        let raw = fs::read_to_string(place.index("i")).unwrap();
+        let index = Index::read(&place.index("i")).unwrap();
+        let first = &index.chunks[0].hash;
+        let flipped = format!(
+            "{}{}",
+            if &first[..1] == "0" { "1" } else { "0" },
+            &first[1..]
+        );
+        fs::write(place.index("i"), raw.replacen(first.as_str(), &flipped, 1)).unwrap();
+        let err = place
+            .extract("i", &place.dir.path().join("dest"), Some(&written.hash))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("was tampered with or corrupted"), "{err}");
+    }
+
+    /// A chunk replaced by another valid chunk of the same size is caught by its hash.
+    #[test]
+    fn swapped_chunk_is_detected() {
+        let tree = sample();
+        let place = Place::new();
+        let written = place.write(tree.path(), "i").digest;
+        let index = Index::read(&place.index("i")).unwrap();
+        let victim = chunk_path(&place.store(), &index.chunks[0].hash);
+        let other = vec![b'x'; index.chunks[0].size as usize];
+        fs::write(&victim, zstd::encode_all(&other[..], 3).unwrap()).unwrap();
+        let err = place
+            .extract("i", &place.dir.path().join("dest"), Some(&written.hash))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("hashing to"), "{err}");
     }
 
     #[test]
     fn different_valid_archive_is_detected() {
         let tree = sample();
-        let out = TempDir::new().unwrap();
-        let path = out.path().join("r.tar.zst");
-        let written = write_archive(tree.path(), &path, &no_skip).unwrap();
+        let place = Place::new();
+        let written = place.write(tree.path(), "i").digest;
         write(tree.path(), "README.md", b"hellO\n");
-        let other = write_archive(tree.path(), &path, &no_skip).unwrap();
-        let dest = out.path().join("dest");
-        let err = extract_archive(&path, &dest, Some(&written.hash)).unwrap_err();
+        let other = place.write(tree.path(), "i").digest;
+        let dest = place.dir.path().join("dest");
+        let err = place.extract("i", &dest, Some(&written.hash)).unwrap_err();
         assert_eq!(err.exit_code(), 1);
         let err = err.to_string();
         assert!(
@@ -956,43 +1603,49 @@ mod tests {
             "{err}"
         );
         assert!(!dest.exists());
-        assert!(leftovers(out.path(), "r.tar.zst").is_empty());
+        assert!(leftovers(place.dir.path(), &["i", "chunks"]).is_empty());
     }
 
     #[test]
-    fn truncated_or_garbage_archive_fails() {
+    fn truncated_missing_or_garbage_fails() {
         let tree = sample();
-        let out = TempDir::new().unwrap();
-        let path = out.path().join("r.tar.zst");
-        write_archive(tree.path(), &path, &no_skip).unwrap();
-        let good = fs::read(&path).unwrap();
-        fs::write(&path, &good[..good.len() / 2]).unwrap();
-        let dest = out.path().join("dest");
-        assert!(extract_archive(&path, &dest, None).is_err());
-        fs::write(&path, b"not an archive").unwrap();
-        assert!(extract_archive(&path, &dest, None).is_err());
+        let place = Place::new();
+        place.write(tree.path(), "i");
+        let dest = place.dir.path().join("dest");
+        let files = place.chunk_files();
+        let victim = files
+            .iter()
+            .max_by_key(|f| fs::metadata(f).unwrap().len())
+            .unwrap();
+        let good = fs::read(victim).unwrap();
+        fs::write(victim, &good[..good.len() / 2]).unwrap();
+        assert!(place.extract("i", &dest, None).is_err());
+        fs::remove_file(victim).unwrap();
+        let err = place.extract("i", &dest, None).unwrap_err().to_string();
+        assert!(err.contains("is missing"), "{err}");
+        fs::write(victim, &good).unwrap();
+        assert!(place.extract("i", &dest, None).is_ok());
+        let dest = place.dir.path().join("dest2");
+        fs::write(place.index("i"), b"not an archive").unwrap();
+        assert!(place.extract("i", &dest, None).is_err());
         assert!(!dest.exists());
-        assert!(leftovers(out.path(), "r.tar.zst").is_empty());
+        assert!(leftovers(place.dir.path(), &["i", "chunks", "dest"]).is_empty());
     }
 
     #[test]
     fn bad_destinations_and_inputs_are_invalid() {
         let tree = sample();
-        let out = TempDir::new().unwrap();
-        let path = out.path().join("r.tar.zst");
-        write_archive(tree.path(), &path, &no_skip).unwrap();
-        let full = out.path().join("full");
+        let place = Place::new();
+        place.write(tree.path(), "i");
+        let full = place.dir.path().join("full");
         write(&full, "x", b"x");
-        let err = extract_archive(&path, &full, None).unwrap_err();
+        let err = place.extract("i", &full, None).unwrap_err();
         assert_eq!(err.exit_code(), 2, "{err}");
-        let err = extract_archive(
-            &out.path().join("missing.tar.zst"),
-            &out.path().join("d"),
-            None,
-        )
-        .unwrap_err();
+        let err = place
+            .extract("missing", &place.dir.path().join("d"), None)
+            .unwrap_err();
         assert_eq!(err.exit_code(), 2, "{err}");
-        let err = hash_tree(&out.path().join("nope"), &no_skip).unwrap_err();
+        let err = hash_tree(&place.dir.path().join("nope"), &no_skip).unwrap_err();
         assert_eq!(err.exit_code(), 2, "{err}");
     }
 
@@ -1001,40 +1654,144 @@ mod tests {
         let tree = sample();
         let _sock =
             std::os::unix::net::UnixListener::bind(tree.path().join("app/ctl.sock")).unwrap();
-        let out = TempDir::new().unwrap();
-        let path = out.path().join("r.tar.zst");
-        let err = write_archive(tree.path(), &path, &no_skip)
-            .unwrap_err()
-            .to_string();
+        let place = Place::new();
+        let err = write_archive(
+            tree.path(),
+            &place.store(),
+            &place.index("i"),
+            &no_skip,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("app/ctl.sock"), "{err}");
-        assert!(!path.exists());
+        assert!(!place.index("i").exists());
         assert!(hash_tree(tree.path(), &|p| p.ends_with("ctl.sock")).is_ok());
     }
 
+    fn noise(len: usize, mut state: u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    /// A big file is cut into pieces: changing one byte stores one new chunk.
     #[test]
-    fn compressed_bytes_do_not_depend_on_worker_count() {
-        // Several zstd jobs' worth of mixed content, so workers really split the work.
+    fn a_change_in_a_big_file_stores_one_piece() {
         let dir = TempDir::new().unwrap();
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        for i in 0..6 {
-            let data: Vec<u8> = if i % 2 == 0 {
-                (0..3 << 20)
-                    .map(|_| {
-                        state ^= state << 13;
-                        state ^= state >> 7;
-                        state ^= state << 17;
-                        state as u8
-                    })
-                    .collect()
-            } else {
-                b"the quick brown fox jumps over the lazy dog\n".repeat(70_000)
-            };
-            write(dir.path(), &format!("f{i}"), &data);
+        let big = noise(9 << 20, 7);
+        write(dir.path(), "big.bin", &big);
+        write(dir.path(), "small.txt", b"small\n");
+        let place = Place::new();
+        let first = place.write(dir.path(), "a");
+        // Three pieces, the small file, the end blocks.
+        assert_eq!(first.created.len(), 5, "{:?}", first.created);
+        let mut changed = big.clone();
+        changed[5 << 20] ^= 1;
+        write(dir.path(), "big.bin", &changed);
+        let second = place.write(dir.path(), "b");
+        assert_eq!(second.created.len(), 1, "{:?}", second.created);
+        assert_ne!(first.digest.hash, second.digest.hash);
+        assert_eq!(second.digest, hash_tree(dir.path(), &no_skip).unwrap());
+        let dest = place.dir.path().join("dest");
+        place
+            .extract("b", &dest, Some(&second.digest.hash))
+            .unwrap();
+        assert_eq!(fs::read(dest.join("big.bin")).unwrap(), changed);
+    }
+
+    /// Adding one file among many regroups only its neighbours.
+    #[test]
+    fn an_added_file_regroups_only_its_neighbours() {
+        let dir = TempDir::new().unwrap();
+        for i in 0..2000 {
+            write(dir.path(), &format!("f/{i:04}.txt"), &noise(3000, i + 1));
         }
-        let items = scan(dir.path(), &no_skip).unwrap();
-        let (one, d1) = compress_tree(dir.path(), &items, Vec::new(), 1).unwrap();
-        let (four, d4) = compress_tree(dir.path(), &items, Vec::new(), 4).unwrap();
-        assert_eq!(d1, d4);
-        assert!(one == four, "zstd output differs between 1 and 4 workers");
+        let place = Place::new();
+        let first = place.write(dir.path(), "a");
+        assert!(first.created.len() > 20, "{}", first.created.len());
+        write(dir.path(), "f/0500x.txt", b"new\n");
+        let second = place.write(dir.path(), "b");
+        assert!(
+            second.created.len() <= 2,
+            "{} new chunks",
+            second.created.len()
+        );
+    }
+
+    /// With the stat cache, unchanged files are not read; a changed stat is.
+    #[test]
+    fn the_stat_cache_skips_unchanged_files() {
+        let tree = sample();
+        age(tree.path());
+        let place = Place::new();
+        let first = place.write_cached(tree.path(), "a");
+        let chunks = Index::read(&place.index("a")).unwrap().chunks.len();
+        assert_eq!(first.cached, 0);
+        let second = place.write_cached(tree.path(), "b");
+        assert_eq!(second.cached, chunks);
+        assert_eq!(second.digest, first.digest);
+        assert!(second.created.is_empty());
+        // Same size, new content, new time: read again.
+        write(tree.path(), "README.md", b"HELLO\n");
+        age(tree.path());
+        let third = place.write_cached(tree.path(), "c");
+        assert!(third.cached < chunks);
+        assert_eq!(third.digest, hash_tree(tree.path(), &no_skip).unwrap());
+        // A file changed just now is read, and not trusted to the cache afterwards.
+        write(tree.path(), "README.md", b"hello\n");
+        let fourth = place.write_cached(tree.path(), "d");
+        assert_eq!(fourth.digest, first.digest);
+        let fifth = place.write_cached(tree.path(), "e");
+        assert!(fifth.cached < chunks);
+        // A chunk gone from the store is made again, not trusted.
+        for f in place.chunk_files() {
+            fs::remove_file(f).unwrap();
+        }
+        let sixth = place.write_cached(tree.path(), "f");
+        assert_eq!(sixth.cached, 0);
+        let dest = place.dir.path().join("dest");
+        place.extract("f", &dest, Some(&first.digest.hash)).unwrap();
+    }
+
+    #[test]
+    fn open_chunk_checks_size_and_hash() {
+        let data = b"some chunk bytes".to_vec();
+        let good = ChunkRef {
+            hash: blake3::hash(&data).to_hex().to_string(),
+            size: data.len() as u64,
+            stored: 0,
+        };
+        let z = zstd::encode_all(&data[..], 3).unwrap();
+        assert!(open_chunk(&z, &good).is_ok());
+        let other = zstd::encode_all(&b"other chunk bytes"[..], 3).unwrap();
+        assert!(open_chunk(&other, &good).is_err());
+        assert!(open_chunk(b"garbage", &good).is_err());
+        let big = zstd::encode_all(&vec![0u8; 1 << 20][..], 3).unwrap();
+        assert!(open_chunk(&big, &good).is_err());
+    }
+
+    #[test]
+    fn sweep_keeps_what_is_listed() {
+        let tree = sample();
+        let place = Place::new();
+        place.write(tree.path(), "i");
+        let index = Index::read(&place.index("i")).unwrap();
+        let before = place.chunk_files().len();
+        write(tree.path(), "README.md", b"other\n");
+        place.write(tree.path(), "j");
+        assert!(place.chunk_files().len() > before);
+        let keep = index.chunks.iter().map(|c| c.hash.clone()).collect();
+        let (removed, _) = sweep(&place.store(), &keep);
+        assert!(removed >= 1);
+        assert_eq!(place.chunk_files().len(), before);
+        place
+            .extract("i", &place.dir.path().join("d"), Some(&index.hash))
+            .unwrap();
     }
 }

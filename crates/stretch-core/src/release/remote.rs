@@ -1,34 +1,44 @@
 //! The registry as release store: a release travels as the OCI artifact
 //! `REGISTRY/SYSTEM/release:ID` (artifact type `application/vnd.stretch.release.v1`)
-//! whose blobs are the archive and the sealed configuration and whose annotation is
-//! the release's record. A build pushes it; a deploy in a home that lacks the release
-//! pulls it, checks it against its id and keeps it. Logins are the images' (Docker's
-//! configuration, `docker::auth`); blobs the registry already has are not sent again.
+//! whose blobs are the archive's index, its chunks and the sealed configuration, and
+//! whose annotation is the release's record. A build pushes it; a deploy in a home
+//! that lacks the release pulls it, checks it against its id and keeps it. Logins are
+//! the images' (Docker's configuration, `docker::auth`). Chunks are shared between
+//! releases: those the registry already has are not sent again, those the home already
+//! has are not fetched again.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 
 use crate::docker::auth::{self, Lookup};
 use crate::docker::registry::{Registry, loopback};
 use crate::home::{Home, write_private};
 use crate::log::Log;
-use crate::release::sealed;
+use crate::release::{archive, sealed};
 use crate::store::{ReleaseRecord, Store};
 use crate::system::System;
 use crate::{Error, Result};
 
 pub const ARTIFACT_TYPE: &str = "application/vnd.stretch.release.v1";
+/// The archive of releases built before chunked archives: one blob.
 pub const ARCHIVE_TYPE: &str = "application/vnd.stretch.release.archive.v1.tar+zstd";
+pub const INDEX_TYPE: &str = "application/vnd.stretch.release.index.v2+json";
+pub const CHUNK_TYPE: &str = "application/vnd.stretch.release.chunk.v2+zstd";
+/// The annotation naming a chunk blob's blake3 hash (its name in the index).
+const CHUNK_NAME: &str = "dev.stretch.chunk";
+/// Chunks sent or fetched at once.
+const PARALLEL: usize = 4;
+/// Largest index blob taken from a registry.
+const MAX_INDEX: u64 = 64 << 20;
 pub const CONFIG_TYPE: &str = "application/vnd.stretch.release.config.v1+age";
 const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 const EMPTY_TYPE: &str = "application/vnd.oci.empty.v1+json";
@@ -46,6 +56,19 @@ struct Descriptor {
     media_type: String,
     digest: String,
     size: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: BTreeMap<String, String>,
+}
+
+impl Descriptor {
+    fn new(media_type: &str, digest: String, size: u64) -> Descriptor {
+        Descriptor {
+            media_type: media_type.into(),
+            digest,
+            size,
+            annotations: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,8 +89,19 @@ struct Manifest {
 #[derive(Debug, Clone)]
 pub struct Remote {
     pub record: ReleaseRecord,
-    archive: Descriptor,
+    archive: RemoteArchive,
     config: Descriptor,
+}
+
+#[derive(Debug, Clone)]
+enum RemoteArchive {
+    /// One `.tar.zst` blob (releases built before chunked archives).
+    Legacy(Descriptor),
+    /// The index blob and every chunk blob, by chunk hash.
+    Chunked {
+        index: Descriptor,
+        chunks: BTreeMap<String, Descriptor>,
+    },
 }
 
 /// A system's releases in its registry.
@@ -81,24 +115,6 @@ pub struct ReleaseStore {
 
 fn sha256_hex(data: &[u8]) -> String {
     format!("sha256:{:x}", Sha256::digest(data))
-}
-
-/// `sha256:…` of a file, read in chunks (archives can be gigabytes).
-fn file_digest(path: &Path) -> std::io::Result<(String, u64)> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        h.update(&buf[..n]);
-    }
-    Ok((format!("sha256:{:x}", h.finalize()), size))
 }
 
 impl ReleaseStore {
@@ -188,30 +204,24 @@ impl ReleaseStore {
                 format!("cannot read the sealed configuration of release {id}: {e}"),
             )
         })?;
-        let archive_path = home.archive(id);
-        let path = archive_path.clone();
-        let (archive_digest, archive_size) =
-            tokio::task::spawn_blocking(move || file_digest(&path))
-                .await
-                .map_err(|e| Error::failed(STAGE, e.to_string()))?
-                .map_err(|e| Error::failed(STAGE, format!("cannot read the archive: {e}")))?;
-        let archive = Descriptor {
-            media_type: ARCHIVE_TYPE.into(),
-            digest: archive_digest,
-            size: archive_size,
-        };
-        let sealed = Descriptor {
-            media_type: CONFIG_TYPE.into(),
-            digest: sha256_hex(&config),
-            size: config.len() as u64,
-        };
-        let empty = Descriptor {
-            media_type: EMPTY_TYPE.into(),
-            digest: sha256_hex(EMPTY),
-            size: EMPTY.len() as u64,
-        };
+        let index_raw = std::fs::read(home.archive(id)).map_err(|e| {
+            Error::failed(
+                STAGE,
+                format!("cannot read the archive index of release {id}: {e}"),
+            )
+        })?;
+        let index = archive::Index::parse(&index_raw)
+            .map_err(|e| Error::failed(STAGE, format!("release {id}: {e}")))?;
+        let index_blob =
+            Descriptor::new(INDEX_TYPE, sha256_hex(&index_raw), index_raw.len() as u64);
+        let sealed = Descriptor::new(CONFIG_TYPE, sha256_hex(&config), config.len() as u64);
+        let empty = Descriptor::new(EMPTY_TYPE, sha256_hex(EMPTY), EMPTY.len() as u64);
         let mut sent = 0u64;
-        for (d, data) in [(&empty, EMPTY.to_vec()), (&sealed, config)] {
+        for (d, data) in [
+            (&empty, EMPTY.to_vec()),
+            (&sealed, config),
+            (&index_blob, index_raw),
+        ] {
             if !self.has_blob(&reference, &d.digest).await? {
                 sent += data.len() as u64;
                 self.client
@@ -220,19 +230,46 @@ impl ReleaseStore {
                     .map_err(|e| self.error(STAGE, "push a blob", e))?;
             }
         }
-        if self.has_blob(&reference, &archive.digest).await? {
-            log.line(format!(
-                "release archive {} already in the registry",
-                short(&archive.digest)
-            ));
-        } else {
-            let stream = file_stream(archive_path).await?;
-            self.client
-                .push_blob_stream(&reference, stream, &archive.digest, Some(archive.size))
-                .await
-                .map_err(|e| self.error(STAGE, "push the release archive", e))?;
-            sent += archive.size;
-        }
+        // Each distinct chunk once, in the order the archive first uses it.
+        let mut seen = std::collections::HashSet::new();
+        let unique: Vec<&archive::ChunkRef> = index
+            .chunks
+            .iter()
+            .filter(|c| seen.insert(c.hash.as_str()))
+            .collect();
+        let store = home.chunks();
+        let reference = &reference;
+        let pushed: Vec<(Descriptor, u64)> = futures_util::stream::iter(unique)
+            .map(|c| {
+                let path = archive::chunk_path(&store, &c.hash);
+                async move {
+                    let data = tokio::fs::read(&path).await.map_err(|e| {
+                        Error::failed(
+                            STAGE,
+                            format!("cannot read chunk `{}`: {e}", path.display()),
+                        )
+                    })?;
+                    let mut d = Descriptor::new(CHUNK_TYPE, sha256_hex(&data), data.len() as u64);
+                    d.annotations.insert(CHUNK_NAME.into(), c.hash.clone());
+                    if self.has_blob(reference, &d.digest).await? {
+                        return Ok::<_, Error>((d, 0));
+                    }
+                    let n = data.len() as u64;
+                    self.client
+                        .push_blob(reference, data, &d.digest)
+                        .await
+                        .map_err(|e| self.error(STAGE, "push a chunk", e))?;
+                    Ok((d, n))
+                }
+            })
+            .buffered(PARALLEL)
+            .try_collect()
+            .await?;
+        let total = pushed.len();
+        let new = pushed.iter().filter(|(_, n)| *n > 0).count();
+        sent += pushed.iter().map(|(_, n)| n).sum::<u64>();
+        let mut layers = vec![index_blob, sealed];
+        layers.extend(pushed.into_iter().map(|(d, _)| d));
         let record_json = serde_json::to_string(record)
             .map_err(|e| Error::failed(STAGE, format!("cannot encode the record: {e}")))?;
         let manifest = Manifest {
@@ -240,7 +277,7 @@ impl ReleaseStore {
             media_type: MANIFEST_TYPE.into(),
             artifact_type: Some(ARTIFACT_TYPE.into()),
             config: empty,
-            layers: vec![archive, sealed],
+            layers,
             annotations: BTreeMap::from([
                 (
                     "org.opencontainers.image.created".to_string(),
@@ -254,14 +291,14 @@ impl ReleaseStore {
         let digest = sha256_hex(&body);
         self.client
             .push_manifest_raw(
-                &reference,
+                reference,
                 body,
                 hyper::header::HeaderValue::from_static(MANIFEST_TYPE),
             )
             .await
             .map_err(|e| self.error(STAGE, "push the release manifest", e))?;
         log.line(format!(
-            "release pushed: {} ({} sent in {:.2}s, {})",
+            "release pushed: {} ({} sent in {:.2}s, {new} of {total} chunk(s) new, {})",
             self.reference(id),
             human_bytes(sent),
             started.elapsed().as_secs_f64(),
@@ -326,8 +363,20 @@ impl ReleaseStore {
                 .cloned()
                 .ok_or_else(|| bad(format!("no {t} blob")))
         };
+        let archive = match layer(INDEX_TYPE) {
+            Ok(index) => RemoteArchive::Chunked {
+                index,
+                chunks: m
+                    .layers
+                    .iter()
+                    .filter(|l| l.media_type == CHUNK_TYPE)
+                    .filter_map(|l| Some((l.annotations.get(CHUNK_NAME)?.clone(), l.clone())))
+                    .collect(),
+            },
+            Err(_) => RemoteArchive::Legacy(layer(ARCHIVE_TYPE)?),
+        };
         Ok(Some(Remote {
-            archive: layer(ARCHIVE_TYPE)?,
+            archive,
             config: layer(CONFIG_TYPE)?,
             record,
         }))
@@ -451,21 +500,30 @@ impl ReleaseStore {
                 ));
             }
             drop(clear);
-            self.download(&reference, &remote.archive, &tmp_archive)
-                .await?;
-            // The archive's content is checked against its hash when it is extracted.
+            let fetched = match &remote.archive {
+                RemoteArchive::Legacy(d) => {
+                    self.download(&reference, d, &tmp_archive).await?;
+                    // The content is checked against its hash when it is extracted.
+                    std::fs::rename(&tmp_archive, home.legacy_archive(id)).map_err(|e| {
+                        Error::failed(STAGE, format!("cannot keep release {id}: {e}"))
+                    })?;
+                    human_bytes(d.size)
+                }
+                RemoteArchive::Chunked { index, chunks } => {
+                    self.pull_chunks(home, remote, &reference, index, chunks)
+                        .await?
+                }
+            };
             std::fs::rename(&tmp_config, home.sealed_config(id))
-                .and_then(|()| std::fs::rename(&tmp_archive, home.archive(id)))
                 .map_err(|e| Error::failed(STAGE, format!("cannot keep release {id}: {e}")))?;
             if store.release_by_id(id)?.is_none() {
                 store.insert_release(&remote.record)?;
             }
             log.line(format!(
-                "pulled release {} ({}) from {}: {} in {:.2}s",
+                "pulled release {} ({}) from {}: {fetched} in {:.2}s",
                 remote.record.name,
                 id,
                 self.reference(id),
-                human_bytes(remote.archive.size + remote.config.size),
                 started.elapsed().as_secs_f64()
             ));
             Ok(())
@@ -473,6 +531,102 @@ impl ReleaseStore {
         .await;
         cleanup();
         result
+    }
+
+    /// Fetch a chunked archive: its index (which must hash to the record's archive
+    /// hash), then the chunks the home lacks, each checked against its hash before it
+    /// is kept. Returns what was fetched, for the log.
+    async fn pull_chunks(
+        &self,
+        home: &Home,
+        remote: &Remote,
+        reference: &Reference,
+        index_blob: &Descriptor,
+        blobs: &BTreeMap<String, Descriptor>,
+    ) -> Result<String> {
+        const STAGE: &str = "pull release";
+        let id = &remote.record.id;
+        let tampered = |why: String| {
+            Error::failed(
+                STAGE,
+                format!("{} was tampered with: {why}", self.reference(id)),
+            )
+        };
+        if index_blob.size > MAX_INDEX {
+            return Err(tampered(format!("its index has {} bytes", index_blob.size)));
+        }
+        let raw = self.fetch(reference, index_blob).await?;
+        let index = archive::Index::parse(&raw).map_err(|e| tampered(format!("its index: {e}")))?;
+        if index.hash != remote.record.archive_hash {
+            return Err(tampered("its index is not the release's archive".into()));
+        }
+        let store = home.chunks();
+        let mut seen = std::collections::HashSet::new();
+        let missing: Vec<&archive::ChunkRef> = index
+            .chunks
+            .iter()
+            .filter(|c| seen.insert(c.hash.as_str()))
+            .filter(|c| !archive::chunk_path(&store, &c.hash).exists())
+            .collect();
+        let (have, wanted) = (seen.len() - missing.len(), seen.len());
+        let store_ref = &store;
+        let got: Vec<u64> = futures_util::stream::iter(missing)
+            .map(|c| async move {
+                let d = blobs
+                    .get(&c.hash)
+                    .ok_or_else(|| tampered(format!("chunk {} has no blob", short(&c.hash))))?;
+                let data = self.fetch(reference, d).await?;
+                let checked = data.clone();
+                let c2 = c.clone();
+                let path = archive::chunk_path(store_ref, &c.hash);
+                tokio::task::spawn_blocking(move || {
+                    archive::open_chunk(&checked, &c2)?;
+                    archive::put_chunk(&path, &checked)
+                        .map_err(|e| format!("cannot write `{}`: {e}", path.display()))
+                })
+                .await
+                .map_err(|e| Error::failed(STAGE, e.to_string()))?
+                .map_err(tampered)?;
+                Ok::<_, Error>(data.len() as u64)
+            })
+            .buffer_unordered(PARALLEL)
+            .try_collect()
+            .await?;
+        archive::sync_store(&store)
+            .map_err(|e| Error::failed(STAGE, format!("cannot sync `{}`: {e}", store.display())))?;
+        index.write(&home.archive(id))?;
+        let bytes: u64 = got.iter().sum::<u64>() + raw.len() as u64;
+        Ok(format!(
+            "{} ({} of {wanted} chunk(s) were already here)",
+            human_bytes(bytes),
+            have
+        ))
+    }
+
+    /// A blob into memory, at most its descriptor's size.
+    async fn fetch(&self, reference: &Reference, d: &Descriptor) -> Result<Vec<u8>> {
+        const STAGE: &str = "pull release";
+        let mut out = Bounded {
+            inner: Vec::with_capacity(usize::try_from(d.size.min(16 << 20)).unwrap_or(0)),
+            left: d.size,
+        };
+        // oci-client checks the bytes against the digest as they come.
+        self.client
+            .pull_blob(reference, d.digest.as_str(), &mut out)
+            .await
+            .map_err(|e| self.error(STAGE, &format!("pull blob {}", short(&d.digest)), e))?;
+        if out.inner.len() as u64 != d.size {
+            return Err(Error::failed(
+                STAGE,
+                format!(
+                    "blob {} has {} bytes, the manifest says {}",
+                    short(&d.digest),
+                    out.inner.len(),
+                    d.size
+                ),
+            ));
+        }
+        Ok(out.inner)
     }
 
     async fn download(&self, reference: &Reference, d: &Descriptor, to: &Path) -> Result<()> {
@@ -548,26 +702,6 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Bounded<W> {
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
-}
-
-/// A file as a stream of chunks, for a streaming upload.
-async fn file_stream(
-    path: PathBuf,
-) -> Result<impl futures_util::Stream<Item = oci_client::errors::Result<Bytes>> + Send + 'static> {
-    let file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| Error::failed("push", format!("cannot read the archive: {e}")))?;
-    Ok(futures_util::stream::unfold(file, |mut f| async move {
-        let mut buf = vec![0u8; CHUNK];
-        match f.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok(Bytes::from(buf)), f))
-            }
-            Err(e) => Some((Err(OciDistributionError::IoError(e)), f)),
-        }
-    }))
 }
 
 fn short(digest: &str) -> &str {

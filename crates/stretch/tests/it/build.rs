@@ -209,10 +209,26 @@ fn three_nodes_two_sources_with_secrets_push_to_a_registry() {
         std::fs::metadata(&home).unwrap().permissions().mode() & 0o777,
         0o700
     );
+    let chunks: Vec<String> = walk(&home.join("chunks"))
+        .into_iter()
+        .map(|p| p.strip_prefix(&home).unwrap().display().to_string())
+        .collect();
+    assert!(chunks.iter().any(|c| c.ends_with(".zst")), "{chunks:?}");
+    assert_eq!(
+        std::fs::metadata(home.join("chunks"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
     for f in [
-        format!("releases/{id}.tar.zst"),
+        format!("releases/{id}.index"),
         format!("releases/{id}.config.age"),
-    ] {
+    ]
+    .into_iter()
+    .chain(chunks)
+    {
         assert_eq!(
             std::fs::metadata(home.join(&f))
                 .unwrap()
@@ -461,5 +477,19 @@ fn a_build_whose_process_died_shows_as_failed() {
         .as_str()
         .unwrap()
         .to_string();
-    assert_eq!(files(), [format!("{id}.json"), format!("{id}.tar.zst")]);
+    assert_eq!(files(), [format!("{id}.index"), format!("{id}.json")]);
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

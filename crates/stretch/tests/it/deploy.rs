@@ -322,11 +322,29 @@ fn unreachable_agent_fails_before_switching() {
 fn a_tampered_archive_fails_before_any_host_is_touched() {
     let w = World::new("tamper", 1, false);
     let r1 = w.build();
-    let archive = w.ctx.home().join("releases").join(format!("{r1}.tar.zst"));
-    let mut bytes = std::fs::read(&archive).unwrap();
+    // The archive's biggest chunk gets one byte flipped.
+    let home = w.ctx.home();
+    let index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(home.join("releases").join(format!("{r1}.index"))).unwrap(),
+    )
+    .unwrap();
+    let chunk = index["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|c| c["stored"].as_u64().unwrap())
+        .unwrap()["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = home
+        .join("chunks")
+        .join(&chunk[..2])
+        .join(format!("{chunk}.zst"));
+    let mut bytes = std::fs::read(&path).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x5a;
-    std::fs::write(&archive, bytes).unwrap();
+    std::fs::write(&path, bytes).unwrap();
     w.ctx
         .run(&["deploy", "production"])
         .fails(1, &["pull release", "tampered with or corrupted", &r1]);

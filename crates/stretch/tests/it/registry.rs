@@ -189,7 +189,7 @@ fn prune_keeps_what_environments_run_and_removes_the_rest_everywhere() {
         .ctx
         .home()
         .join("releases")
-        .join(format!("{}.tar.zst", ids[0]));
+        .join(format!("{}.index", ids[0]));
     let image0 = format!("{repo0}:{tag0}");
 
     // A dry run says the same and changes nothing.

@@ -99,6 +99,8 @@ impl Session {
                     .windows(2)
                     .map(|w| match w {
                         [n, "bytes:"] if n.bytes().all(|b| b.is_ascii_digit()) => "<n>",
+                        // Files written in the last seconds are read whatever the cache says.
+                        [n, "not"] if n.bytes().all(|b| b.is_ascii_digit()) => "<n>",
                         [n, _] => n,
                         _ => "",
                     })
