@@ -53,6 +53,9 @@ const MAX_WORKERS: usize = 8;
 /// smaller than [`PIECE`], with its headers.
 const MAX_CHUNK: u64 = 16 << 20;
 
+/// Threads flushing new chunk files to disk.
+const SYNCERS: usize = 8;
+
 /// Largest index read back (a million chunks is far beyond any real tree).
 const MAX_INDEX: u64 = 256 << 20;
 
@@ -133,7 +136,7 @@ impl Index {
     }
 
     /// Write the index to `path` atomically and durably (its chunks must be synced
-    /// already: see [`sync_store`]).
+    /// already: see [`sync_chunks`]).
     pub fn write(&self, path: &Path) -> Result<()> {
         let raw = serde_json::to_vec(self).map_err(|e| Error::failed(STAGE, e.to_string()))?;
         let dir = parent(path);
@@ -227,12 +230,38 @@ pub fn write_archive(
     let work_rx = Mutex::new(work_rx);
     let (done_tx, done_rx) = mpsc::channel::<(usize, io::Result<(ChunkRef, bool)>)>();
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+    // New chunk files are flushed to disk one by one as they are written, while the
+    // work goes on, and not the whole file system at the end: a build tree just
+    // written (a git source's) has nothing to do with the archive's durability.
+    // Several syncers, so that the file system commits their flushes together.
+    let (sync_tx, sync_rx) = mpsc::channel::<PathBuf>();
+    let sync_rx = Mutex::new(sync_rx);
+    let synced: Mutex<io::Result<()>> = Mutex::new(Ok(()));
     let produced = std::thread::scope(|s| {
-        for _ in 0..workers {
-            let (rx, done, free) = (&work_rx, done_tx.clone(), free_tx.clone());
-            s.spawn(move || worker(store, rx, done, free));
+        for _ in 0..SYNCERS {
+            let (rx, synced) = (&sync_rx, &synced);
+            s.spawn(move || {
+                loop {
+                    let next = match rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(path) = next else { return };
+                    if let Err(e) = File::open(&path).and_then(|f| f.sync_data())
+                        && let Ok(mut first) = synced.lock()
+                        && first.is_ok()
+                    {
+                        *first = Err(e);
+                    }
+                }
+            });
         }
-        drop((done_tx, free_tx));
+        for _ in 0..workers {
+            let (rx, done, free, sync) =
+                (&work_rx, done_tx.clone(), free_tx.clone(), sync_tx.clone());
+            s.spawn(move || worker(store, rx, done, free, sync));
+        }
+        drop((done_tx, free_tx, sync_tx));
         // Taking the sender by value: any return hangs up, so the workers end.
         let mut feed = |work: mpsc::SyncSender<(usize, Vec<u8>)>| -> Result<()> {
             let mut headers = Headers::new();
@@ -276,6 +305,9 @@ pub fn write_archive(
             }
         }
     }
+    // Two equal chunks of one archive may both have been written.
+    created.sort();
+    created.dedup();
     let finish = || -> Result<Written> {
         produced?;
         if let Some(e) = failed {
@@ -291,7 +323,11 @@ pub fn write_archive(
         let hash = archive_hash(&chunks).map_err(|e| Error::failed(STAGE, e))?;
         let (files, bytes) = counts(&items);
         // Every chunk on disk before the index that names them.
-        sync_store(store).map_err(store_err)?;
+        synced
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_err(store_err)?;
+        sync_dirs(&created).map_err(store_err)?;
         let index = Index {
             format: FORMAT.into(),
             hash: hash.clone(),
@@ -317,9 +353,6 @@ pub fn write_archive(
             chunks: index.chunks.len(),
         })
     };
-    // Two equal chunks of one archive may both have been written.
-    created.sort();
-    created.dedup();
     match finish() {
         Ok(w) => Ok(Written { created, ..w }),
         Err(e) => {
@@ -338,6 +371,7 @@ fn worker(
     work: &Mutex<mpsc::Receiver<(usize, Vec<u8>)>>,
     done: mpsc::Sender<(usize, io::Result<(ChunkRef, bool)>)>,
     free: mpsc::Sender<Vec<u8>>,
+    sync: mpsc::Sender<PathBuf>,
 ) {
     let mut zstd = compressor();
     loop {
@@ -350,6 +384,9 @@ fn worker(
             Ok(z) => store_chunk(store, z, &buf),
             Err(e) => Err(io::Error::new(e.kind(), format!("cannot start zstd: {e}"))),
         };
+        if let Ok((chunk, true)) = &result {
+            let _ = sync.send(chunk_path(store, &chunk.hash));
+        }
         let _ = done.send((seq, result));
         let _ = free.send(buf);
     }
@@ -392,10 +429,22 @@ fn store_chunk(
     ))
 }
 
-/// Flush the chunk store to disk: one `syncfs` rather than an fsync per chunk.
-pub fn sync_store(store: &Path) -> io::Result<()> {
-    let dir = File::open(store)?;
-    rustix::fs::syncfs(&dir)?;
+/// Flush chunk files to disk, then the folders that name them.
+pub fn sync_chunks(paths: &[PathBuf]) -> io::Result<()> {
+    for p in paths {
+        File::open(p)?.sync_data()?;
+    }
+    sync_dirs(paths)
+}
+
+/// fsync the distinct folders holding `paths` (their new names).
+fn sync_dirs(paths: &[PathBuf]) -> io::Result<()> {
+    let mut dirs: Vec<&Path> = paths.iter().map(|p| parent(p)).collect();
+    dirs.sort();
+    dirs.dedup();
+    for d in dirs {
+        File::open(d)?.sync_all()?;
+    }
     Ok(())
 }
 

@@ -570,7 +570,7 @@ impl ReleaseStore {
             .collect();
         let (have, wanted) = (seen.len() - missing.len(), seen.len());
         let store_ref = &store;
-        let got: Vec<u64> = futures_util::stream::iter(missing)
+        let got: Vec<(u64, std::path::PathBuf)> = futures_util::stream::iter(missing)
             .map(|c| async move {
                 let d = blobs
                     .get(&c.hash)
@@ -587,15 +587,18 @@ impl ReleaseStore {
                 .await
                 .map_err(|e| Error::failed(STAGE, e.to_string()))?
                 .map_err(tampered)?;
-                Ok::<_, Error>(data.len() as u64)
+                Ok::<_, Error>((data.len() as u64, archive::chunk_path(store_ref, &c.hash)))
             })
             .buffer_unordered(PARALLEL)
             .try_collect()
             .await?;
-        archive::sync_store(&store)
+        let paths: Vec<std::path::PathBuf> = got.iter().map(|(_, p)| p.clone()).collect();
+        tokio::task::spawn_blocking(move || archive::sync_chunks(&paths))
+            .await
+            .map_err(|e| Error::failed(STAGE, e.to_string()))?
             .map_err(|e| Error::failed(STAGE, format!("cannot sync `{}`: {e}", store.display())))?;
         index.write(&home.archive(id))?;
-        let bytes: u64 = got.iter().sum::<u64>() + raw.len() as u64;
+        let bytes: u64 = got.iter().map(|(n, _)| n).sum::<u64>() + raw.len() as u64;
         Ok(format!(
             "{} ({} of {wanted} chunk(s) were already here)",
             human_bytes(bytes),
