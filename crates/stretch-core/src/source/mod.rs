@@ -19,20 +19,53 @@ pub struct Pulled {
     pub commit: Option<String>,
 }
 
-/// Pull every source into `buffer/N/` and merge them into `buffer/merged/`.
+/// Pull every source and bring them, layered in order, into `buffer/merged/`: a
+/// `path:` source is read where it is, a git source's commit is unpacked into
+/// `buffer/N/` first. The merged tree stays from build to build and is only changed
+/// where the sources changed (see [`path::sync_tree`]).
 pub fn pull_all(system: &System, home: &Home, log: &Log) -> Result<(Vec<Pulled>, PathBuf)> {
     let buffer = home.buffer();
-    if buffer.exists() {
-        fs::remove_dir_all(&buffer).map_err(|e| io_error("clean", &buffer, e))?;
-    }
     fs::create_dir_all(&buffer).map_err(|e| io_error("create", &buffer, e))?;
+    // Everything but the merged tree is remade: git sources' unpacked commits.
+    for entry in fs::read_dir(&buffer).map_err(|e| io_error("read", &buffer, e))? {
+        let entry = entry.map_err(|e| io_error("read", &buffer, e))?;
+        if entry.file_name() == "merged" {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        removed.map_err(|e| io_error("clean", &path, e))?;
+    }
+    let home_root = home
+        .root
+        .canonicalize()
+        .unwrap_or_else(|_| home.root.clone());
     let mut pulled = Vec::new();
-    let mut dirs = Vec::new();
+    let mut layers = Vec::new();
     for (i, source) in system.sources.iter().enumerate() {
-        let dir = buffer.join((i + 1).to_string());
-        let commit = pull_one(source, home, &dir, log)
-            .map_err(|e| e.context(&format!("source `{}`", source.name)))?;
-        check_symlinks(&dir).map_err(|e| e.context(&format!("source `{}`", source.name)))?;
+        let context = |e: Error| e.context(&format!("source `{}`", source.name));
+        let (root, commit) = match &source.kind {
+            SourceKind::Git { url, git_ref } => {
+                let dir = buffer.join((i + 1).to_string());
+                let commit =
+                    git::pull(url, git_ref.as_deref(), &home.git(), &dir, log).map_err(context)?;
+                (dir, Some(commit))
+            }
+            SourceKind::Path { path } => {
+                if !path.is_dir() {
+                    return Err(context(Error::invalid(format!(
+                        "source folder `{}` does not exist",
+                        path.display()
+                    ))));
+                }
+                let real = path.canonicalize().map_err(|e| io_error("read", path, e))?;
+                (real, None)
+            }
+        };
         match &commit {
             Some(c) => log.line(format!(
                 "source {}: {} at {}",
@@ -46,12 +79,19 @@ pub fn pull_all(system: &System, home: &Home, log: &Log) -> Result<(Vec<Pulled>,
             name: source.name.clone(),
             commit,
         });
-        dirs.push(dir);
+        layers.push(path::Layer {
+            name: source.name.clone(),
+            root,
+            exclude: vec![home_root.clone()],
+        });
     }
     let merged = buffer.join("merged");
-    fs::create_dir_all(&merged).map_err(|e| io_error("create", &merged, e))?;
-    for d in &dirs {
-        merge_into(d, &merged)?;
+    let brought = path::sync_tree(&layers, &merged)?;
+    if brought.copied > 0 {
+        log.line(format!(
+            "{} file(s) copied (no hard link possible), {} linked",
+            brought.copied, brought.linked
+        ));
     }
     Ok((pulled, merged))
 }
@@ -62,24 +102,6 @@ fn describe(source: &Source) -> String {
             format!("git {url} ({})", git_ref.as_deref().unwrap_or("HEAD"))
         }
         SourceKind::Path { path } => format!("path {}", path.display()),
-    }
-}
-
-fn pull_one(source: &Source, home: &Home, dir: &Path, log: &Log) -> Result<Option<String>> {
-    match &source.kind {
-        SourceKind::Git { url, git_ref } => {
-            git::pull(url, git_ref.as_deref(), &home.git(), dir, log).map(Some)
-        }
-        SourceKind::Path { path } => {
-            let b = path::link(path, dir, std::slice::from_ref(&home.root))?;
-            if b.copied > 0 {
-                log.line(format!(
-                    "source {}: {} file(s) copied (no hard link possible), {} linked",
-                    source.name, b.copied, b.linked
-                ));
-            }
-            Ok(None)
-        }
     }
 }
 
@@ -257,33 +279,8 @@ pub(crate) fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
     Error::failed("pull", format!("cannot {what} `{}`: {e}", path.display()))
 }
 
-/// Fail if a symlink under `root` points outside it (absolute, or `..` above the root).
-pub fn check_symlinks(root: &Path) -> Result<()> {
-    for entry in walkdir::WalkDir::new(root).follow_links(false) {
-        let entry = entry
-            .map_err(|e| Error::failed("pull", format!("cannot walk `{}`: {e}", root.display())))?;
-        if !entry.path_is_symlink() {
-            continue;
-        }
-        let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
-        let target =
-            fs::read_link(entry.path()).map_err(|e| io_error("read link", entry.path(), e))?;
-        if !stays_inside(rel, &target) {
-            return Err(Error::invalid_with_help(
-                format!(
-                    "symlink `{}` -> `{}` escapes its source",
-                    rel.display(),
-                    target.display()
-                ),
-                "symlinks must point inside the source, with a relative target",
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// Would a link at `link` (relative to the root) pointing to `target` stay inside?
-fn stays_inside(link: &Path, target: &Path) -> bool {
+pub(crate) fn stays_inside(link: &Path, target: &Path) -> bool {
     if target.is_absolute() {
         return false;
     }
@@ -300,48 +297,6 @@ fn stays_inside(link: &Path, target: &Path) -> bool {
         }
     }
     true
-}
-
-/// Hard-link every file of `from` into `to`, replacing what is there.
-fn merge_into(from: &Path, to: &Path) -> Result<()> {
-    for entry in walkdir::WalkDir::new(from)
-        .min_depth(1)
-        .follow_links(false)
-        .sort_by_file_name()
-    {
-        let entry = entry
-            .map_err(|e| Error::failed("pull", format!("cannot walk `{}`: {e}", from.display())))?;
-        let rel = entry.path().strip_prefix(from).unwrap_or(entry.path());
-        let dest = to.join(rel);
-        let ft = entry.file_type();
-        let existing = fs::symlink_metadata(&dest).ok();
-        if ft.is_dir() {
-            match existing {
-                Some(m) if m.is_dir() => {}
-                Some(_) => {
-                    fs::remove_file(&dest).map_err(|e| io_error("replace", &dest, e))?;
-                    fs::create_dir(&dest).map_err(|e| io_error("create", &dest, e))?;
-                }
-                None => fs::create_dir(&dest).map_err(|e| io_error("create", &dest, e))?,
-            }
-            continue;
-        }
-        match existing {
-            Some(m) if m.is_dir() => {
-                fs::remove_dir_all(&dest).map_err(|e| io_error("replace", &dest, e))?
-            }
-            Some(_) => fs::remove_file(&dest).map_err(|e| io_error("replace", &dest, e))?,
-            None => {}
-        }
-        if ft.is_symlink() {
-            let target =
-                fs::read_link(entry.path()).map_err(|e| io_error("read link", entry.path(), e))?;
-            std::os::unix::fs::symlink(&target, &dest).map_err(|e| io_error("link", &dest, e))?;
-        } else {
-            fs::hard_link(entry.path(), &dest).map_err(|e| io_error("link", &dest, e))?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -364,18 +319,48 @@ mod tests {
         for (d, f, c) in [
             (&a, "x.txt", "a"),
             (&a, "d/y.txt", "a"),
+            (&a, "e", "file"),
             (&b, "x.txt", "b"),
             (&b, "d", "file"),
+            (&b, "e/z.txt", "b"),
         ] {
             let p = d.join(f);
             fs::create_dir_all(p.parent().unwrap()).unwrap();
             fs::write(p, c).unwrap();
         }
-        fs::create_dir_all(&m).unwrap();
-        merge_into(&a, &m).unwrap();
-        merge_into(&b, &m).unwrap();
+        let layers = |roots: &[&PathBuf]| -> Vec<path::Layer> {
+            roots
+                .iter()
+                .map(|r| path::Layer {
+                    name: "s".into(),
+                    root: r.to_path_buf(),
+                    exclude: vec![],
+                })
+                .collect()
+        };
+        let brought = path::sync_tree(&layers(&[&a, &b]), &m).unwrap();
+        assert_eq!(brought.linked, 3);
         assert_eq!(fs::read_to_string(m.join("x.txt")).unwrap(), "b");
         assert_eq!(fs::read_to_string(m.join("d")).unwrap(), "file");
+        assert_eq!(fs::read_to_string(m.join("e/z.txt")).unwrap(), "b");
         assert_eq!(fs::read_to_string(a.join("x.txt")).unwrap(), "a");
+        // Again: nothing to do. Then a change in one layer changes only that.
+        assert_eq!(path::sync_tree(&layers(&[&a, &b]), &m).unwrap().linked, 0);
+        fs::write(m.join("stray"), "left by a plugin").unwrap();
+        fs::remove_file(b.join("x.txt")).unwrap();
+        let brought = path::sync_tree(&layers(&[&a, &b]), &m).unwrap();
+        assert_eq!(brought.linked, 1);
+        assert_eq!(fs::read_to_string(m.join("x.txt")).unwrap(), "a");
+        assert!(!m.join("stray").exists());
+        // One layer only: the other's files leave, a file becomes a folder again.
+        path::sync_tree(&layers(&[&a]), &m).unwrap();
+        assert_eq!(fs::read_to_string(m.join("d/y.txt")).unwrap(), "a");
+        assert_eq!(fs::read_to_string(m.join("e")).unwrap(), "file");
+        assert!(!m.join("e/z.txt").exists());
+        // A file replaced in its source (a new inode) is linked anew.
+        fs::remove_file(a.join("e")).unwrap();
+        fs::write(a.join("e"), "new").unwrap();
+        path::sync_tree(&layers(&[&a]), &m).unwrap();
+        assert_eq!(fs::read_to_string(m.join("e")).unwrap(), "new");
     }
 }

@@ -74,3 +74,189 @@ pub fn link(from: &Path, to: &Path, exclude: &[PathBuf]) -> Result<Brought> {
     }
     Ok(brought)
 }
+
+/// One layer of the build tree: a folder (a `path:` source where it is, a git source's
+/// unpacked commit) and what to leave out of it.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// Names errors (`source `NAME``).
+    pub name: String,
+    pub root: PathBuf,
+    /// Folders left out (the home folder, when it lies inside the source).
+    pub exclude: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    File,
+    Symlink,
+}
+
+/// What the build tree must hold at a path: which layer provides it, and how to tell
+/// that what is there already is it (a file's inode, a symlink's target).
+#[derive(Debug)]
+struct Want {
+    layer: usize,
+    kind: Kind,
+    ino: u64,
+    target: Option<PathBuf>,
+    present: bool,
+}
+
+/// Make `to` the layers merged in order (later layers replace earlier files; a file
+/// replaces a folder and all under it, and the other way round): folders created,
+/// files hard-linked (copied where a link cannot be made), symlinks recreated.
+/// `to` is kept from the last build and only changed where it differs, so an
+/// unchanged source costs a walk, not ten thousand links. `.git` folders are left
+/// out; a symlink that points outside its layer fails.
+pub fn sync_tree(layers: &[Layer], to: &Path) -> Result<Brought> {
+    use std::collections::BTreeMap;
+    use walkdir::DirEntryExt;
+    let mut want: BTreeMap<PathBuf, Want> = BTreeMap::new();
+    for (i, layer) in layers.iter().enumerate() {
+        let context = |e: Error| e.context(&format!("source `{}`", layer.name));
+        let walker = walkdir::WalkDir::new(&layer.root)
+            .min_depth(1)
+            .follow_links(false)
+            .into_iter()
+            .filter_entry(|e| {
+                e.file_name() != ".git" && !layer.exclude.iter().any(|x| x == e.path())
+            });
+        for entry in walker {
+            let entry = entry.map_err(|e| {
+                Error::failed(
+                    "pull",
+                    format!("cannot walk `{}`: {e}", layer.root.display()),
+                )
+            })?;
+            let rel = entry
+                .path()
+                .strip_prefix(&layer.root)
+                .unwrap_or(entry.path())
+                .to_path_buf();
+            let ft = entry.file_type();
+            let (kind, target) = if ft.is_dir() {
+                (Kind::Dir, None)
+            } else if ft.is_file() {
+                (Kind::File, None)
+            } else if ft.is_symlink() {
+                let target = fs::read_link(entry.path())
+                    .map_err(|e| io_error("read link", entry.path(), e))?;
+                if !super::stays_inside(&rel, &target) {
+                    return Err(context(Error::invalid_with_help(
+                        format!(
+                            "symlink `{}` -> `{}` escapes its source",
+                            rel.display(),
+                            target.display()
+                        ),
+                        "symlinks must point inside the source, with a relative target",
+                    )));
+                }
+                (Kind::Symlink, Some(target))
+            } else {
+                return Err(context(Error::invalid(format!(
+                    "`{}` is not a file, folder or symlink",
+                    rel.display()
+                ))));
+            };
+            if kind != Kind::Dir && want.get(&rel).is_some_and(|w| w.kind == Kind::Dir) {
+                // A file replaces an earlier layer's folder and all under it; paths
+                // order by component, so those follow it directly.
+                let under: Vec<PathBuf> = want
+                    .range::<Path, _>((
+                        std::ops::Bound::Excluded(rel.as_path()),
+                        std::ops::Bound::Unbounded,
+                    ))
+                    .take_while(|(k, _)| k.starts_with(&rel))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in under {
+                    want.remove(&k);
+                }
+            }
+            want.insert(
+                rel,
+                Want {
+                    layer: i,
+                    kind,
+                    ino: entry.ino(),
+                    target,
+                    present: false,
+                },
+            );
+        }
+    }
+
+    // Remove from `to` what is not as wanted; note what is.
+    fs::create_dir_all(to).map_err(|e| io_error("create", to, e))?;
+    let mut walker = walkdir::WalkDir::new(to)
+        .min_depth(1)
+        .follow_links(false)
+        .into_iter();
+    while let Some(entry) = walker.next() {
+        let entry = entry
+            .map_err(|e| Error::failed("pull", format!("cannot walk `{}`: {e}", to.display())))?;
+        let rel = entry.path().strip_prefix(to).unwrap_or(entry.path());
+        let ft = entry.file_type();
+        let keep = match want.get_mut(rel) {
+            Some(w) if w.kind == Kind::Dir && ft.is_dir() => {
+                w.present = true;
+                true
+            }
+            Some(w) if w.kind == Kind::File && ft.is_file() && w.ino == entry.ino() => {
+                w.present = true;
+                true
+            }
+            Some(w)
+                if w.kind == Kind::Symlink
+                    && ft.is_symlink()
+                    && fs::read_link(entry.path()).ok() == w.target =>
+            {
+                w.present = true;
+                true
+            }
+            _ => false,
+        };
+        if keep {
+            continue;
+        }
+        if ft.is_dir() {
+            fs::remove_dir_all(entry.path()).map_err(|e| io_error("clean", entry.path(), e))?;
+            walker.skip_current_dir();
+        } else {
+            fs::remove_file(entry.path()).map_err(|e| io_error("clean", entry.path(), e))?;
+        }
+    }
+
+    // Then bring in what is missing, folders before what they hold.
+    let mut brought = Brought::default();
+    let mut links = true;
+    for (rel, w) in &want {
+        if w.present {
+            continue;
+        }
+        let dest = to.join(rel);
+        let src = layers[w.layer].root.join(rel);
+        match w.kind {
+            Kind::Dir => fs::create_dir(&dest).map_err(|e| io_error("create", &dest, e))?,
+            Kind::Symlink => {
+                let target = w.target.as_deref().unwrap_or(Path::new(""));
+                std::os::unix::fs::symlink(target, &dest)
+                    .map_err(|e| io_error("link", &dest, e))?;
+            }
+            Kind::File => {
+                if links && fs::hard_link(&src, &dest).is_ok() {
+                    brought.linked += 1;
+                    continue;
+                }
+                // Once a link fails (another filesystem, protected links), the rest copy.
+                links = false;
+                // fs::copy keeps the mode (the exec bit matters) and uses copy_file_range.
+                fs::copy(&src, &dest).map_err(|e| io_error("copy", &src, e))?;
+                brought.copied += 1;
+            }
+        }
+    }
+    Ok(brought)
+}
