@@ -129,7 +129,18 @@ fn a_release_built_in_one_home_is_deployed_and_rolled_back_from_others() {
 
     // Home A deploys the next release: the hosts say what it replaces.
     w.ctx.write("app/www/version.txt", "2\n");
-    let r2 = build(&w, &key);
+    let out = w
+        .ctx
+        .run(&["build", "--identity", &key.display().to_string(), "--json"])
+        .ok();
+    let r2 = out.json()["id"].as_str().unwrap().to_string();
+    // Only the chunk holding the changed file travels; the registry has the rest.
+    let pushed = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("release pushed"))
+        .unwrap_or_default();
+    assert!(pushed.contains(" 1 of "), "{out}");
     let out = w.ctx.run(&["deploy", "production", &r2]).ok();
     assert!(out.stderr.contains("replacing"), "{out}");
     w.assert_serving(&r2);
