@@ -1126,7 +1126,15 @@ impl Read for ChunkReader<'_> {
                 }
                 Err(e) => return Err(e),
             };
-            self.current = open_chunk(&compressed, chunk).map_err(|d| self.fail(d))?;
+            self.current = match open_chunk(&compressed, chunk) {
+                Ok(data) => data,
+                Err(detail) => {
+                    // A damaged chunk would be trusted by every later build that holds
+                    // the same content: it goes, and the next build or pull makes it anew.
+                    let _ = fs::remove_file(&path);
+                    return Err(self.fail(format!("{detail}; the damaged chunk was removed")));
+                }
+            };
             self.pos = 0;
             self.next += 1;
         }
@@ -1594,11 +1602,20 @@ mod tests {
                     .unwrap_err()
                     .to_string();
                 assert!(err.contains("was tampered with or corrupted"), "{err}");
+                assert!(err.contains("the damaged chunk was removed"), "{err}");
+                assert!(!file.exists(), "{file:?}");
                 assert!(!dest.exists());
                 assert!(leftovers(place.dir.path(), &["i", "chunks"]).is_empty());
             }
             fs::write(file, &good).unwrap();
         }
+        // A build of the same tree stores the removed chunk anew.
+        fs::remove_file(&files[0]).unwrap();
+        let again = place.write(tree.path(), "i");
+        assert_eq!(again.created, vec![files[0].clone()]);
+        place
+            .extract("i", &place.dir.path().join("dest2"), Some(&written.hash))
+            .unwrap();
         // The index itself: a changed chunk hash no longer matches the archive hash.
         let raw = fs::read_to_string(place.index("i")).unwrap();
         let index = Index::read(&place.index("i")).unwrap();
@@ -1669,7 +1686,8 @@ mod tests {
         let good = fs::read(victim).unwrap();
         fs::write(victim, &good[..good.len() / 2]).unwrap();
         assert!(place.extract("i", &dest, None).is_err());
-        fs::remove_file(victim).unwrap();
+        // The damaged chunk was removed: now it is missing.
+        assert!(!victim.exists());
         let err = place.extract("i", &dest, None).unwrap_err().to_string();
         assert!(err.contains("is missing"), "{err}");
         fs::write(victim, &good).unwrap();
