@@ -26,10 +26,19 @@ pub struct Pulled {
 pub fn pull_all(system: &System, home: &Home, log: &Log) -> Result<(Vec<Pulled>, PathBuf)> {
     let buffer = home.buffer();
     fs::create_dir_all(&buffer).map_err(|e| io_error("create", &buffer, e))?;
-    // Everything but the merged tree is remade: git sources' unpacked commits.
+    // Kept: the merged tree, and each git source's tree with its listing (`N`,
+    // `N.tree`), updated in place; anything else is left from another configuration.
+    let kept: Vec<String> = system
+        .sources
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| matches!(s.kind, SourceKind::Git { .. }))
+        .flat_map(|(i, _)| [(i + 1).to_string(), format!("{}.tree", i + 1)])
+        .chain(["merged".to_string()])
+        .collect();
     for entry in fs::read_dir(&buffer).map_err(|e| io_error("read", &buffer, e))? {
         let entry = entry.map_err(|e| io_error("read", &buffer, e))?;
-        if entry.file_name() == "merged" {
+        if kept.iter().any(|k| entry.file_name() == k.as_str()) {
             continue;
         }
         let path = entry.path();

@@ -98,3 +98,98 @@ fn a_source_file_changed_during_the_build_fails_it() {
     assert!(log.contains("`page.txt` changed during the build"), "{log}");
     ctx.assert_no_release();
 }
+
+/// A git source is unpacked once; later builds write only the files that differ from
+/// the last build's commit, so the others keep their inodes and are not read again.
+#[test]
+fn a_git_source_is_updated_in_place() {
+    use std::os::unix::fs::MetadataExt;
+    let system = unique("gitinc");
+    let _cleanup = image_cleanup(&system);
+    let ctx = Ctx::new();
+    ctx.one_node(&system, "local");
+    let repo = ctx.path().join("repo");
+    stretch_test::git_init(&repo);
+    let write = |rel: &str, text: &str| {
+        let p = repo.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    write("stretch.yml", "name: web\n");
+    write(
+        "Dockerfile",
+        &format!("{}COPY . /app\n", from_base(&system)),
+    );
+    for i in 0..200 {
+        write(&format!("data/f{i:03}.txt"), &format!("{i}\n").repeat(50));
+    }
+    write("gone.txt", "bye\n");
+    write("turns/into-a-folder", "file\n");
+    write("run.sh", "#!/bin/sh\necho hi\n");
+    std::os::unix::fs::symlink("data/f001.txt", repo.join("link")).unwrap();
+    std::fs::set_permissions(
+        repo.join("run.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    stretch_test::git_commit_all(&repo, "one");
+    ctx.write(
+        "system.yml",
+        format!(
+            "system: {system}\nregistry: local\n{}sources:\n  - git: ./repo\n    ref: main\n",
+            ctx.recipients("local")
+        ),
+    );
+    let (first, _) = build(&ctx);
+    let tree = ctx.home().join("buffer/1");
+    let ino = |rel: &str| std::fs::symlink_metadata(tree.join(rel)).unwrap().ino();
+    let kept = ino("data/f100.txt");
+
+    write("data/f007.txt", "changed\n");
+    std::fs::remove_file(repo.join("gone.txt")).unwrap();
+    std::fs::remove_file(repo.join("turns/into-a-folder")).unwrap();
+    write("turns/into-a-folder/now.txt", "inside\n");
+    write("new/deep/file.txt", "new\n");
+    write("run.sh", "#!/bin/sh\necho changed\n");
+    stretch_test::git_commit_all(&repo, "two");
+    // Wait out the stat cache's two seconds of distrust of fresh files.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let (second, out) = build(&ctx);
+    assert_ne!(second, first);
+    assert_eq!(
+        ino("data/f100.txt"),
+        kept,
+        "an unchanged file was written anew: {out}"
+    );
+    let read = |rel: &str| std::fs::read_to_string(ctx.home().join("buffer/merged").join(rel));
+    assert_eq!(read("data/f007.txt").unwrap(), "changed\n");
+    assert!(read("gone.txt").is_err());
+    assert_eq!(read("turns/into-a-folder/now.txt").unwrap(), "inside\n");
+    assert_eq!(read("new/deep/file.txt").unwrap(), "new\n");
+    assert_eq!(read("link").unwrap(), "1\n".repeat(50));
+    // Modes as committed, for a file written anew (changed) too.
+    let mode = |rel: &str| std::fs::metadata(tree.join(rel)).unwrap().mode() & 0o111;
+    assert_ne!(mode("run.sh"), 0);
+    assert_eq!(mode("data/f007.txt"), 0);
+    // Unchanged files were taken from the stat cache, not read.
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("chunks:"))
+        .unwrap_or_default()
+        .to_string();
+    let unread: u64 = line
+        .split("; ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(unread >= 1, "{out}");
+
+    // The same tree built in a fresh home (unpacked whole) is the same release.
+    let fresh = ctx.path().join("fresh-home");
+    let out = ctx
+        .run(&["--home", &fresh.display().to_string(), "build", "--json"])
+        .ok();
+    assert_eq!(out.json()["id"], second.as_str(), "{out}");
+}
