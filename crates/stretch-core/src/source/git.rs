@@ -255,11 +255,7 @@ fn remove_empty_dirs(dir: &Path) {
 
 /// Write the listed entries into `dest`, their contents read with one
 /// `git cat-file --batch`. Submodules become empty folders, as `git archive` makes them.
-fn write_objects(
-    mirror: &Path,
-    dest: &Path,
-    wanted: &[(&Vec<u8>, &Entry)],
-) -> Result<()> {
+fn write_objects(mirror: &Path, dest: &Path, wanted: &[(&Vec<u8>, &Entry)]) -> Result<()> {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::PermissionsExt;
