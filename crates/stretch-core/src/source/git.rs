@@ -222,6 +222,14 @@ fn update(mirror: &Path, commit: &str, dest: &Path) -> Result<()> {
         }
     }
     remove_empty_dirs(dest);
+    // Submodules are empty folders, as `git archive` makes them: made again whether
+    // they changed or not, since the sweep above removed them.
+    for (rel, (_, kind, _)) in &new {
+        if kind == "commit" {
+            let p = path_of(rel);
+            std::fs::create_dir_all(&p).map_err(|e| super::io_error("create", &p, e))?;
+        }
+    }
     let wanted: Vec<(&Vec<u8>, &Entry)> = new
         .iter()
         .filter(|(rel, entry)| old.get(*rel) != Some(entry))
@@ -253,19 +261,13 @@ fn remove_empty_dirs(dir: &Path) {
     }
 }
 
-/// Write the listed entries into `dest`, their contents read with one
-/// `git cat-file --batch`. Submodules become empty folders, as `git archive` makes them.
+/// Write the listed blobs (files and symlinks) into `dest`, their contents read with
+/// one `git cat-file --batch`.
 fn write_objects(mirror: &Path, dest: &Path, wanted: &[(&Vec<u8>, &Entry)]) -> Result<()> {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::PermissionsExt;
     let blobs: Vec<_> = wanted.iter().filter(|(_, e)| e.1 == "blob").collect();
-    for (rel, (_, kind, _)) in wanted {
-        if kind == "commit" {
-            let p = dest.join(std::ffi::OsStr::from_bytes(rel));
-            std::fs::create_dir_all(&p).map_err(|e| super::io_error("create", &p, e))?;
-        }
-    }
     if blobs.is_empty() {
         return Ok(());
     }
