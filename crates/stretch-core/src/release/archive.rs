@@ -53,6 +53,10 @@ const MAX_WORKERS: usize = 8;
 /// smaller than [`PIECE`], with its headers.
 const MAX_CHUNK: u64 = 16 << 20;
 
+/// Largest compressed chunk accepted from elsewhere (a registry): zstd's worst case
+/// for [`MAX_CHUNK`] bytes is a little above it.
+pub const MAX_STORED_CHUNK: u64 = MAX_CHUNK + (1 << 20);
+
 /// Threads flushing new chunk files to disk.
 const SYNCERS: usize = 8;
 

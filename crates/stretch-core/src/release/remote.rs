@@ -575,19 +575,27 @@ impl ReleaseStore {
                 let d = blobs
                     .get(&c.hash)
                     .ok_or_else(|| tampered(format!("chunk {} has no blob", short(&c.hash))))?;
+                // A chunk is at most a few MiB: a registry claiming more is not trusted.
+                if d.size > archive::MAX_STORED_CHUNK {
+                    return Err(tampered(format!(
+                        "chunk {} claims {} bytes",
+                        short(&c.hash),
+                        d.size
+                    )));
+                }
                 let data = self.fetch(reference, d).await?;
-                let checked = data.clone();
-                let c2 = c.clone();
-                let path = archive::chunk_path(store_ref, &c.hash);
+                let (c2, path) = (c.clone(), archive::chunk_path(store_ref, &c.hash));
+                let kept = path.clone();
                 tokio::task::spawn_blocking(move || {
-                    archive::open_chunk(&checked, &c2)?;
-                    archive::put_chunk(&path, &checked)
-                        .map_err(|e| format!("cannot write `{}`: {e}", path.display()))
+                    archive::open_chunk(&data, &c2)?;
+                    archive::put_chunk(&path, &data)
+                        .map_err(|e| format!("cannot write `{}`: {e}", path.display()))?;
+                    Ok::<_, String>(data.len() as u64)
                 })
                 .await
                 .map_err(|e| Error::failed(STAGE, e.to_string()))?
-                .map_err(tampered)?;
-                Ok::<_, Error>((data.len() as u64, archive::chunk_path(store_ref, &c.hash)))
+                .map_err(tampered)
+                .map(|n| (n, kept))
             })
             .buffer_unordered(PARALLEL)
             .try_collect()
