@@ -300,7 +300,15 @@ fn system(ctx: &Ctx, name: &str, lines: u32, delay: &str, agents: &[&AgentProc],
         "port: 8080\nhealth: {path: /index.html, interval: 100ms, timeout: 8s}\nstop_timeout: 1s\n",
     );
     ctx.write("app/www/index.html", "hello\n");
-    ctx.write("app/Dockerfile", format!("FROM {}\nCOPY www/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n", base_image()));
+    // Its own base layer: identical builds of two tests would share one image, and one
+    // test's cleanup would remove it under the other's build.
+    ctx.write(
+        "app/Dockerfile",
+        format!(
+            "{}COPY www/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+            from_base(name)
+        ),
+    );
 }
 
 /// Start a build through the API: its run id.
