@@ -66,7 +66,7 @@ fn main() {
                 let _ = fs::remove_file(&ours_out);
                 let _ = fs::remove_dir_all(&ours_store);
                 let (t, cpu) = (Instant::now(), cpu_secs());
-                let d = write_archive(&tree, &ours_store, &ours_out, &no_skip, None).unwrap();
+                let d = write_archive(&tree, None, &ours_store, &ours_out, &no_skip, None).unwrap();
                 ours.wall.push(t.elapsed().as_secs_f64());
                 ours.cpu.push(cpu_secs() - cpu);
                 bytes = d.digest.bytes;

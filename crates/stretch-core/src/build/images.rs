@@ -70,6 +70,7 @@ fn input_digest(context_hash: &str, dockerfile: &str, base: Option<&str>) -> Str
 
 pub async fn build_all(
     system: &System,
+    tree: &crate::source::Tree,
     project: &Project,
     _config: &ReleaseConfig,
     release_id: &str,
@@ -90,6 +91,8 @@ pub async fn build_all(
         let base_ref = c.from.map(|b| first_ref[b].clone());
         let base_digest = c.from.map(|b| digests[b].clone());
         let context = project.root.join(&c.dir);
+        // The context as files: git files under it are written out first.
+        tree.ensure_path(std::path::Path::new(&c.dir))?;
         let ctx_hash = {
             let ctx = context.clone();
             tokio::task::spawn_blocking(move || archive::hash_tree(&ctx, &|_| false))

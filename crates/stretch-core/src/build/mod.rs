@@ -6,6 +6,7 @@ mod images;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use base64::Engine;
 
@@ -103,24 +104,25 @@ async fn stages(
             reused: true,
         });
     }
-    let (pulled, merged, stamps) = log
+    let (pulled, tree, stamps) = log
         .stage("pull", async {
             let (s, h, l) = (system.clone(), home.clone(), log.clone());
-            let (pulled, merged) = blocking(move || source::pull_all(&s, &h, &l)).await?;
+            let (pulled, tree) = blocking(move || source::pull_all(&s, &h, &l)).await?;
             // Linked files share their content with the sources: what the archive
             // reads must still be there when the images are built.
-            let stamps = source::Stamps::take(&merged, &[])?;
-            Ok::<_, Error>((pulled, merged, stamps))
+            let stamps = source::Stamps::take(&tree.root, &[])?.files_only();
+            Ok::<_, Error>((pulled, Arc::new(tree), stamps))
         })
         .await?;
+    let merged = tree.root.clone();
     let decrypted = log
-        .stage("decrypt", decrypt(system, &merged, opts, log))
+        .stage("decrypt", decrypt(system, &tree, opts, log))
         .await?;
     let release_config = release_config(system, &decrypted);
     let (record, reused, created) = log
         .stage(
             "archive",
-            archive_stage(system, home, store, &merged, &release_config, pulled, log),
+            archive_stage(system, home, store, &tree, &release_config, pulled, log),
         )
         .await?;
     if reused {
@@ -142,6 +144,7 @@ async fn stages(
                 "images",
                 images::build_all(
                     system,
+                    &tree,
                     &decrypted.project,
                     &release_config,
                     &record.id,
@@ -175,7 +178,7 @@ async fn stages(
             .await?;
         log.stage(
             "plugins",
-            run_plugins(system, &merged, &decrypted, &record, log),
+            run_plugins(system, &tree, &decrypted, &record, log),
         )
         .await?;
         store.insert_release(&record)?;
@@ -315,11 +318,25 @@ fn age_files(root: &Path) -> Result<Vec<String>> {
 /// Stage 2: parse the build files, then decrypt `secrets.yml` leaves and `*.age` files.
 async fn decrypt(
     system: &System,
-    merged: &Path,
+    tree: &source::Tree,
     opts: &BuildOptions,
     log: &Log,
 ) -> Result<Decrypted> {
-    let project = Project::load(merged, system.name())?;
+    let merged = tree.root.as_path();
+    // Files the build files name are written out of git as they are looked at.
+    let fetch_failed = std::cell::RefCell::new(None);
+    let project = Project::load_with(merged, system.name(), &|rel| {
+        if let Err(e) = tree.ensure_file(Path::new(rel)) {
+            fetch_failed.borrow_mut().get_or_insert(e);
+        }
+    });
+    if let Some(e) = fetch_failed.into_inner() {
+        return Err(e);
+    }
+    let project = project?;
+    if project.all_plugins().next().is_some() {
+        tree.ensure_path(Path::new("plugins"))?;
+    }
     for p in project.all_plugins() {
         plugin::validate(p, merged)?;
     }
@@ -468,7 +485,7 @@ async fn archive_stage(
     system: &System,
     home: &Home,
     store: &Store,
-    merged: &Path,
+    tree: &Arc<source::Tree>,
     config: &ReleaseConfig,
     sources: Vec<Pulled>,
     log: &Log,
@@ -478,9 +495,20 @@ async fn archive_stage(
     let tmp = home
         .releases()
         .join(format!(".building-{}.index.tmp", std::process::id()));
-    let (m, t, h) = (merged.to_path_buf(), tmp.clone(), home.clone());
+    let (tree, t, h) = (tree.clone(), tmp.clone(), home.clone());
     let written = blocking(move || {
-        archive::write_archive(&m, &h.chunks(), &t, &|_| false, Some(&h.chunk_cache()))
+        let git = archive::GitInputs {
+            mirrors: &tree.mirrors,
+            files: &tree.git,
+        };
+        archive::write_archive(
+            &tree.root,
+            Some(git),
+            &h.chunks(),
+            &t,
+            &|_| false,
+            Some(&h.chunk_cache()),
+        )
     })
     .await?;
     let digest = &written.digest;
@@ -532,12 +560,13 @@ async fn archive_stage(
 /// and leave it when they end, pass or fail: no clear secret stays in the home.
 async fn run_plugins(
     system: &System,
-    merged: &Path,
+    tree: &source::Tree,
     d: &Decrypted,
     record: &ReleaseRecord,
     log: &Log,
 ) -> Result<()> {
-    let result = build_hooks(system, merged, d, record, log).await;
+    let merged = tree.root.as_path();
+    let result = build_hooks(system, tree, d, record, log).await;
     for path in d.files.keys() {
         let _ = std::fs::remove_file(merged.join(path));
     }
@@ -546,7 +575,7 @@ async fn run_plugins(
 
 async fn build_hooks(
     system: &System,
-    merged: &Path,
+    tree: &source::Tree,
     d: &Decrypted,
     record: &ReleaseRecord,
     log: &Log,
@@ -554,6 +583,14 @@ async fn build_hooks(
     if d.project.all_plugins().next().is_none() {
         log.line("no build plugins");
         return Ok(());
+    }
+    let merged = tree.root.as_path();
+    // Plugins see the whole tree as files.
+    let written = tree.ensure(&|_| true)?;
+    if written > 0 {
+        log.line(format!(
+            "{written} file(s) of git sources written for plugins"
+        ));
     }
     // Plugins may write anywhere in the tree: it gets files of its own first.
     let copied = source::materialize(merged)?;

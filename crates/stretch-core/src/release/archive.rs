@@ -8,7 +8,8 @@
 //! without reading the files whose stat is unchanged since the last build (the stat
 //! cache), and content already stored is never compressed, stored or pushed again. The
 //! chunk files concatenated in order are a valid `.tar.zst` of the tree. Archives of
-//! the earlier format (one `.tar.zst` hashed as a whole) are still read.
+//! the earlier format (one `.tar.zst` hashed as a whole) are still read. Files of git
+//! sources not written into the tree are read from their mirrors' objects.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -22,6 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tar::{EntryType, Header};
 
+use crate::source::GitFile;
+use crate::source::git::Blobs;
 use crate::{Error, Result};
 
 const STAGE: &str = "archive";
@@ -201,12 +204,21 @@ pub struct Written {
     pub chunks: usize,
 }
 
-/// Archive the tree at `root`: new chunks into the chunk store `store` (0600, fan-out
+/// Files of the tree whose contents are git blobs (whether or not they are written in
+/// the folder too): archived from the mirrors.
+#[derive(Debug, Clone, Copy)]
+pub struct GitInputs<'a> {
+    pub mirrors: &'a [PathBuf],
+    pub files: &'a std::collections::BTreeMap<PathBuf, GitFile>,
+}
+
+/// Archive the tree at `root` (with `git`'s files): new chunks into the chunk store `store` (0600, fan-out
 /// folders 0700), the index to `index_out` (atomically, fsynced after the chunks). The
 /// stat cache at `cache` (if given) is read and rewritten. `skip(rel_path)` excludes
 /// entries (paths relative to `root`); a skipped folder excludes everything under it.
 pub fn write_archive(
     root: &Path,
+    git: Option<GitInputs<'_>>,
     store: &Path,
     index_out: &Path,
     skip: &dyn Fn(&Path) -> bool,
@@ -214,7 +226,7 @@ pub fn write_archive(
 ) -> Result<Written> {
     let started = SystemTime::now();
     // Walk first: a tree we cannot archive fails before anything is created.
-    let items = scan(root, skip)?;
+    let items = scan(root, git, skip)?;
     let plan = plan(&items);
     let old = cache.map(StatCache::load).unwrap_or_default();
     let store_err =
@@ -226,9 +238,26 @@ pub fn write_archive(
         .checked_sub(RACY)
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs() as i64);
-    let mut refs: Vec<Option<ChunkRef>> = vec![None; plan.len()];
     let mut keys: Vec<Option<[u8; 32]>> = vec![None; plan.len()];
-    let mut cached = 0;
+    // What the stat cache gives, before reading anything: the git blobs to stream
+    // are those of the other chunks.
+    let mut refs: Vec<Option<ChunkRef>> = plan
+        .iter()
+        .enumerate()
+        .map(|(seq, chunk)| {
+            let key = chunk_key(&items, chunk);
+            if !is_racy(&items, chunk, racy_after) {
+                keys[seq] = Some(key);
+            }
+            old.get(&key)
+                .filter(|r| {
+                    fs::metadata(chunk_path(store, &r.hash)).is_ok_and(|m| m.len() == r.stored)
+                })
+                .cloned()
+        })
+        .collect();
+    let cached = refs.iter().flatten().count();
+    let mut blobs = GitReader::new(git, &items, &plan, &refs);
     let workers = workers();
     let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(workers);
     let work_rx = Mutex::new(work_rx);
@@ -270,20 +299,12 @@ pub fn write_archive(
         let mut feed = |work: mpsc::SyncSender<(usize, Vec<u8>)>| -> Result<()> {
             let mut headers = Headers::new();
             for (seq, chunk) in plan.iter().enumerate() {
-                let key = chunk_key(&items, chunk);
-                if !is_racy(&items, chunk, racy_after) {
-                    keys[seq] = Some(key);
-                }
-                if let Some(r) = old.get(&key)
-                    && fs::metadata(chunk_path(store, &r.hash)).is_ok_and(|m| m.len() == r.stored)
-                {
-                    refs[seq] = Some(r.clone());
-                    cached += 1;
+                if refs[seq].is_some() {
                     continue;
                 }
                 let mut buf = free_rx.try_recv().unwrap_or_default();
                 buf.clear();
-                fill(root, &items, chunk, &mut headers, &mut buf)?;
+                fill(root, &items, chunk, &mut headers, &mut blobs, &mut buf)?;
                 work.send((seq, buf))
                     .map_err(|_| Error::failed(STAGE, "the archive workers stopped"))?;
             }
@@ -572,13 +593,14 @@ impl StatCache {
 /// The digest [`write_archive`] would return for the same tree, without writing
 /// anything.
 pub fn hash_tree(root: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<Digest> {
-    let items = scan(root, skip)?;
+    let items = scan(root, None, skip)?;
     let mut headers = Headers::new();
+    let mut blobs = GitReader::default();
     let mut buf = Vec::new();
     let mut chunks = Vec::new();
     for chunk in plan(&items) {
         buf.clear();
-        fill(root, &items, &chunk, &mut headers, &mut buf)?;
+        fill(root, &items, &chunk, &mut headers, &mut blobs, &mut buf)?;
         chunks.push(ChunkRef {
             hash: blake3::hash(&buf).to_hex().to_string(),
             size: buf.len() as u64,
@@ -624,10 +646,17 @@ struct Item {
     mtime: (i64, i64),
     ino: u64,
     dev: u64,
+    /// A git file: its mirror's index and blob, read from there.
+    git: Option<(usize, String)>,
 }
 
-/// Every entry under `root` not skipped, sorted byte-wise by relative path.
-fn scan(root: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<Vec<Item>> {
+/// Every entry under `root` (and every git file) not skipped, sorted byte-wise by
+/// relative path.
+fn scan(
+    root: &Path,
+    git: Option<GitInputs<'_>>,
+    skip: &dyn Fn(&Path) -> bool,
+) -> Result<Vec<Item>> {
     match fs::metadata(root) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
@@ -665,6 +694,12 @@ fn scan(root: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<Vec<Item>> {
             )
         };
         let entry = entry.map_err(|e| read_err(e.path(), &e))?;
+        if entry.file_type().is_file()
+            && git.is_some_and(|g| g.files.contains_key(&rel(entry.path())))
+        {
+            // Written from a blob: archived from the blob, below.
+            continue;
+        }
         let meta = entry
             .metadata()
             .map_err(|e| read_err(Some(entry.path()), &e))?;
@@ -689,6 +724,25 @@ fn scan(root: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<Vec<Item>> {
             mtime: (meta.mtime(), meta.mtime_nsec()),
             ino: meta.ino(),
             dev: meta.dev(),
+            git: None,
+        });
+    }
+    for (rel, g) in git.iter().flat_map(|g| g.files) {
+        if rel
+            .ancestors()
+            .any(|a| !a.as_os_str().is_empty() && skip(a))
+        {
+            continue;
+        }
+        items.push(Item {
+            rel: rel.clone(),
+            kind: Kind::File,
+            size: g.size,
+            exec: g.exec,
+            mtime: (0, 0),
+            ino: 0,
+            dev: 0,
+            git: Some((g.mirror, g.oid.clone())),
         });
     }
     // Byte-wise order of the whole path, independent of the file system's listing order.
@@ -767,7 +821,11 @@ fn chunk_key(items: &[Item], chunk: &[Part]) -> [u8; 32] {
         for n in [p.from, p.to, item.size, item.ino, item.dev] {
             h.update(&n.to_le_bytes());
         }
-        if item.kind != Kind::Dir {
+        if let Some((_, oid)) = &item.git {
+            // A blob is its content: nothing racy about it.
+            h.update(b"git\0");
+            h.update(oid.as_bytes());
+        } else if item.kind != Kind::Dir {
             h.update(&item.mtime.0.to_le_bytes());
             h.update(&item.mtime.1.to_le_bytes());
         }
@@ -777,9 +835,97 @@ fn chunk_key(items: &[Item], chunk: &[Part]) -> [u8; 32] {
 
 /// Does the chunk hold something modified too recently to trust its stat?
 fn is_racy(items: &[Item], chunk: &[Part], after: i64) -> bool {
-    chunk
-        .iter()
-        .any(|p| items[p.item].kind != Kind::Dir && items[p.item].mtime.0 >= after)
+    chunk.iter().any(|p| {
+        let item = &items[p.item];
+        item.kind != Kind::Dir && item.git.is_none() && item.mtime.0 >= after
+    })
+}
+
+/// Streams the git files' contents, one `git cat-file --batch` per mirror, asked
+/// for the blobs of every chunk to be read, in order.
+#[derive(Default)]
+struct GitReader {
+    mirrors: Vec<PathBuf>,
+    wanted: Vec<Vec<String>>,
+    streams: Vec<Option<Blobs>>,
+    /// Per mirror: the item being read and how far.
+    current: Vec<Option<(usize, u64)>>,
+}
+
+impl GitReader {
+    fn new(
+        git: Option<GitInputs<'_>>,
+        items: &[Item],
+        plan: &[Planned],
+        done: &[Option<ChunkRef>],
+    ) -> GitReader {
+        let mirrors = git.map(|g| g.mirrors.to_vec()).unwrap_or_default();
+        let mut wanted = vec![Vec::new(); mirrors.len()];
+        let mut last = vec![None; mirrors.len()];
+        for (chunk, _) in plan.iter().zip(done).filter(|(_, d)| d.is_none()) {
+            for p in chunk {
+                if let Some((m, oid)) = &items[p.item].git
+                    && let Some(w) = wanted.get_mut(*m)
+                    && last[*m] != Some(p.item)
+                {
+                    w.push(oid.clone());
+                    last[*m] = Some(p.item);
+                }
+            }
+        }
+        GitReader {
+            streams: (0..mirrors.len()).map(|_| None).collect(),
+            current: vec![None; mirrors.len()],
+            mirrors,
+            wanted,
+        }
+    }
+
+    /// Append bytes `from..to` of git file `idx` to `out`.
+    fn read(
+        &mut self,
+        idx: usize,
+        item: &Item,
+        from: u64,
+        to: u64,
+        out: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let Some((m, oid)) = &item.git else {
+            return Err(io::Error::other("not a git file"));
+        };
+        let m = *m;
+        let (Some(slot), Some(mirror)) = (self.streams.get_mut(m), self.mirrors.get(m)) else {
+            return Err(io::Error::other("no mirror for a git file"));
+        };
+        if slot.is_none() {
+            *slot = Some(Blobs::open(mirror, std::mem::take(&mut self.wanted[m]))?);
+        }
+        let Some(blobs) = slot.as_mut() else {
+            return Err(io::Error::other("git cat-file did not start"));
+        };
+        let pos = match self.current[m] {
+            Some((i, pos)) if i == idx => pos,
+            _ => {
+                let size = blobs.start(oid)?;
+                if size != item.size {
+                    return Err(io::Error::other(format!(
+                        "blob {oid} holds {size} bytes, its listing said {}",
+                        item.size
+                    )));
+                }
+                0
+            }
+        };
+        blobs.skip(from.saturating_sub(pos))?;
+        blobs.read(to - from, out)?;
+        if to == item.size {
+            blobs.end()?;
+            self.current[m] = None;
+        } else {
+            self.current[m] = Some((idx, to));
+        }
+        Ok(())
+    }
 }
 
 /// Writes tar headers: one builder for the whole archive, its output taken after
@@ -852,6 +998,7 @@ fn fill(
     items: &[Item],
     chunk: &[Part],
     headers: &mut Headers,
+    blobs: &mut GitReader,
     out: &mut Vec<u8>,
 ) -> Result<()> {
     if chunk.is_empty() {
@@ -866,6 +1013,28 @@ fn fill(
         if item.kind != Kind::File {
             continue;
         }
+        if item.git.is_some() {
+            blobs.read(p.item, item, p.from, p.to, out).map_err(|e| {
+                Error::failed(
+                    STAGE,
+                    format!("cannot read `{}` from git: {e}", item.rel.display()),
+                )
+            })?;
+        } else {
+            read_part(root, item, p, out)?;
+        }
+        if p.to == item.size {
+            // Pad the body to a whole 512-byte block, as tar requires.
+            let pad = (512 - item.size % 512) % 512;
+            out.extend_from_slice(&[0u8; 512][..pad as usize]);
+        }
+    }
+    Ok(())
+}
+
+/// Append bytes of a file of the folder to `out`.
+fn read_part(root: &Path, item: &Item, p: &Part, out: &mut Vec<u8>) -> Result<()> {
+    {
         let path = root.join(&item.rel);
         let read_err =
             |e: io::Error| Error::failed(STAGE, format!("cannot read `{}`: {e}", path.display()));
@@ -885,11 +1054,6 @@ fn fill(
                     format!("`{}` shrank while it was being archived", path.display()),
                 ));
             }
-        }
-        if p.to == item.size {
-            // Pad the body to a whole 512-byte block, as tar requires.
-            let pad = (512 - item.size % 512) % 512;
-            out.extend_from_slice(&[0u8; 512][..pad as usize]);
         }
     }
     Ok(())
@@ -1279,12 +1443,13 @@ mod tests {
             self.dir.path().join("cache.json")
         }
         fn write(&self, tree: &Path, name: &str) -> Written {
-            write_archive(tree, &self.store(), &self.index(name), &no_skip, None).unwrap()
+            write_archive(tree, None, &self.store(), &self.index(name), &no_skip, None).unwrap()
         }
         fn write_cached(&self, tree: &Path, name: &str) -> Written {
             let cache = self.cache();
             write_archive(
                 tree,
+                None,
                 &self.store(),
                 &self.index(name),
                 &no_skip,
@@ -1518,7 +1683,8 @@ mod tests {
         let skip = |p: &Path| p == Path::new("secrets") || p == Path::new("config.yml");
         let skipped = hash_tree(r, &skip).unwrap();
         let place = Place::new();
-        let written = write_archive(r, &place.store(), &place.index("i"), &skip, None).unwrap();
+        let written =
+            write_archive(r, None, &place.store(), &place.index("i"), &skip, None).unwrap();
         assert_eq!(skipped, written.digest);
         let stream = zstd::decode_all(&place.concatenated("i")[..]).unwrap();
         assert!(!stream.windows(7).any(|w| w == b"hunter2"));
@@ -1728,6 +1894,7 @@ mod tests {
         let place = Place::new();
         let err = write_archive(
             tree.path(),
+            None,
             &place.store(),
             &place.index("i"),
             &no_skip,

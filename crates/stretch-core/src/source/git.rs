@@ -1,8 +1,8 @@
 //! `git:` sources: a bare mirror cached in the home folder, fetched on every build;
-//! the ref is resolved to a commit and that commit's tree is brought into the source's
-//! buffer: unpacked whole the first time, then only the files that differ from the
-//! last build's commit are written or removed (the others keep their inodes, so the
-//! build tree and the archive's stat cache see them unchanged).
+//! the ref is resolved to a commit and that commit's tree is listed (`git ls-tree`),
+//! not checked out: the build tree gets its folders and symlinks, and file contents
+//! are read from the mirror's objects only where something needs them (the archive
+//! streams them with one `git cat-file --batch`; see [`super::Tree`]).
 //! Runs the `git` program, so https, ssh, file URLs and local paths all work as they
 //! do for the operator's own git.
 
@@ -59,15 +59,14 @@ pub fn mirror_path(cache: &Path, url: &str) -> PathBuf {
     cache.join(format!("{tail}-{}.git", &hash[..12]))
 }
 
-/// Fetch `url` into its mirror, resolve `git_ref` (default: the remote HEAD) and unpack
-/// the commit's tree into `dest`. Returns the full commit id.
+/// Fetch `url` into its mirror and resolve `git_ref` (default: the remote HEAD).
+/// Returns the mirror and the full commit id.
 pub fn pull(
     url: &str,
     git_ref: Option<&str>,
     cache: &Path,
-    dest: &Path,
     log: &Log,
-) -> Result<String> {
+) -> Result<(PathBuf, String)> {
     let mirror = mirror_path(cache, url);
     if !mirror.join("HEAD").exists() {
         // Clone into a temp sibling and rename, so an interrupted clone leaves nothing.
@@ -133,26 +132,29 @@ pub fn pull(
             format!("branches and tags there: {refs}"),
         )
     })?;
-    update(&mirror, &commit, dest)?;
-    Ok(commit)
+    Ok((mirror, commit))
 }
 
-/// The listing of the tree `dest` holds, beside it: written only once `dest` is
-/// complete, removed while it changes.
-fn listing_path(dest: &Path) -> PathBuf {
-    let mut name = dest.file_name().unwrap_or_default().to_os_string();
-    name.push(".tree");
-    dest.with_file_name(name)
+/// What a commit's tree holds at a path, as the build tree takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listed {
+    /// A file: its blob, size and exec bit.
+    File {
+        oid: String,
+        size: u64,
+        exec: bool,
+    },
+    Symlink(PathBuf),
+    /// A submodule: an empty folder, as `git archive` makes it.
+    Dir,
 }
 
-/// One entry of `git ls-tree -r`: mode, type, object id.
-type Entry = (String, String, String);
-/// A tree's entries by path.
-type Listing = std::collections::BTreeMap<Vec<u8>, Entry>;
-
-fn ls_tree(mirror: &Path, commit: &str) -> Result<(Vec<u8>, Listing)> {
+/// Every entry of `commit`'s tree (paths relative to its root, checked to stay
+/// inside it), with symlink targets read from their blobs.
+pub fn list(mirror: &Path, commit: &str) -> Result<Vec<(PathBuf, Listed)>> {
+    use std::os::unix::ffi::OsStrExt;
     let out = git(Some(mirror))
-        .args(["ls-tree", "-r", "-z", "--full-tree", commit])
+        .args(["ls-tree", "-r", "-z", "-l", "--full-tree", commit])
         .output()
         .map_err(|e| Error::failed("pull", format!("cannot run git ls-tree: {e}")))?;
     if !out.status.success() {
@@ -164,78 +166,75 @@ fn ls_tree(mirror: &Path, commit: &str) -> Result<(Vec<u8>, Listing)> {
             ),
         ));
     }
-    let listing = parse_listing(&out.stdout);
-    Ok((out.stdout, listing))
+    let mut entries = Vec::new();
+    let mut links = Vec::new();
+    for raw in out.stdout.split(|b| *b == 0).filter(|e| !e.is_empty()) {
+        let bad = || {
+            Error::failed(
+                "pull",
+                format!(
+                    "git ls-tree: unexpected line `{}`",
+                    String::from_utf8_lossy(raw)
+                ),
+            )
+        };
+        let tab = raw.iter().position(|b| *b == b'\t').ok_or_else(bad)?;
+        let head = std::str::from_utf8(&raw[..tab]).map_err(|_| bad())?;
+        let rel = &raw[tab + 1..];
+        // The paths come from the repository: each must stay inside the tree.
+        if !safe_path(rel) {
+            return Err(Error::invalid(format!(
+                "commit {commit} holds the unsafe path `{}`",
+                String::from_utf8_lossy(rel)
+            )));
+        }
+        let rel = PathBuf::from(std::ffi::OsStr::from_bytes(rel));
+        let mut f = head.split_ascii_whitespace();
+        let (mode, kind, oid, size) = (f.next(), f.next(), f.next(), f.next());
+        let (Some(mode), Some(kind), Some(oid)) = (mode, kind, oid) else {
+            return Err(bad());
+        };
+        match (kind, mode) {
+            ("commit", _) => entries.push((rel, Listed::Dir)),
+            ("blob", "120000") => {
+                links.push((entries.len(), oid.to_string()));
+                entries.push((rel, Listed::Symlink(PathBuf::new())));
+            }
+            ("blob", _) => {
+                let size = size.and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+                entries.push((
+                    rel,
+                    Listed::File {
+                        oid: oid.to_string(),
+                        size,
+                        exec: mode == "100755",
+                    },
+                ));
+            }
+            _ => return Err(bad()),
+        }
+    }
+    if !links.is_empty() {
+        let ids = links.iter().map(|(_, oid)| oid.clone()).collect();
+        let mut blobs = Blobs::open(mirror, ids).map_err(|e| cat_error(&e))?;
+        for (at, oid) in &links {
+            let size = blobs.start(oid).map_err(|e| cat_error(&e))?;
+            if size > 4096 {
+                return Err(Error::invalid(format!(
+                    "commit {commit} holds a symlink target of {size} bytes"
+                )));
+            }
+            let mut target = Vec::new();
+            blobs.read(size, &mut target).map_err(|e| cat_error(&e))?;
+            blobs.end().map_err(|e| cat_error(&e))?;
+            entries[*at].1 = Listed::Symlink(PathBuf::from(std::ffi::OsStr::from_bytes(&target)));
+        }
+    }
+    Ok(entries)
 }
 
-fn parse_listing(raw: &[u8]) -> Listing {
-    raw.split(|b| *b == 0)
-        .filter_map(|entry| {
-            let tab = entry.iter().position(|b| *b == b'\t')?;
-            let head = std::str::from_utf8(&entry[..tab]).ok()?;
-            let mut f = head.split(' ');
-            let (mode, kind, oid) = (f.next()?, f.next()?, f.next()?);
-            Some((
-                entry[tab + 1..].to_vec(),
-                (mode.to_string(), kind.to_string(), oid.to_string()),
-            ))
-        })
-        .collect()
-}
-
-/// Bring `dest` to the tree of `commit`: incrementally from the listing of the tree it
-/// holds, else (no listing: first build, or an update that did not finish) anew.
-fn update(mirror: &Path, commit: &str, dest: &Path) -> Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let listing = listing_path(dest);
-    let (raw, new) = ls_tree(mirror, commit)?;
-    let old = std::fs::read(&listing)
-        .ok()
-        .filter(|_| dest.is_dir())
-        .map(|raw| parse_listing(&raw));
-    let _ = std::fs::remove_file(&listing);
-    let Some(old) = old else {
-        if dest.exists() {
-            std::fs::remove_dir_all(dest).map_err(|e| super::io_error("clean", dest, e))?;
-        }
-        unpack(mirror, commit, dest)?;
-        return std::fs::write(&listing, raw).map_err(|e| super::io_error("write", &listing, e));
-    };
-    // The paths come from the repository: each must stay inside `dest`.
-    if let Some(bad) = new.keys().find(|rel| !safe_path(rel)) {
-        return Err(Error::invalid(format!(
-            "commit {commit} holds the unsafe path `{}`",
-            String::from_utf8_lossy(bad)
-        )));
-    }
-    let path_of = |rel: &[u8]| dest.join(std::ffi::OsStr::from_bytes(rel));
-    // Gone or changed: removed (a changed file is written anew below).
-    for (rel, entry) in &old {
-        if new.get(rel) != Some(entry) {
-            let p = path_of(rel);
-            let removed = match std::fs::symlink_metadata(&p) {
-                Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p),
-                Ok(_) => std::fs::remove_file(&p),
-                Err(_) => Ok(()),
-            };
-            removed.map_err(|e| super::io_error("remove", &p, e))?;
-        }
-    }
-    remove_empty_dirs(dest);
-    // Submodules are empty folders, as `git archive` makes them: made again whether
-    // they changed or not, since the sweep above removed them.
-    for (rel, (_, kind, _)) in &new {
-        if kind == "commit" {
-            let p = path_of(rel);
-            std::fs::create_dir_all(&p).map_err(|e| super::io_error("create", &p, e))?;
-        }
-    }
-    let wanted: Vec<(&Vec<u8>, &Entry)> = new
-        .iter()
-        .filter(|(rel, entry)| old.get(*rel) != Some(entry))
-        .collect();
-    write_objects(mirror, dest, &wanted)?;
-    std::fs::write(&listing, raw).map_err(|e| super::io_error("write", &listing, e))
+fn cat_error(e: &std::io::Error) -> Error {
+    Error::failed("pull", format!("git cat-file: {e}"))
 }
 
 /// A relative path of plain names (no `..`, `.`, `.git`, empty or absolute parts).
@@ -246,114 +245,118 @@ fn safe_path(rel: &[u8]) -> bool {
             .all(|c| !c.is_empty() && c != b"." && c != b".." && !c.eq_ignore_ascii_case(b".git"))
 }
 
-/// Remove the folders under `dir` that hold nothing (a commit has no empty folders).
-fn remove_empty_dirs(dir: &Path) {
-    for entry in walkdir::WalkDir::new(dir)
-        .min_depth(1)
-        .contents_first(true)
-        .into_iter()
-        .flatten()
-    {
-        if entry.file_type().is_dir() {
-            // Fails, as it should, on a folder that is not empty.
-            let _ = std::fs::remove_dir(entry.path());
+/// Blob contents streamed from one `git cat-file --batch`, in the order their ids
+/// were given: each blob is [`start`](Blobs::start)ed, read or skipped through, then
+/// [`end`](Blobs::end)ed. The process is killed when this is dropped.
+pub struct Blobs {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    /// Bytes of the current blob not yet read, and whether one is open.
+    left: u64,
+    open: bool,
+}
+
+impl Blobs {
+    pub fn open(mirror: &Path, ids: Vec<String>) -> std::io::Result<Blobs> {
+        use std::io::Write;
+        let mut child = git(Some(mirror))
+            .args(["cat-file", "--batch"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::other("no pipes to git cat-file"));
+        };
+        // Fed from another thread: git answers while it reads, and both pipes are
+        // bounded. It ends when all is written or git is gone (killed on drop).
+        std::thread::spawn(move || {
+            let mut w = std::io::BufWriter::new(&mut stdin);
+            for id in ids {
+                if writeln!(w, "{id}").is_err() {
+                    return;
+                }
+            }
+            let _ = w.flush();
+        });
+        Ok(Blobs {
+            child,
+            out: std::io::BufReader::with_capacity(1 << 20, stdout),
+            left: 0,
+            open: false,
+        })
+    }
+
+    /// Open the next blob, which must be `oid`; returns its size. A blob left
+    /// unfinished is skipped to its end first.
+    pub fn start(&mut self, oid: &str) -> std::io::Result<u64> {
+        use std::io::{BufRead, Read};
+        if self.open {
+            self.skip(self.left)?;
+            self.end()?;
         }
+        let mut head = String::new();
+        (&mut self.out).take(512).read_line(&mut head)?;
+        let mut f = head.trim_end().split(' ');
+        let (got, kind, size) = (f.next(), f.next(), f.next().and_then(|n| n.parse().ok()));
+        match (got, kind, size) {
+            (Some(g), Some("blob"), Some(size)) if g == oid => {
+                self.left = size;
+                self.open = true;
+                Ok(size)
+            }
+            _ => Err(std::io::Error::other(format!(
+                "asked for blob {oid}, got `{}`",
+                head.trim_end()
+            ))),
+        }
+    }
+
+    /// Append the next `n` bytes of the open blob to `out`.
+    pub fn read(&mut self, n: u64, out: &mut Vec<u8>) -> std::io::Result<()> {
+        use std::io::Read;
+        let n = n.min(self.left);
+        out.reserve(usize::try_from(n).unwrap_or(0));
+        let got = (&mut self.out).take(n).read_to_end(out)? as u64;
+        self.left -= got;
+        if got < n {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
+
+    /// Pass over the next `n` bytes of the open blob.
+    pub fn skip(&mut self, n: u64) -> std::io::Result<()> {
+        use std::io::Read;
+        let n = n.min(self.left);
+        let got = std::io::copy(&mut (&mut self.out).take(n), &mut std::io::sink())?;
+        self.left -= got;
+        if got < n {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
+
+    /// Close the open blob, wholly read: git ends each with a newline.
+    pub fn end(&mut self) -> std::io::Result<()> {
+        use std::io::Read;
+        if self.left > 0 {
+            return Err(std::io::Error::other("a blob was closed before its end"));
+        }
+        let mut newline = [0u8; 1];
+        self.out.read_exact(&mut newline)?;
+        self.open = false;
+        Ok(())
     }
 }
 
-/// Write the listed blobs (files and symlinks) into `dest`, their contents read with
-/// one `git cat-file --batch`.
-fn write_objects(mirror: &Path, dest: &Path, wanted: &[(&Vec<u8>, &Entry)]) -> Result<()> {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::PermissionsExt;
-    let blobs: Vec<_> = wanted.iter().filter(|(_, e)| e.1 == "blob").collect();
-    if blobs.is_empty() {
-        return Ok(());
+impl Drop for Blobs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
-    let fail = |what: String| Error::failed("pull", format!("git cat-file: {what}"));
-    let mut child = git(Some(mirror))
-        .args(["cat-file", "--batch"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| fail(e.to_string()))?;
-    let mut stdin = child.stdin.take().ok_or_else(|| fail("no input".into()))?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| fail("no output".into()))?;
-    let ids: Vec<String> = blobs.iter().map(|(_, e)| e.2.clone()).collect();
-    // Fed from another thread: git answers while it reads, and both pipes are bounded.
-    let feeder = std::thread::spawn(move || {
-        for id in ids {
-            if writeln!(stdin, "{id}").is_err() {
-                break;
-            }
-        }
-    });
-    let root = dest
-        .canonicalize()
-        .map_err(|e| super::io_error("read", dest, e))?;
-    let mut out = BufReader::with_capacity(1 << 20, stdout);
-    let result = (|| -> Result<()> {
-        for (rel, (mode, _, oid)) in &blobs {
-            let mut head = String::new();
-            out.read_line(&mut head).map_err(|e| fail(e.to_string()))?;
-            let mut f = head.trim_end().split(' ');
-            let (got, size) = (f.next(), f.nth(1).and_then(|n| n.parse::<u64>().ok()));
-            let Some(size) = size.filter(|_| got == Some(oid.as_str())) else {
-                return Err(fail(format!("unexpected answer `{}`", head.trim_end())));
-            };
-            let p = dest.join(std::ffi::OsStr::from_bytes(rel));
-            if let Some(parent) = p.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| super::io_error("create", parent, e))?;
-                // Not through a symlink of the tree.
-                let real = parent
-                    .canonicalize()
-                    .map_err(|e| super::io_error("read", parent, e))?;
-                if !real.starts_with(&root) {
-                    return Err(Error::invalid(format!(
-                        "`{}` of commit is reached through a symlink",
-                        String::from_utf8_lossy(rel)
-                    )));
-                }
-            }
-            let mut body = (&mut out).take(size);
-            if mode == "120000" {
-                let mut target = Vec::new();
-                body.read_to_end(&mut target)
-                    .map_err(|e| fail(e.to_string()))?;
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), &p)
-                    .map_err(|e| super::io_error("link", &p, e))?;
-            } else {
-                let mut file =
-                    std::fs::File::create(&p).map_err(|e| super::io_error("write", &p, e))?;
-                let n = std::io::copy(&mut body, &mut file)
-                    .map_err(|e| super::io_error("write", &p, e))?;
-                if n != size {
-                    return Err(fail(format!("{oid} ended early")));
-                }
-                let exec = if mode == "100755" { 0o755 } else { 0o644 };
-                file.set_permissions(std::fs::Permissions::from_mode(exec))
-                    .map_err(|e| super::io_error("write", &p, e))?;
-            }
-            let mut newline = [0u8; 1];
-            out.read_exact(&mut newline)
-                .map_err(|e| fail(e.to_string()))?;
-        }
-        Ok(())
-    })();
-    drop(out);
-    let _ = feeder.join();
-    let status = child.wait().map_err(|e| fail(e.to_string()))?;
-    result?;
-    if !status.success() {
-        return Err(fail(format!("exited with {status}")));
-    }
-    Ok(())
 }
 
 /// The commit a ref names, if any.
@@ -365,37 +368,6 @@ fn resolve(mirror: &Path, git_ref: &str) -> Option<String> {
     cmd.args(["rev-parse", "--verify", "--quiet", "--end-of-options"])
         .arg(format!("{git_ref}^{{commit}}"));
     run(cmd, "rev-parse").ok().filter(|s| !s.is_empty())
-}
-
-/// Unpack the tree of `commit` into `dest` by streaming `git archive` into tar.
-fn unpack(mirror: &Path, commit: &str, dest: &Path) -> Result<()> {
-    std::fs::create_dir_all(dest).map_err(|e| super::io_error("create", dest, e))?;
-    let mut child = git(Some(mirror))
-        .args(["archive", "--format=tar", commit])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| Error::failed("pull", format!("cannot run git archive: {e}")))?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| Error::failed("pull", "git archive has no output"))?;
-    let mut archive = tar::Archive::new(stdout);
-    archive.set_preserve_permissions(true);
-    let unpacked = archive.unpack(dest);
-    let out = child
-        .wait_with_output()
-        .map_err(|e| Error::failed("pull", format!("git archive: {e}")))?;
-    if !out.status.success() {
-        return Err(Error::failed(
-            "pull",
-            format!(
-                "git archive failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        ));
-    }
-    unpacked.map_err(|e| Error::failed("pull", format!("cannot unpack commit {commit}: {e}")))
 }
 
 #[cfg(test)]

@@ -1,8 +1,12 @@
-//! Sources: each is pulled into its own buffer (`buffer/N/`), then the buffers are
-//! merged in order into one tree, later sources overwriting earlier files.
+//! Sources: each is pulled (a `path:` folder read where it is, a git commit listed
+//! from its mirror), then they are merged in order into one build tree, later
+//! sources overwriting earlier files.
 
 pub mod git;
 pub mod path;
+mod tree;
+
+pub use tree::{GitFile, Tree};
 
 use std::fs;
 use std::path::{Component, Path, PathBuf};
@@ -20,25 +24,18 @@ pub struct Pulled {
 }
 
 /// Pull every source and bring them, layered in order, into `buffer/merged/`: a
-/// `path:` source is read where it is, a git source's commit is unpacked into
-/// `buffer/N/` first. The merged tree stays from build to build and is only changed
-/// where the sources changed (see [`path::sync_tree`]).
-pub fn pull_all(system: &System, home: &Home, log: &Log) -> Result<(Vec<Pulled>, PathBuf)> {
+/// `path:` source is read where it is, a git source's commit is listed and its files
+/// left as blobs until needed (see [`Tree`]). The merged tree stays from build to
+/// build and is only changed where the sources changed (see [`path::sync_tree`]).
+pub fn pull_all(system: &System, home: &Home, log: &Log) -> Result<(Vec<Pulled>, Tree)> {
     let buffer = home.buffer();
     fs::create_dir_all(&buffer).map_err(|e| io_error("create", &buffer, e))?;
-    // Kept: the merged tree, and each git source's tree with its listing (`N`,
-    // `N.tree`), updated in place; anything else is left from another configuration.
-    let kept: Vec<String> = system
-        .sources
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| matches!(s.kind, SourceKind::Git { .. }))
-        .flat_map(|(i, _)| [(i + 1).to_string(), format!("{}.tree", i + 1)])
-        .chain(["merged".to_string()])
-        .collect();
+    // Kept: the merged tree and the marks of the git files written into it; anything
+    // else is left from another configuration or an earlier version.
+    let kept = ["merged", "merged.blobs"];
     for entry in fs::read_dir(&buffer).map_err(|e| io_error("read", &buffer, e))? {
         let entry = entry.map_err(|e| io_error("read", &buffer, e))?;
-        if kept.iter().any(|k| entry.file_name() == k.as_str()) {
+        if kept.iter().any(|k| entry.file_name() == *k) {
             continue;
         }
         let path = entry.path();
@@ -55,14 +52,16 @@ pub fn pull_all(system: &System, home: &Home, log: &Log) -> Result<(Vec<Pulled>,
         .unwrap_or_else(|_| home.root.clone());
     let mut pulled = Vec::new();
     let mut layers = Vec::new();
-    for (i, source) in system.sources.iter().enumerate() {
+    let mut mirrors = Vec::new();
+    for source in &system.sources {
         let context = |e: Error| e.context(&format!("source `{}`", source.name));
-        let (root, commit) = match &source.kind {
+        let (root, commit, listed) = match &source.kind {
             SourceKind::Git { url, git_ref } => {
-                let dir = buffer.join((i + 1).to_string());
-                let commit =
-                    git::pull(url, git_ref.as_deref(), &home.git(), &dir, log).map_err(context)?;
-                (dir, Some(commit))
+                let (mirror, commit) =
+                    git::pull(url, git_ref.as_deref(), &home.git(), log).map_err(context)?;
+                let listed = git::list(&mirror, &commit).map_err(context)?;
+                mirrors.push(mirror.clone());
+                (mirror, Some(commit), Some((mirrors.len() - 1, listed)))
             }
             SourceKind::Path { path } => {
                 if !path.is_dir() {
@@ -72,7 +71,7 @@ pub fn pull_all(system: &System, home: &Home, log: &Log) -> Result<(Vec<Pulled>,
                     ))));
                 }
                 let real = path.canonicalize().map_err(|e| io_error("read", path, e))?;
-                (real, None)
+                (real, None, None)
             }
         };
         match &commit {
@@ -92,17 +91,40 @@ pub fn pull_all(system: &System, home: &Home, log: &Log) -> Result<(Vec<Pulled>,
             name: source.name.clone(),
             root,
             exclude: vec![home_root.clone()],
+            listed,
         });
     }
     let merged = buffer.join("merged");
-    let brought = path::sync_tree(&layers, &merged)?;
+    let marks_file = buffer.join("merged.blobs");
+    let synced = path::sync_tree(&layers, &merged, &tree::load_marks(&marks_file))?;
+    tree::save_marks(&marks_file, &synced.marks)?;
+    let brought = synced.brought;
     if brought.copied > 0 {
         log.line(format!(
             "{} file(s) copied (no hard link possible), {} linked",
             brought.copied, brought.linked
         ));
     }
-    Ok((pulled, merged))
+    let tree = Tree::new(merged, mirrors, synced.git, synced.marks, marks_file);
+    // The build files are read by name: written now, in one pass.
+    tree.ensure(&is_build_file)?;
+    Ok((pulled, tree))
+}
+
+/// Files the build reads by name wherever they are: build and container files,
+/// configuration templates, secrets, Dockerfiles.
+fn is_build_file(rel: &Path) -> bool {
+    let name = rel
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    matches!(
+        &*name,
+        "stretch.yml" | "container.yml" | "config.yml" | "secrets.yml" | ".dockerignore"
+    ) || name.ends_with(".age")
+        || name.starts_with("Dockerfile")
+        || name.ends_with(".Dockerfile")
+        || name.ends_with(".dockerfile")
 }
 
 fn describe(source: &Source) -> String {
@@ -166,6 +188,18 @@ impl Stamps {
             out.push((rel.to_path_buf(), stamp(&meta)));
         }
         Ok(Stamps(out))
+    }
+
+    /// Without the folders: the build writes git files into the build tree's folders
+    /// (changing their times), while only files can change what was archived.
+    pub fn files_only(self) -> Stamps {
+        const FOLDER: u32 = 0o040000;
+        Stamps(
+            self.0
+                .into_iter()
+                .filter(|(_, s)| s.mode & 0o170000 != FOLDER)
+                .collect(),
+        )
     }
 
     /// The first file that is not as it was stamped (changed, gone), if any.
@@ -344,32 +378,233 @@ mod tests {
                     name: "s".into(),
                     root: r.to_path_buf(),
                     exclude: vec![],
+                    listed: None,
                 })
                 .collect()
         };
-        let brought = path::sync_tree(&layers(&[&a, &b]), &m).unwrap();
+        let brought = path::sync_tree(&layers(&[&a, &b]), &m, &Default::default())
+            .unwrap()
+            .brought;
         assert_eq!(brought.linked, 3);
         assert_eq!(fs::read_to_string(m.join("x.txt")).unwrap(), "b");
         assert_eq!(fs::read_to_string(m.join("d")).unwrap(), "file");
         assert_eq!(fs::read_to_string(m.join("e/z.txt")).unwrap(), "b");
         assert_eq!(fs::read_to_string(a.join("x.txt")).unwrap(), "a");
         // Again: nothing to do. Then a change in one layer changes only that.
-        assert_eq!(path::sync_tree(&layers(&[&a, &b]), &m).unwrap().linked, 0);
+        assert_eq!(
+            path::sync_tree(&layers(&[&a, &b]), &m, &Default::default())
+                .unwrap()
+                .brought
+                .linked,
+            0
+        );
         fs::write(m.join("stray"), "left by a plugin").unwrap();
         fs::remove_file(b.join("x.txt")).unwrap();
-        let brought = path::sync_tree(&layers(&[&a, &b]), &m).unwrap();
+        let brought = path::sync_tree(&layers(&[&a, &b]), &m, &Default::default())
+            .unwrap()
+            .brought;
         assert_eq!(brought.linked, 1);
         assert_eq!(fs::read_to_string(m.join("x.txt")).unwrap(), "a");
         assert!(!m.join("stray").exists());
         // One layer only: the other's files leave, a file becomes a folder again.
-        path::sync_tree(&layers(&[&a]), &m).unwrap();
+        path::sync_tree(&layers(&[&a]), &m, &Default::default()).unwrap();
         assert_eq!(fs::read_to_string(m.join("d/y.txt")).unwrap(), "a");
         assert_eq!(fs::read_to_string(m.join("e")).unwrap(), "file");
         assert!(!m.join("e/z.txt").exists());
         // A file replaced in its source (a new inode) is linked anew.
         fs::remove_file(a.join("e")).unwrap();
         fs::write(a.join("e"), "new").unwrap();
-        path::sync_tree(&layers(&[&a]), &m).unwrap();
+        path::sync_tree(&layers(&[&a]), &m, &Default::default()).unwrap();
         assert_eq!(fs::read_to_string(m.join("e")).unwrap(), "new");
+    }
+}
+
+#[cfg(test)]
+mod git_tree_tests {
+    use std::collections::BTreeMap;
+    use std::process::Command;
+
+    use super::*;
+    use crate::release::archive::{self, GitInputs};
+
+    fn sh(dir: &Path, args: &[&str]) {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    fn write(root: &Path, rel: &str, data: &[u8]) {
+        let p = root.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, data).unwrap();
+    }
+
+    /// Sync `repo`'s HEAD into `merged` as a git layer over a folder layer.
+    fn sync(repo: &Path, base: &Path, merged: &Path) -> Tree {
+        let out = Command::new("git")
+            .args(["-C", repo.to_str().unwrap(), "rev-parse", "HEAD"])
+            .output()
+            .unwrap();
+        let commit = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let listed = git::list(repo, &commit).unwrap();
+        let layers = vec![
+            path::Layer {
+                name: "base".into(),
+                root: base.to_path_buf(),
+                exclude: vec![],
+                listed: None,
+            },
+            path::Layer {
+                name: "git".into(),
+                root: repo.to_path_buf(),
+                exclude: vec![],
+                listed: Some((0, listed)),
+            },
+        ];
+        let marks_file = merged.with_extension("blobs");
+        let synced = path::sync_tree(&layers, merged, &tree::load_marks(&marks_file)).unwrap();
+        tree::save_marks(&marks_file, &synced.marks).unwrap();
+        let t = Tree::new(
+            merged.to_path_buf(),
+            vec![repo.to_path_buf()],
+            synced.git,
+            synced.marks,
+            marks_file,
+        );
+        t.ensure(&is_build_file).unwrap();
+        t
+    }
+
+    fn archive_of(t: &Tree, home: &Path) -> archive::Written {
+        let git = GitInputs {
+            mirrors: &t.mirrors,
+            files: &t.git,
+        };
+        archive::write_archive(
+            &t.root,
+            Some(git),
+            &home.join("chunks"),
+            &home.join("index"),
+            &|_| false,
+            Some(&home.join("cache.json")),
+        )
+        .unwrap()
+    }
+
+    /// What the same layers give as plain folders: the reference hash.
+    fn checkout_hash(repo: &Path, base: &Path, scratch: &Path) -> String {
+        let (clone, merged) = (scratch.join("clone"), scratch.join("m"));
+        let _ = fs::remove_dir_all(&clone);
+        let _ = fs::remove_dir_all(&merged);
+        let out = Command::new("git")
+            .args([
+                "clone",
+                "-q",
+                repo.to_str().unwrap(),
+                clone.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let layers: Vec<path::Layer> = [base, &clone]
+            .iter()
+            .map(|r| path::Layer {
+                name: "s".into(),
+                root: r.to_path_buf(),
+                exclude: vec![],
+                listed: None,
+            })
+            .collect();
+        path::sync_tree(&layers, &merged, &BTreeMap::new()).unwrap();
+        archive::hash_tree(&merged, &|_| false).unwrap().hash
+    }
+
+    #[test]
+    fn git_files_are_archived_from_their_blobs_as_if_checked_out() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let (repo, base, merged, home) = (
+            t.path().join("repo"),
+            t.path().join("base"),
+            t.path().join("merged"),
+            t.path().join("home"),
+        );
+        sh(
+            t.path(),
+            &["init", "-q", "-b", "main", repo.to_str().unwrap()],
+        );
+        write(&repo, "stretch.yml", b"name: web\n");
+        write(&repo, "web/Dockerfile", b"FROM scratch\n");
+        write(&repo, "a.txt", b"from git\n");
+        // Bigger than a chunk piece, so it is read in several parts.
+        let big: Vec<u8> = (0..9u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        write(&repo, "data/big.bin", &big);
+        write(&repo, "data/run.sh", b"#!/bin/sh\n");
+        fs::set_permissions(repo.join("data/run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("a.txt", repo.join("link")).unwrap();
+        sh(&repo, &["add", "-A"]);
+        sh(&repo, &["commit", "-qm", "one"]);
+        // The folder layer below: overridden by git in one place, alone in another.
+        write(&base, "a.txt", b"from the folder\n");
+        write(&base, "only-base.txt", b"base\n");
+
+        let tree = sync(&repo, &base, &merged);
+        // Build files are written; the rest stays in git.
+        assert!(merged.join("stretch.yml").is_file());
+        assert!(merged.join("web/Dockerfile").is_file());
+        assert!(!merged.join("data/big.bin").exists());
+        assert!(
+            !merged.join("a.txt").exists(),
+            "git's a.txt wins, unwritten"
+        );
+        assert_eq!(
+            fs::read_link(merged.join("link")).unwrap(),
+            Path::new("a.txt")
+        );
+        assert!(merged.join("only-base.txt").is_file());
+
+        let want = checkout_hash(&repo, &base, &t.path().join("scratch"));
+        let first = archive_of(&tree, &home);
+        assert_eq!(first.digest.hash, want);
+        // Written or not, a git file archives the same; its blob needs no stat.
+        assert_eq!(tree.ensure_path(Path::new("data")).unwrap(), 2);
+        assert_eq!(fs::read(merged.join("data/big.bin")).unwrap(), big);
+        assert!(
+            fs::metadata(merged.join("data/run.sh"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o111
+                != 0
+        );
+        let again = archive_of(&tree, &home);
+        assert_eq!(again.digest.hash, want);
+        assert_eq!(
+            again.cached,
+            again.chunks - 1,
+            "all but the racy folder-layer chunk"
+        );
+
+        // A written git file changed in place (a plugin may) is not trusted next time.
+        fs::write(merged.join("data/run.sh"), b"changed\n").unwrap();
+        let tree = sync(&repo, &base, &merged);
+        assert!(!merged.join("data/run.sh").exists());
+        assert!(
+            merged.join("data/big.bin").is_file(),
+            "an unchanged written file stays"
+        );
+        assert_eq!(archive_of(&tree, &home).digest.hash, want);
+
+        // A new commit: only what changed differs.
+        write(&repo, "a.txt", b"changed in git\n");
+        sh(&repo, &["commit", "-qam", "two"]);
+        let tree = sync(&repo, &base, &merged);
+        let want = checkout_hash(&repo, &base, &t.path().join("scratch"));
+        assert_eq!(archive_of(&tree, &home).digest.hash, want);
     }
 }

@@ -7,7 +7,11 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
+use super::git::Listed;
 use super::io_error;
+use super::tree::{GitFile, Marks};
 use crate::{Error, Result};
 
 /// How a tree was brought in.
@@ -75,8 +79,8 @@ pub fn link(from: &Path, to: &Path, exclude: &[PathBuf]) -> Result<Brought> {
     Ok(brought)
 }
 
-/// One layer of the build tree: a folder (a `path:` source where it is, a git source's
-/// unpacked commit) and what to leave out of it.
+/// One layer of the build tree: a folder (a `path:` source where it is) or a git
+/// commit's listing, and what to leave out of it.
 #[derive(Debug, Clone)]
 pub struct Layer {
     /// Names errors (`source `NAME``).
@@ -84,6 +88,19 @@ pub struct Layer {
     pub root: PathBuf,
     /// Folders left out (the home folder, when it lies inside the source).
     pub exclude: Vec<PathBuf>,
+    /// A git source: its mirror's index and its commit's entries, walked instead of
+    /// `root`.
+    pub listed: Option<(usize, Vec<(PathBuf, Listed)>)>,
+}
+
+/// What [`sync_tree`] did, and the git files the tree holds only as blobs.
+#[derive(Debug, Default)]
+pub struct Synced {
+    pub brought: Brought,
+    /// Every file whose content is a git blob.
+    pub git: BTreeMap<PathBuf, GitFile>,
+    /// Those of them already written in the folder, unchanged since.
+    pub marks: Marks,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +118,90 @@ struct Want {
     kind: Kind,
     ino: u64,
     target: Option<PathBuf>,
+    /// A git file: written only when needed (see [`super::Tree`]).
+    git: Option<GitFile>,
     present: bool,
+}
+
+/// Want `w` at `rel`: a file or symlink replaces an earlier layer's folder and all
+/// under it (paths order by component, so those follow it directly); a folder
+/// replaces a file.
+fn put(want: &mut BTreeMap<PathBuf, Want>, rel: PathBuf, w: Want) {
+    if w.kind != Kind::Dir && want.get(&rel).is_some_and(|o| o.kind == Kind::Dir) {
+        let under: Vec<PathBuf> = want
+            .range::<Path, _>((
+                std::ops::Bound::Excluded(rel.as_path()),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(k, _)| k.starts_with(&rel))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in under {
+            want.remove(&k);
+        }
+    }
+    want.insert(rel, w);
+}
+
+/// The wants of a git layer: its entries, and the folders they imply.
+fn put_listed(
+    want: &mut BTreeMap<PathBuf, Want>,
+    layer: usize,
+    mirror: usize,
+    listed: &[(PathBuf, Listed)],
+) -> Result<()> {
+    let dir = |layer| Want {
+        layer,
+        kind: Kind::Dir,
+        ino: 0,
+        target: None,
+        git: None,
+        present: false,
+    };
+    for (rel, entry) in listed {
+        let parents: Vec<&Path> = rel
+            .ancestors()
+            .skip(1)
+            .filter(|a| !a.as_os_str().is_empty())
+            .collect();
+        for p in parents.into_iter().rev() {
+            if !want.get(p).is_some_and(|w| w.kind == Kind::Dir) {
+                put(want, p.to_path_buf(), dir(layer));
+            }
+        }
+        let w = match entry {
+            Listed::Dir => dir(layer),
+            Listed::Symlink(target) => {
+                if !super::stays_inside(rel, target) {
+                    return Err(Error::invalid_with_help(
+                        format!(
+                            "symlink `{}` -> `{}` escapes its source",
+                            rel.display(),
+                            target.display()
+                        ),
+                        "symlinks must point inside the source, with a relative target",
+                    ));
+                }
+                Want {
+                    kind: Kind::Symlink,
+                    target: Some(target.clone()),
+                    ..dir(layer)
+                }
+            }
+            Listed::File { oid, size, exec } => Want {
+                kind: Kind::File,
+                git: Some(GitFile {
+                    mirror,
+                    oid: oid.clone(),
+                    size: *size,
+                    exec: *exec,
+                }),
+                ..dir(layer)
+            },
+        };
+        put(want, rel.clone(), w);
+    }
+    Ok(())
 }
 
 /// Make `to` the layers merged in order (later layers replace earlier files; a file
@@ -109,13 +209,17 @@ struct Want {
 /// files hard-linked (copied where a link cannot be made), symlinks recreated.
 /// `to` is kept from the last build and only changed where it differs, so an
 /// unchanged source costs a walk, not ten thousand links. `.git` folders are left
-/// out; a symlink that points outside its layer fails.
-pub fn sync_tree(layers: &[Layer], to: &Path) -> Result<Brought> {
-    use std::collections::BTreeMap;
+/// out; a symlink that points outside its layer fails. Git files are not written:
+/// those `marks` says are already there, unchanged, stay; others are removed.
+pub fn sync_tree(layers: &[Layer], to: &Path, marks: &Marks) -> Result<Synced> {
     use walkdir::DirEntryExt;
     let mut want: BTreeMap<PathBuf, Want> = BTreeMap::new();
     for (i, layer) in layers.iter().enumerate() {
         let context = |e: Error| e.context(&format!("source `{}`", layer.name));
+        if let Some((mirror, listed)) = &layer.listed {
+            put_listed(&mut want, i, *mirror, listed).map_err(context)?;
+            continue;
+        }
         let walker = walkdir::WalkDir::new(&layer.root)
             .min_depth(1)
             .follow_links(false)
@@ -160,28 +264,15 @@ pub fn sync_tree(layers: &[Layer], to: &Path) -> Result<Brought> {
                     rel.display()
                 ))));
             };
-            if kind != Kind::Dir && want.get(&rel).is_some_and(|w| w.kind == Kind::Dir) {
-                // A file replaces an earlier layer's folder and all under it; paths
-                // order by component, so those follow it directly.
-                let under: Vec<PathBuf> = want
-                    .range::<Path, _>((
-                        std::ops::Bound::Excluded(rel.as_path()),
-                        std::ops::Bound::Unbounded,
-                    ))
-                    .take_while(|(k, _)| k.starts_with(&rel))
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for k in under {
-                    want.remove(&k);
-                }
-            }
-            want.insert(
+            put(
+                &mut want,
                 rel,
                 Want {
                     layer: i,
                     kind,
                     ino: entry.ino(),
                     target,
+                    git: None,
                     present: false,
                 },
             );
@@ -204,9 +295,14 @@ pub fn sync_tree(layers: &[Layer], to: &Path) -> Result<Brought> {
                 w.present = true;
                 true
             }
-            Some(w) if w.kind == Kind::File && ft.is_file() && w.ino == entry.ino() => {
-                w.present = true;
-                true
+            Some(w) if w.kind == Kind::File && ft.is_file() => {
+                w.present = match &w.git {
+                    Some(g) => marks
+                        .get(rel)
+                        .is_some_and(|m| entry.metadata().is_ok_and(|meta| m.holds(&g.oid, &meta))),
+                    None => w.ino == entry.ino(),
+                };
+                w.present
             }
             Some(w)
                 if w.kind == Kind::Symlink
@@ -229,10 +325,21 @@ pub fn sync_tree(layers: &[Layer], to: &Path) -> Result<Brought> {
         }
     }
 
-    // Then bring in what is missing, folders before what they hold.
-    let mut brought = Brought::default();
+    // Then bring in what is missing, folders before what they hold; git files stay
+    // blobs.
+    let mut synced = Synced::default();
+    let brought = &mut synced.brought;
     let mut links = true;
     for (rel, w) in &want {
+        if let Some(g) = &w.git {
+            if w.present
+                && let Some(m) = marks.get(rel)
+            {
+                synced.marks.insert(rel.clone(), m.clone());
+            }
+            synced.git.insert(rel.clone(), g.clone());
+            continue;
+        }
         if w.present {
             continue;
         }
@@ -258,5 +365,5 @@ pub fn sync_tree(layers: &[Layer], to: &Path) -> Result<Brought> {
             }
         }
     }
-    Ok(brought)
+    Ok(synced)
 }

@@ -257,12 +257,16 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 
 struct Loader<'a> {
     root: &'a Path,
+    /// Called with a relative path before it is looked at: the build tree writes
+    /// files it holds only as git blobs.
+    fetch: &'a dyn Fn(&str),
     containers: Vec<Container>,
     config_files: IndexMap<String, ConfigFile>,
 }
 
 impl Loader<'_> {
     fn read(&self, rel: &str) -> Result<Option<String>> {
+        (self.fetch)(rel);
         let full = self.root.join(rel);
         match std::fs::read_to_string(&full) {
             Ok(s) => Ok(Some(s)),
@@ -272,6 +276,7 @@ impl Loader<'_> {
     }
 
     fn exists(&self, rel: &str) -> bool {
+        (self.fetch)(rel);
         self.root.join(rel).exists()
     }
 
@@ -380,6 +385,7 @@ impl Loader<'_> {
             .unwrap_or_else(|| "Dockerfile".into());
         let dockerfile =
             resolve(self.root, &dir, &dockerfile_rel).map_err(|m| at("dockerfile", m))?;
+        (self.fetch)(&dockerfile);
         if !self.root.join(&dockerfile).is_file() {
             return Err(Error::invalid_with_help(
                 format!("missing Dockerfile: `{dockerfile}` does not exist (container `{file}`)"),
@@ -528,8 +534,15 @@ impl Loader<'_> {
 impl Project {
     /// Read the build files of the merged tree at `root`.
     pub fn load(root: &Path, system: &str) -> Result<Project> {
+        Project::load_with(root, system, &|_| {})
+    }
+
+    /// [`load`](Project::load), calling `fetch` with each relative path before it is
+    /// looked at.
+    pub fn load_with(root: &Path, system: &str, fetch: &dyn Fn(&str)) -> Result<Project> {
         let mut loader = Loader {
             root,
+            fetch,
             containers: Vec::new(),
             config_files: IndexMap::new(),
         };
@@ -657,6 +670,9 @@ impl Project {
             .filter_map(|c| c.secrets.clone())
             .collect();
         secrets_files.dedup();
+        for f in &secrets_files {
+            fetch(f);
+        }
         let project = Project {
             root: root.to_path_buf(),
             plugins,

@@ -141,7 +141,8 @@ fn a_git_source_is_updated_in_place() {
         ),
     );
     let (first, _) = build(&ctx);
-    let tree = ctx.home().join("buffer/1");
+    // The image's context is the whole tree: every file was written out of git.
+    let tree = ctx.home().join("buffer/merged");
     let ino = |rel: &str| std::fs::symlink_metadata(tree.join(rel)).unwrap().ino();
     let kept = ino("data/f100.txt");
 
@@ -186,10 +187,71 @@ fn a_git_source_is_updated_in_place() {
         .unwrap_or(0);
     assert!(unread >= 1, "{out}");
 
-    // The same tree built in a fresh home (unpacked whole) is the same release.
+    // The same tree built in a fresh home is the same release.
     let fresh = ctx.path().join("fresh-home");
     let out = ctx
         .run(&["--home", &fresh.display().to_string(), "build", "--json"])
         .ok();
     assert_eq!(out.json()["id"], second.as_str(), "{out}");
+}
+
+/// A git source is not checked out: only the files the build needs (build files, the
+/// context of the image it builds) are written; the archive reads the rest from git
+/// and is the same as a `path:` source of the same tree gives.
+#[test]
+fn a_git_source_is_not_checked_out_for_nothing() {
+    let system = unique("gitlazy");
+    let _cleanup = image_cleanup(&system);
+    let ctx = Ctx::new();
+    let repo = ctx.path().join("repo");
+    stretch_test::git_init(&repo);
+    let write = |rel: &str, text: &str| {
+        let p = repo.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    write("stretch.yml", "nodes: {web: web}\n");
+    write(
+        "web/Dockerfile",
+        &format!("{}COPY hello.txt /hello.txt\n", from_base(&system)),
+    );
+    write("web/hello.txt", "hello\n");
+    for i in 0..50 {
+        write(&format!("data/f{i:02}.txt"), &format!("{i}\n").repeat(1000));
+    }
+    stretch_test::git_commit_all(&repo, "one");
+    let recipients = ctx.recipients("local");
+    ctx.write(
+        "system.yml",
+        format!("system: {system}\nregistry: local\n{recipients}sources:\n  - git: ./repo\n    ref: main\n"),
+    );
+    ctx.write(
+        "path.yml",
+        format!("system: {system}\nregistry: local\n{recipients}sources:\n  - path: ./repo\n"),
+    );
+    let (id, _) = build(&ctx);
+    let merged = ctx.home().join("buffer/merged");
+    assert!(merged.join("web/Dockerfile").is_file());
+    assert!(
+        merged.join("web/hello.txt").is_file(),
+        "the image's context is written"
+    );
+    assert!(merged.join("data").is_dir());
+    assert!(
+        !merged.join("data/f07.txt").exists(),
+        "a file nothing needed was written"
+    );
+    // The same tree as a folder (the repository's .git left out) is the same release.
+    let other = ctx.path().join("path-home");
+    let out = ctx
+        .run(&[
+            "--system",
+            &ctx.path().join("path.yml").display().to_string(),
+            "--home",
+            &other.display().to_string(),
+            "build",
+            "--json",
+        ])
+        .ok();
+    assert_eq!(out.json()["id"], id.as_str(), "{out}");
 }

@@ -1,0 +1,200 @@
+//! The build tree: the merged folder plus the files of git sources whose contents are
+//! still only objects in a mirror. Such files are written into the folder when
+//! something needs them as files (build files, image contexts, build plugins); the
+//! archive reads them from git directly, so a git source is never checked out whole
+//! for nothing.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::git::Blobs;
+use super::io_error;
+use crate::{Error, Result};
+
+/// A file of the build tree whose content is a git blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitFile {
+    /// Index into [`Tree::mirrors`].
+    pub mirror: usize,
+    pub oid: String,
+    pub size: u64,
+    pub exec: bool,
+}
+
+/// A git file written into the folder: its blob and the stat it was left with, so
+/// that the next build keeps it only if nothing changed it since.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Mark {
+    pub oid: String,
+    pub ino: u64,
+    pub len: u64,
+    pub mtime_ns: i128,
+    pub mode: u32,
+}
+
+impl Mark {
+    fn of(oid: &str, meta: &fs::Metadata) -> Mark {
+        Mark {
+            oid: oid.to_string(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            mode: meta.mode(),
+        }
+    }
+
+    /// Is the file with `meta` still the blob `oid` as written?
+    pub fn holds(&self, oid: &str, meta: &fs::Metadata) -> bool {
+        *self == Mark::of(oid, meta)
+    }
+}
+
+/// The written git files of a build tree, kept beside it (`merged.blobs`).
+pub type Marks = BTreeMap<PathBuf, Mark>;
+
+pub fn load_marks(path: &Path) -> Marks {
+    fs::read(path)
+        .ok()
+        .and_then(|raw| serde_json::from_slice(&raw).ok())
+        .unwrap_or_default()
+}
+
+pub(super) fn save_marks(path: &Path, marks: &Marks) -> Result<()> {
+    let raw = serde_json::to_vec(marks).map_err(|e| Error::failed("pull", e.to_string()))?;
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, raw).map_err(|e| io_error("write", &tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| io_error("write", path, e))
+}
+
+/// The build tree of one build.
+#[derive(Debug)]
+pub struct Tree {
+    /// The merged folder: every folder and symlink, the files of `path:` sources, and
+    /// the git files written so far.
+    pub root: PathBuf,
+    /// The git mirrors the files' blobs are in.
+    pub mirrors: Vec<PathBuf>,
+    /// Every file whose content is a git blob, written or not, by relative path.
+    pub git: BTreeMap<PathBuf, GitFile>,
+    marks: Mutex<Marks>,
+    marks_file: PathBuf,
+}
+
+impl Tree {
+    pub fn new(
+        root: PathBuf,
+        mirrors: Vec<PathBuf>,
+        git: BTreeMap<PathBuf, GitFile>,
+        marks: Marks,
+        marks_file: PathBuf,
+    ) -> Tree {
+        Tree {
+            root,
+            mirrors,
+            git,
+            marks: Mutex::new(marks),
+            marks_file,
+        }
+    }
+
+    /// A tree with no git files (tests, and trees that are only folders).
+    pub fn plain(root: PathBuf) -> Tree {
+        let marks_file = root.with_extension("blobs");
+        Tree::new(root, Vec::new(), BTreeMap::new(), Marks::new(), marks_file)
+    }
+
+    /// Write the git files `wanted` picks (by relative path) into the folder, if not
+    /// there yet.
+    pub fn ensure(&self, wanted: &dyn Fn(&Path) -> bool) -> Result<usize> {
+        let mut marks = self
+            .marks
+            .lock()
+            .map_err(|_| Error::failed("pull", "the build tree's marks are poisoned"))?;
+        let todo: Vec<(&PathBuf, &GitFile)> = self
+            .git
+            .iter()
+            .filter(|(rel, _)| !marks.contains_key(*rel) && wanted(rel))
+            .collect();
+        if todo.is_empty() {
+            return Ok(0);
+        }
+        let result = self.write(&todo, &mut marks);
+        // Kept even after a failure: what was written is marked.
+        save_marks(&self.marks_file, &marks)?;
+        result.map(|()| todo.len())
+    }
+
+    /// [`ensure`](Tree::ensure) one file, if it is a git file.
+    pub fn ensure_file(&self, rel: &Path) -> Result<usize> {
+        if !self.git.contains_key(rel) {
+            return Ok(0);
+        }
+        self.ensure(&|p| p == rel)
+    }
+
+    /// [`ensure`](Tree::ensure) one path (a file or a folder and all under it; `""`
+    /// is the whole tree).
+    pub fn ensure_path(&self, rel: &Path) -> Result<usize> {
+        self.ensure(&|p| p.starts_with(rel))
+    }
+
+    fn write(&self, todo: &[(&PathBuf, &GitFile)], marks: &mut Marks) -> Result<()> {
+        let real_root = self
+            .root
+            .canonicalize()
+            .map_err(|e| io_error("read", &self.root, e))?;
+        for (m, mirror) in self.mirrors.iter().enumerate() {
+            let mine: Vec<_> = todo.iter().filter(|(_, g)| g.mirror == m).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let fail = |e: std::io::Error| Error::failed("pull", format!("git cat-file: {e}"));
+            let mut blobs = Blobs::open(mirror, mine.iter().map(|(_, g)| g.oid.clone()).collect())
+                .map_err(fail)?;
+            let mut checked: Option<PathBuf> = None;
+            let mut buf = Vec::new();
+            for (rel, g) in mine {
+                let path = self.root.join(rel);
+                let parent = path.parent().unwrap_or(&self.root);
+                // Folders are made by the sync; never write through a symlink.
+                if checked.as_deref() != Some(parent) {
+                    let real = parent
+                        .canonicalize()
+                        .map_err(|e| io_error("read", parent, e))?;
+                    if !real.starts_with(&real_root) {
+                        return Err(Error::invalid(format!(
+                            "`{}` is reached through a symlink",
+                            rel.display()
+                        )));
+                    }
+                    checked = Some(parent.to_path_buf());
+                }
+                let size = blobs.start(&g.oid).map_err(fail)?;
+                let _ = fs::remove_file(&path);
+                let mut file = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(if g.exec { 0o755 } else { 0o644 })
+                    .open(&path)
+                    .map_err(|e| io_error("write", &path, e))?;
+                let mut left = size;
+                while left > 0 {
+                    let n = left.min(1 << 20);
+                    buf.clear();
+                    blobs.read(n, &mut buf).map_err(fail)?;
+                    file.write_all(&buf)
+                        .map_err(|e| io_error("write", &path, e))?;
+                    left -= n;
+                }
+                blobs.end().map_err(fail)?;
+                let meta = file.metadata().map_err(|e| io_error("read", &path, e))?;
+                marks.insert((*rel).clone(), Mark::of(&g.oid, &meta));
+            }
+        }
+        Ok(())
+    }
+}
