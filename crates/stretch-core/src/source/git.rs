@@ -82,7 +82,9 @@ pub fn pull(
         let target = tmp.path().join("m.git");
         log.line(format!("cloning {url}"));
         let mut cmd = git(None);
-        cmd.args(["clone", "--mirror", "--quiet", "--"])
+        // `--no-local`: a local repository's objects arrive packed, as from a
+        // server, not as thousands of linked loose files for git to pack later.
+        cmd.args(["clone", "--mirror", "--no-local", "--quiet", "--"])
             .arg(url)
             .arg(&target);
         run(cmd, &format!("clone of `{url}`"))?;
@@ -94,7 +96,15 @@ pub fn pull(
         })?;
     } else {
         let mut cmd = git(Some(&mirror));
-        cmd.args(["fetch", "--prune", "--quiet", "origin"]);
+        // Housekeeping git decides to do runs now, in the pull stage, and not
+        // detached, competing unseen with the archive for the cores.
+        cmd.args([
+            "-c",
+            "gc.autoDetach=false",
+            "-c",
+            "maintenance.autoDetach=false",
+        ])
+        .args(["fetch", "--prune", "--quiet", "origin"]);
         run(cmd, &format!("fetch of `{url}`"))?;
         if git_ref.is_none() {
             // Follow a change of the remote's default branch.
@@ -281,6 +291,9 @@ impl Blobs {
             }
             let _ = w.flush();
         });
+        // A larger pipe: fewer switches between git and the reader for each
+        // megabyte. Only a hint (the system may cap it).
+        let _ = rustix::pipe::fcntl_setpipe_size(&stdout, 1 << 20);
         Ok(Blobs {
             child,
             out: std::io::BufReader::with_capacity(1 << 20, stdout),
