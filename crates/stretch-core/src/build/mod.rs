@@ -110,7 +110,9 @@ async fn stages(
             let (pulled, tree) = blocking(move || source::pull_all(&s, &h, &l)).await?;
             // Linked files share their content with the sources: what the archive
             // reads must still be there when the images are built.
-            let stamps = source::Stamps::take(&tree.root, &[])?.files_only();
+            let stamps = source::Stamps::take(&tree.root, &[])?
+                .files_only()
+                .with_sources(&tree);
             Ok::<_, Error>((pulled, Arc::new(tree), stamps))
         })
         .await?;
@@ -497,13 +499,14 @@ async fn archive_stage(
         .join(format!(".building-{}.index.tmp", std::process::id()));
     let (tree, t, h) = (tree.clone(), tmp.clone(), home.clone());
     let written = blocking(move || {
-        let git = archive::GitInputs {
+        let outside = archive::Outside {
             mirrors: &tree.mirrors,
-            files: &tree.git,
+            git: &tree.git,
+            sources: &tree.sources,
         };
         archive::write_archive(
             &tree.root,
-            Some(git),
+            Some(outside),
             &h.chunks(),
             &t,
             &|_| false,

@@ -9,7 +9,8 @@
 //! cache), and content already stored is never compressed, stored or pushed again. The
 //! chunk files concatenated in order are a valid `.tar.zst` of the tree. Archives of
 //! the earlier format (one `.tar.zst` hashed as a whole) are still read. Files of git
-//! sources not written into the tree are read from their mirrors' objects.
+//! sources not written into the tree are read from their mirrors' objects, files of
+//! `path:` sources not linked into it from where they are.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -23,8 +24,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tar::{EntryType, Header};
 
-use crate::source::GitFile;
 use crate::source::git::Blobs;
+use crate::source::{GitFile, SourceFile};
 use crate::{Error, Result};
 
 const STAGE: &str = "archive";
@@ -204,21 +205,23 @@ pub struct Written {
     pub chunks: usize,
 }
 
-/// Files of the tree whose contents are git blobs (whether or not they are written in
-/// the folder too): archived from the mirrors.
+/// Files of the tree read from elsewhere than its folder: git blobs (whether or not
+/// they are written in the folder too), archived from the mirrors, and files of
+/// `path:` sources not linked in, archived from where they are.
 #[derive(Debug, Clone, Copy)]
-pub struct GitInputs<'a> {
+pub struct Outside<'a> {
     pub mirrors: &'a [PathBuf],
-    pub files: &'a std::collections::BTreeMap<PathBuf, GitFile>,
+    pub git: &'a std::collections::BTreeMap<PathBuf, GitFile>,
+    pub sources: &'a std::collections::BTreeMap<PathBuf, SourceFile>,
 }
 
-/// Archive the tree at `root` (with `git`'s files): new chunks into the chunk store `store` (0600, fan-out
+/// Archive the tree at `root` (with the `outside` files): new chunks into the chunk store `store` (0600, fan-out
 /// folders 0700), the index to `index_out` (atomically, fsynced after the chunks). The
 /// stat cache at `cache` (if given) is read and rewritten. `skip(rel_path)` excludes
 /// entries (paths relative to `root`); a skipped folder excludes everything under it.
 pub fn write_archive(
     root: &Path,
-    git: Option<GitInputs<'_>>,
+    outside: Option<Outside<'_>>,
     store: &Path,
     index_out: &Path,
     skip: &dyn Fn(&Path) -> bool,
@@ -226,7 +229,7 @@ pub fn write_archive(
 ) -> Result<Written> {
     let started = SystemTime::now();
     // Walk first: a tree we cannot archive fails before anything is created.
-    let items = scan(root, git, skip)?;
+    let items = scan(root, outside, skip)?;
     let plan = plan(&items);
     let old = cache.map(StatCache::load).unwrap_or_default();
     let store_err =
@@ -257,7 +260,7 @@ pub fn write_archive(
         })
         .collect();
     let cached = refs.iter().flatten().count();
-    let mut blobs = GitReader::new(git, &items, &plan, &refs);
+    let mut blobs = GitReader::new(outside, &items, &plan, &refs);
     let workers = workers();
     let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(workers);
     let work_rx = Mutex::new(work_rx);
@@ -648,13 +651,15 @@ struct Item {
     dev: u64,
     /// A git file: its mirror's index and blob, read from there.
     git: Option<(usize, String)>,
+    /// A file of a source not linked in: where it is.
+    from: Option<PathBuf>,
 }
 
 /// Every entry under `root` (and every git file) not skipped, sorted byte-wise by
 /// relative path.
 fn scan(
     root: &Path,
-    git: Option<GitInputs<'_>>,
+    outside: Option<Outside<'_>>,
     skip: &dyn Fn(&Path) -> bool,
 ) -> Result<Vec<Item>> {
     match fs::metadata(root) {
@@ -695,9 +700,12 @@ fn scan(
         };
         let entry = entry.map_err(|e| read_err(e.path(), &e))?;
         if entry.file_type().is_file()
-            && git.is_some_and(|g| g.files.contains_key(&rel(entry.path())))
+            && outside.is_some_and(|o| {
+                let rel = rel(entry.path());
+                o.git.contains_key(&rel) || o.sources.contains_key(&rel)
+            })
         {
-            // Written from a blob: archived from the blob, below.
+            // Brought in from elsewhere: archived from there, below.
             continue;
         }
         let meta = entry
@@ -725,13 +733,15 @@ fn scan(
             ino: meta.ino(),
             dev: meta.dev(),
             git: None,
+            from: None,
         });
     }
-    for (rel, g) in git.iter().flat_map(|g| g.files) {
-        if rel
-            .ancestors()
+    let skipped = |rel: &Path| {
+        rel.ancestors()
             .any(|a| !a.as_os_str().is_empty() && skip(a))
-        {
+    };
+    for (rel, g) in outside.iter().flat_map(|o| o.git) {
+        if skipped(rel) {
             continue;
         }
         items.push(Item {
@@ -743,6 +753,23 @@ fn scan(
             ino: 0,
             dev: 0,
             git: Some((g.mirror, g.oid.clone())),
+            from: None,
+        });
+    }
+    for (rel, f) in outside.iter().flat_map(|o| o.sources) {
+        if skipped(rel) {
+            continue;
+        }
+        items.push(Item {
+            rel: rel.clone(),
+            kind: Kind::File,
+            size: f.size,
+            exec: f.mode & 0o111 != 0,
+            mtime: f.mtime,
+            ino: f.ino,
+            dev: f.dev,
+            git: None,
+            from: Some(f.path.clone()),
         });
     }
     // Byte-wise order of the whole path, independent of the file system's listing order.
@@ -854,12 +881,12 @@ struct GitReader {
 
 impl GitReader {
     fn new(
-        git: Option<GitInputs<'_>>,
+        outside: Option<Outside<'_>>,
         items: &[Item],
         plan: &[Planned],
         done: &[Option<ChunkRef>],
     ) -> GitReader {
-        let mirrors = git.map(|g| g.mirrors.to_vec()).unwrap_or_default();
+        let mirrors = outside.map(|o| o.mirrors.to_vec()).unwrap_or_default();
         let mut wanted = vec![Vec::new(); mirrors.len()];
         let mut last = vec![None; mirrors.len()];
         for (chunk, _) in plan.iter().zip(done).filter(|(_, d)| d.is_none()) {
@@ -1035,7 +1062,7 @@ fn fill(
 /// Append bytes of a file of the folder to `out`.
 fn read_part(root: &Path, item: &Item, p: &Part, out: &mut Vec<u8>) -> Result<()> {
     {
-        let path = root.join(&item.rel);
+        let path = item.from.clone().unwrap_or_else(|| root.join(&item.rel));
         let read_err =
             |e: io::Error| Error::failed(STAGE, format!("cannot read `{}`: {e}", path.display()));
         if p.to > p.from {

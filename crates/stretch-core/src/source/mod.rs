@@ -6,7 +6,7 @@ pub mod git;
 pub mod path;
 mod tree;
 
-pub use tree::{GitFile, Tree};
+pub use tree::{GitFile, SourceFile, Tree};
 
 use std::fs;
 use std::path::{Component, Path, PathBuf};
@@ -98,14 +98,7 @@ pub fn pull_all(system: &System, home: &Home, log: &Log) -> Result<(Vec<Pulled>,
     let marks_file = buffer.join("merged.blobs");
     let synced = path::sync_tree(&layers, &merged, &tree::load_marks(&marks_file))?;
     tree::save_marks(&marks_file, &synced.marks)?;
-    let brought = synced.brought;
-    if brought.copied > 0 {
-        log.line(format!(
-            "{} file(s) copied (no hard link possible), {} linked",
-            brought.copied, brought.linked
-        ));
-    }
-    let tree = Tree::new(merged, mirrors, synced.git, synced.marks, marks_file);
+    let tree = Tree::new(merged, mirrors, synced, marks_file);
     // The build files are read by name: written now, in one pass.
     tree.ensure(&is_build_file)?;
     Ok((pulled, tree))
@@ -161,7 +154,7 @@ fn stamp(meta: &fs::Metadata) -> Stamp {
 
 /// The stamps of every file under a tree, to tell later whether one changed.
 #[derive(Debug, Clone, Default)]
-pub struct Stamps(Vec<(PathBuf, Stamp)>);
+pub struct Stamps(Vec<(PathBuf, Stamp)>, Vec<(PathBuf, PathBuf, Stamp)>);
 
 impl Stamps {
     /// Stamp every file under `root` (not following links, skipping `.git` folders and
@@ -187,7 +180,23 @@ impl Stamps {
             let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
             out.push((rel.to_path_buf(), stamp(&meta)));
         }
-        Ok(Stamps(out))
+        Ok(Stamps(out, Vec::new()))
+    }
+
+    /// Also the files of `tree` that are still in their sources (stamped where they
+    /// are, named by their path in the tree).
+    pub fn with_sources(mut self, tree: &Tree) -> Stamps {
+        for (rel, f) in &tree.sources {
+            let s = Stamp {
+                len: f.size,
+                mtime: f.mtime.0,
+                mtime_ns: f.mtime.1,
+                ino: f.ino,
+                mode: f.mode,
+            };
+            self.1.push((rel.clone(), f.path.clone(), s));
+        }
+        self
     }
 
     /// Without the folders: the build writes git files into the build tree's folders
@@ -199,6 +208,7 @@ impl Stamps {
                 .into_iter()
                 .filter(|(_, s)| s.mode & 0o170000 != FOLDER)
                 .collect(),
+            self.1,
         )
     }
 
@@ -212,6 +222,16 @@ impl Stamps {
                     .unwrap_or(true)
             })
             .map(|(rel, _)| rel.clone())
+            .or_else(|| {
+                self.1
+                    .iter()
+                    .find(|(_, path, s)| {
+                        fs::symlink_metadata(path)
+                            .map(|m| stamp(&m) != *s)
+                            .unwrap_or(true)
+                    })
+                    .map(|(rel, _, _)| rel.clone())
+            })
     }
 
     fn hash_into(&self, h: &mut blake3::Hasher) {
@@ -357,6 +377,14 @@ mod tests {
 
     #[test]
     fn merge_overrides() {
+        // What the tree holds at `rel` once brought in: a folder's file, or the path of
+        // the source file left where it is.
+        fn at(m: &Path, s: &path::Synced, rel: &str) -> String {
+            match s.sources.get(Path::new(rel)) {
+                Some(f) => fs::read_to_string(&f.path).unwrap(),
+                None => fs::read_to_string(m.join(rel)).unwrap(),
+            }
+        }
         let t = tempfile::tempdir().unwrap();
         let (a, b, m) = (t.path().join("1"), t.path().join("2"), t.path().join("m"));
         for (d, f, c) in [
@@ -382,39 +410,39 @@ mod tests {
                 })
                 .collect()
         };
-        let brought = path::sync_tree(&layers(&[&a, &b]), &m, &Default::default())
-            .unwrap()
-            .brought;
-        assert_eq!(brought.linked, 3);
+        // Synced, then every file brought in: how many were linked.
+        let marks = t.path().join("m.blobs");
+        let sync = |roots: &[&PathBuf]| -> usize {
+            let synced = path::sync_tree(&layers(roots), &m, &Default::default()).unwrap();
+            let tree = Tree::new(m.clone(), vec![], synced, marks.clone());
+            tree.ensure(&|_| true).unwrap()
+        };
+        // Left where they are until needed.
+        let synced = path::sync_tree(&layers(&[&a, &b]), &m, &Default::default()).unwrap();
+        assert_eq!(at(&m, &synced, "x.txt"), "b");
+        assert_eq!(at(&m, &synced, "d"), "file");
+        assert!(!m.join("x.txt").exists());
+        assert_eq!(sync(&[&a, &b]), 3);
         assert_eq!(fs::read_to_string(m.join("x.txt")).unwrap(), "b");
         assert_eq!(fs::read_to_string(m.join("d")).unwrap(), "file");
         assert_eq!(fs::read_to_string(m.join("e/z.txt")).unwrap(), "b");
         assert_eq!(fs::read_to_string(a.join("x.txt")).unwrap(), "a");
         // Again: nothing to do. Then a change in one layer changes only that.
-        assert_eq!(
-            path::sync_tree(&layers(&[&a, &b]), &m, &Default::default())
-                .unwrap()
-                .brought
-                .linked,
-            0
-        );
+        assert_eq!(sync(&[&a, &b]), 0);
         fs::write(m.join("stray"), "left by a plugin").unwrap();
         fs::remove_file(b.join("x.txt")).unwrap();
-        let brought = path::sync_tree(&layers(&[&a, &b]), &m, &Default::default())
-            .unwrap()
-            .brought;
-        assert_eq!(brought.linked, 1);
+        assert_eq!(sync(&[&a, &b]), 1);
         assert_eq!(fs::read_to_string(m.join("x.txt")).unwrap(), "a");
         assert!(!m.join("stray").exists());
         // One layer only: the other's files leave, a file becomes a folder again.
-        path::sync_tree(&layers(&[&a]), &m, &Default::default()).unwrap();
+        sync(&[&a]);
         assert_eq!(fs::read_to_string(m.join("d/y.txt")).unwrap(), "a");
         assert_eq!(fs::read_to_string(m.join("e")).unwrap(), "file");
         assert!(!m.join("e/z.txt").exists());
         // A file replaced in its source (a new inode) is linked anew.
         fs::remove_file(a.join("e")).unwrap();
         fs::write(a.join("e"), "new").unwrap();
-        path::sync_tree(&layers(&[&a]), &m, &Default::default()).unwrap();
+        sync(&[&a]);
         assert_eq!(fs::read_to_string(m.join("e")).unwrap(), "new");
     }
 }
@@ -425,7 +453,7 @@ mod git_tree_tests {
     use std::process::Command;
 
     use super::*;
-    use crate::release::archive::{self, GitInputs};
+    use crate::release::archive::{self, Outside};
 
     fn sh(dir: &Path, args: &[&str]) {
         let out = Command::new("git")
@@ -472,8 +500,7 @@ mod git_tree_tests {
         let t = Tree::new(
             merged.to_path_buf(),
             vec![repo.to_path_buf()],
-            synced.git,
-            synced.marks,
+            synced,
             marks_file,
         );
         t.ensure(&is_build_file).unwrap();
@@ -481,13 +508,14 @@ mod git_tree_tests {
     }
 
     fn archive_of(t: &Tree, home: &Path) -> archive::Written {
-        let git = GitInputs {
+        let outside = Outside {
             mirrors: &t.mirrors,
-            files: &t.git,
+            git: &t.git,
+            sources: &t.sources,
         };
         archive::write_archive(
             &t.root,
-            Some(git),
+            Some(outside),
             &home.join("chunks"),
             &home.join("index"),
             &|_| false,
@@ -520,7 +548,10 @@ mod git_tree_tests {
                 listed: None,
             })
             .collect();
-        path::sync_tree(&layers, &merged, &BTreeMap::new()).unwrap();
+        let synced = path::sync_tree(&layers, &merged, &BTreeMap::new()).unwrap();
+        Tree::new(merged.clone(), vec![], synced, scratch.join("m.blobs"))
+            .ensure(&|_| true)
+            .unwrap();
         archive::hash_tree(&merged, &|_| false).unwrap().hash
     }
 
@@ -566,7 +597,9 @@ mod git_tree_tests {
             fs::read_link(merged.join("link")).unwrap(),
             Path::new("a.txt")
         );
-        assert!(merged.join("only-base.txt").is_file());
+        // A folder's file is left where it is too, until needed.
+        assert!(!merged.join("only-base.txt").exists());
+        assert!(tree.sources.contains_key(Path::new("only-base.txt")));
 
         let want = checkout_hash(&repo, &base, &t.path().join("scratch"));
         let first = archive_of(&tree, &home);

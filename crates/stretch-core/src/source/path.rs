@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use super::git::Listed;
 use super::io_error;
-use super::tree::{GitFile, Marks};
+use super::tree::{GitFile, Marks, SourceFile};
 use crate::{Error, Result};
 
 /// How a tree was brought in.
@@ -93,10 +93,11 @@ pub struct Layer {
     pub listed: Option<(usize, Vec<(PathBuf, Listed)>)>,
 }
 
-/// What [`sync_tree`] did, and the git files the tree holds only as blobs.
+/// The files [`sync_tree`] left out of the folder, to be brought in when needed.
 #[derive(Debug, Default)]
 pub struct Synced {
-    pub brought: Brought,
+    /// Files of `path:` sources not linked in (those linked by an earlier build stay).
+    pub sources: BTreeMap<PathBuf, SourceFile>,
     /// Every file whose content is a git blob.
     pub git: BTreeMap<PathBuf, GitFile>,
     /// Those of them already written in the folder, unchanged since.
@@ -206,11 +207,11 @@ fn put_listed(
 
 /// Make `to` the layers merged in order (later layers replace earlier files; a file
 /// replaces a folder and all under it, and the other way round): folders created,
-/// files hard-linked (copied where a link cannot be made), symlinks recreated.
+/// symlinks recreated, files left where they are (see [`super::Tree`]).
 /// `to` is kept from the last build and only changed where it differs, so an
-/// unchanged source costs a walk, not ten thousand links. `.git` folders are left
-/// out; a symlink that points outside its layer fails. Git files are not written:
-/// those `marks` says are already there, unchanged, stay; others are removed.
+/// unchanged source costs a walk. `.git` folders are left out; a symlink that points
+/// outside its layer fails. Files already linked stay; git files `marks` says are
+/// there, unchanged, stay; other files are removed.
 pub fn sync_tree(layers: &[Layer], to: &Path, marks: &Marks) -> Result<Synced> {
     use walkdir::DirEntryExt;
     let mut want: BTreeMap<PathBuf, Want> = BTreeMap::new();
@@ -325,11 +326,9 @@ pub fn sync_tree(layers: &[Layer], to: &Path, marks: &Marks) -> Result<Synced> {
         }
     }
 
-    // Then bring in what is missing, folders before what they hold; git files stay
-    // blobs.
+    // Then bring in what is missing, folders before what they hold; files stay where
+    // they are, listed.
     let mut synced = Synced::default();
-    let brought = &mut synced.brought;
-    let mut links = true;
     for (rel, w) in &want {
         if let Some(g) = &w.git {
             if w.present
@@ -353,15 +352,16 @@ pub fn sync_tree(layers: &[Layer], to: &Path, marks: &Marks) -> Result<Synced> {
                     .map_err(|e| io_error("link", &dest, e))?;
             }
             Kind::File => {
-                if links && fs::hard_link(&src, &dest).is_ok() {
-                    brought.linked += 1;
-                    continue;
+                let meta = fs::symlink_metadata(&src).map_err(|e| io_error("read", &src, e))?;
+                if !meta.is_file() {
+                    return Err(Error::failed(
+                        "pull",
+                        format!("`{}` changed while the sources were read", src.display()),
+                    ));
                 }
-                // Once a link fails (another filesystem, protected links), the rest copy.
-                links = false;
-                // fs::copy keeps the mode (the exec bit matters) and uses copy_file_range.
-                fs::copy(&src, &dest).map_err(|e| io_error("copy", &src, e))?;
-                brought.copied += 1;
+                synced
+                    .sources
+                    .insert(rel.clone(), SourceFile::of(src, &meta));
             }
         }
     }

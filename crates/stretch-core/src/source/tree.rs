@@ -1,8 +1,8 @@
-//! The build tree: the merged folder plus the files of git sources whose contents are
-//! still only objects in a mirror. Such files are written into the folder when
-//! something needs them as files (build files, image contexts, build plugins); the
-//! archive reads them from git directly, so a git source is never checked out whole
-//! for nothing.
+//! The build tree: the merged folder plus the files that are not in it yet — files of
+//! `path:` sources (linked in when needed) and of git sources (still objects in a
+//! mirror, written out when needed). Something needs files as files for build files,
+//! image contexts and build plugins; the archive reads the others where they are, so
+//! a big tree is never copied, linked or checked out for nothing.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -23,6 +23,31 @@ pub struct GitFile {
     pub oid: String,
     pub size: u64,
     pub exec: bool,
+}
+
+/// A file of a `path:` source, not linked into the folder yet: where it is and its
+/// stat when the sources were walked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime: (i64, i64),
+    pub ino: u64,
+    pub dev: u64,
+}
+
+impl SourceFile {
+    pub fn of(path: PathBuf, meta: &fs::Metadata) -> SourceFile {
+        SourceFile {
+            path,
+            size: meta.len(),
+            mode: meta.mode(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ino: meta.ino(),
+            dev: meta.dev(),
+        }
+    }
 }
 
 /// A git file written into the folder: its blob and the stat it was left with, so
@@ -80,6 +105,8 @@ pub struct Tree {
     pub mirrors: Vec<PathBuf>,
     /// Every file whose content is a git blob, written or not, by relative path.
     pub git: BTreeMap<PathBuf, GitFile>,
+    /// Files of `path:` sources not linked in when the sources were synced.
+    pub sources: BTreeMap<PathBuf, SourceFile>,
     marks: Mutex<Marks>,
     marks_file: PathBuf,
 }
@@ -88,49 +115,57 @@ impl Tree {
     pub fn new(
         root: PathBuf,
         mirrors: Vec<PathBuf>,
-        git: BTreeMap<PathBuf, GitFile>,
-        marks: Marks,
+        synced: super::path::Synced,
         marks_file: PathBuf,
     ) -> Tree {
         Tree {
             root,
             mirrors,
-            git,
-            marks: Mutex::new(marks),
+            git: synced.git,
+            sources: synced.sources,
+            marks: Mutex::new(synced.marks),
             marks_file,
         }
     }
 
-    /// A tree with no git files (tests, and trees that are only folders).
-    pub fn plain(root: PathBuf) -> Tree {
-        let marks_file = root.with_extension("blobs");
-        Tree::new(root, Vec::new(), BTreeMap::new(), Marks::new(), marks_file)
-    }
-
-    /// Write the git files `wanted` picks (by relative path) into the folder, if not
-    /// there yet.
+    /// Bring the files `wanted` picks (by relative path) into the folder, if not there
+    /// yet: `path:` files linked (copied where a link cannot be made), git files
+    /// written. Returns how many were brought.
     pub fn ensure(&self, wanted: &dyn Fn(&Path) -> bool) -> Result<usize> {
         let mut marks = self
             .marks
             .lock()
             .map_err(|_| Error::failed("pull", "the build tree's marks are poisoned"))?;
+        let mut linked = 0;
+        for (rel, f) in self.sources.iter().filter(|(rel, _)| wanted(rel)) {
+            let dest = self.root.join(rel);
+            if fs::symlink_metadata(&dest).is_ok_and(|m| m.ino() == f.ino && m.dev() == f.dev) {
+                continue;
+            }
+            if fs::hard_link(&f.path, &dest).is_err() {
+                // Another file system, protected links: a copy (it keeps the mode).
+                let _ = fs::remove_file(&dest);
+                fs::copy(&f.path, &dest).map_err(|e| io_error("copy", &f.path, e))?;
+            }
+            linked += 1;
+        }
         let todo: Vec<(&PathBuf, &GitFile)> = self
             .git
             .iter()
             .filter(|(rel, _)| !marks.contains_key(*rel) && wanted(rel))
             .collect();
         if todo.is_empty() {
-            return Ok(0);
+            return Ok(linked);
         }
         let result = self.write(&todo, &mut marks);
         // Kept even after a failure: what was written is marked.
         save_marks(&self.marks_file, &marks)?;
-        result.map(|()| todo.len())
+        result.map(|()| linked + todo.len())
     }
 
-    /// [`ensure`](Tree::ensure) one file, if it is a git file.
+    /// [`ensure`](Tree::ensure) one file.
     pub fn ensure_file(&self, rel: &Path) -> Result<usize> {
-        if !self.git.contains_key(rel) {
+        if !self.git.contains_key(rel) && !self.sources.contains_key(rel) {
             return Ok(0);
         }
         self.ensure(&|p| p == rel)
