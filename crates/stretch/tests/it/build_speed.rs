@@ -101,6 +101,19 @@ fn a_source_file_changed_during_the_build_fails_it() {
 
 /// A git source is unpacked once; later builds write only the files that differ from
 /// the last build's commit, so the others keep their inodes and are not read again.
+/// A git repository `repo` in the test's folder, and a writer of files into it.
+fn git_repo(ctx: &Ctx) -> (std::path::PathBuf, impl Fn(&str, &str)) {
+    let repo = ctx.path().join("repo");
+    stretch_test::git_init(&repo);
+    let root = repo.clone();
+    let write = move |rel: &str, text: &str| {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    (repo, write)
+}
+
 #[test]
 fn a_git_source_is_updated_in_place() {
     use std::os::unix::fs::MetadataExt;
@@ -108,13 +121,7 @@ fn a_git_source_is_updated_in_place() {
     let _cleanup = image_cleanup(&system);
     let ctx = Ctx::new();
     ctx.one_node(&system, "local");
-    let repo = ctx.path().join("repo");
-    stretch_test::git_init(&repo);
-    let write = |rel: &str, text: &str| {
-        let p = repo.join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, text).unwrap();
-    };
+    let (repo, write) = git_repo(&ctx);
     write("stretch.yml", "name: web\n");
     write(
         "Dockerfile",
@@ -203,13 +210,7 @@ fn a_git_source_is_not_checked_out_for_nothing() {
     let system = unique("gitlazy");
     let _cleanup = image_cleanup(&system);
     let ctx = Ctx::new();
-    let repo = ctx.path().join("repo");
-    stretch_test::git_init(&repo);
-    let write = |rel: &str, text: &str| {
-        let p = repo.join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, text).unwrap();
-    };
+    let (repo, write) = git_repo(&ctx);
     write("stretch.yml", "nodes: {web: web}\n");
     write(
         "web/Dockerfile",
