@@ -296,7 +296,8 @@ impl Blobs {
         let _ = rustix::pipe::fcntl_setpipe_size(&stdout, 1 << 20);
         Ok(Blobs {
             child,
-            out: std::io::BufReader::with_capacity(1 << 20, stdout),
+            // Small: reads of whole files bypass it, copied once from the pipe.
+            out: std::io::BufReader::with_capacity(64 << 10, stdout),
             left: 0,
             open: false,
         })
@@ -331,12 +332,15 @@ impl Blobs {
     pub fn read(&mut self, n: u64, out: &mut Vec<u8>) -> std::io::Result<()> {
         use std::io::Read;
         let n = n.min(self.left);
-        out.reserve(usize::try_from(n).unwrap_or(0));
-        let got = (&mut self.out).take(n).read_to_end(out)? as u64;
-        self.left -= got;
-        if got < n {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        let len = usize::try_from(n).map_err(std::io::Error::other)?;
+        let start = out.len();
+        // One exact read: past what is buffered, it goes from the pipe straight here.
+        out.resize(start + len, 0);
+        if let Err(e) = self.out.read_exact(&mut out[start..]) {
+            out.truncate(start);
+            return Err(e);
         }
+        self.left -= n;
         Ok(())
     }
 
