@@ -325,7 +325,7 @@ async fn decrypt(
     log: &Log,
 ) -> Result<Decrypted> {
     let merged = tree.root.as_path();
-    // Files the build files name are written out of git as they are looked at.
+    // Files the build files name are brought into the tree as they are looked at.
     let fetch_failed = std::cell::RefCell::new(None);
     let project = Project::load_with(merged, system.name(), &|rel| {
         if let Err(e) = tree.ensure_file(Path::new(rel)) {
