@@ -70,7 +70,7 @@ fn input_digest(context_hash: &str, dockerfile: &str, base: Option<&str>) -> Str
 
 pub async fn build_all(
     system: &System,
-    tree: &crate::source::Tree,
+    tree: &std::sync::Arc<crate::source::Tree>,
     project: &Project,
     _config: &ReleaseConfig,
     release_id: &str,
@@ -92,7 +92,8 @@ pub async fn build_all(
         let base_digest = c.from.map(|b| digests[b].clone());
         let context = project.root.join(&c.dir);
         // The context as files: git files under it are written out first.
-        tree.ensure_path(std::path::Path::new(&c.dir))?;
+        let (t, dir) = (tree.clone(), c.dir.clone());
+        super::blocking(move || t.ensure_path(std::path::Path::new(&dir))).await?;
         let ctx_hash = {
             let ctx = context.clone();
             tokio::task::spawn_blocking(move || archive::hash_tree(&ctx, &|_| false))

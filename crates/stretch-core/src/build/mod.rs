@@ -563,7 +563,7 @@ async fn archive_stage(
 /// and leave it when they end, pass or fail: no clear secret stays in the home.
 async fn run_plugins(
     system: &System,
-    tree: &source::Tree,
+    tree: &Arc<source::Tree>,
     d: &Decrypted,
     record: &ReleaseRecord,
     log: &Log,
@@ -578,7 +578,7 @@ async fn run_plugins(
 
 async fn build_hooks(
     system: &System,
-    tree: &source::Tree,
+    tree: &Arc<source::Tree>,
     d: &Decrypted,
     record: &ReleaseRecord,
     log: &Log,
@@ -589,7 +589,8 @@ async fn build_hooks(
     }
     let merged = tree.root.as_path();
     // Plugins see the whole tree as files.
-    let written = tree.ensure(&|_| true)?;
+    let all = tree.clone();
+    let written = blocking(move || all.ensure(&|_| true)).await?;
     if written > 0 {
         log.line(format!(
             "{written} file(s) of git sources written for plugins"
