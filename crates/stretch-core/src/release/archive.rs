@@ -1591,10 +1591,19 @@ mod tests {
     /// archives exactly as its source does.
     #[test]
     fn linked_trees_archive_like_their_sources() {
+        use crate::source::{Tree, path};
         let tree = sample();
         let linked = TempDir::new().unwrap();
         let to = linked.path().join("t");
-        crate::source::path::link(tree.path(), &to, &[]).unwrap();
+        let layer = path::Layer {
+            name: "s".into(),
+            root: tree.path().to_path_buf(),
+            exclude: vec![],
+            listed: None,
+        };
+        let synced = path::sync_tree(&[layer], &to, &Default::default()).unwrap();
+        let linked_tree = Tree::new(to.clone(), vec![], synced, linked.path().join("blobs"));
+        assert!(linked_tree.ensure(&|_| true).unwrap() > 0);
         fs::create_dir_all(to.join("logs/empty")).unwrap();
         assert_eq!(hash(&to), hash(tree.path()));
     }

@@ -154,7 +154,12 @@ fn stamp(meta: &fs::Metadata) -> Stamp {
 
 /// The stamps of every file under a tree, to tell later whether one changed.
 #[derive(Debug, Clone, Default)]
-pub struct Stamps(Vec<(PathBuf, Stamp)>, Vec<(PathBuf, PathBuf, Stamp)>);
+pub struct Stamps {
+    /// Files of a folder, by relative path.
+    files: Vec<(PathBuf, Stamp)>,
+    /// Files of the build tree still in their sources: path in the tree, where it is.
+    sources: Vec<(PathBuf, PathBuf, Stamp)>,
+}
 
 impl Stamps {
     /// Stamp every file under `root` (not following links, skipping `.git` folders and
@@ -180,7 +185,10 @@ impl Stamps {
             let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
             out.push((rel.to_path_buf(), stamp(&meta)));
         }
-        Ok(Stamps(out, Vec::new()))
+        Ok(Stamps {
+            files: out,
+            sources: Vec::new(),
+        })
     }
 
     /// Also the files of `tree` that are still in their sources (stamped where they
@@ -194,7 +202,7 @@ impl Stamps {
                 ino: f.ino,
                 mode: f.mode,
             };
-            self.1.push((rel.clone(), f.path.clone(), s));
+            self.sources.push((rel.clone(), f.path.clone(), s));
         }
         self
     }
@@ -203,18 +211,19 @@ impl Stamps {
     /// (changing their times), while only files can change what was archived.
     pub fn files_only(self) -> Stamps {
         const FOLDER: u32 = 0o040000;
-        Stamps(
-            self.0
+        Stamps {
+            files: self
+                .files
                 .into_iter()
                 .filter(|(_, s)| s.mode & 0o170000 != FOLDER)
                 .collect(),
-            self.1,
-        )
+            sources: self.sources,
+        }
     }
 
     /// The first file that is not as it was stamped (changed, gone), if any.
     pub fn changed(&self, root: &Path) -> Option<PathBuf> {
-        self.0
+        self.files
             .iter()
             .find(|(rel, s)| {
                 fs::symlink_metadata(root.join(rel))
@@ -223,7 +232,7 @@ impl Stamps {
             })
             .map(|(rel, _)| rel.clone())
             .or_else(|| {
-                self.1
+                self.sources
                     .iter()
                     .find(|(_, path, s)| {
                         fs::symlink_metadata(path)
@@ -235,7 +244,7 @@ impl Stamps {
     }
 
     fn hash_into(&self, h: &mut blake3::Hasher) {
-        for (rel, s) in &self.0 {
+        for (rel, s) in &self.files {
             h.update(rel.as_os_str().as_encoded_bytes());
             h.update(b"\0");
             for n in [
@@ -639,5 +648,53 @@ mod git_tree_tests {
         let tree = sync(&repo, &base, &merged);
         let want = checkout_hash(&repo, &base, &t.path().join("scratch"));
         assert_eq!(archive_of(&tree, &home).digest.hash, want);
+    }
+}
+
+#[cfg(test)]
+mod hostile_git_tests {
+    use std::process::Command;
+
+    use super::*;
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// A commit can hold what a checkout would refuse or regret: a symlink out of the
+    /// tree. Listing it is fine; layering it into the build tree fails, and nothing
+    /// is written through it.
+    #[test]
+    fn a_symlink_out_of_the_tree_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let repo = t.path().join("repo");
+        fs::create_dir_all(&repo).unwrap();
+        git(&repo, &["init", "-q", "-b", "main"]);
+        fs::write(repo.join("a.txt"), "a").unwrap();
+        std::os::unix::fs::symlink("../../../etc", repo.join("out")).unwrap();
+        git(&repo, &["add", "-A"]);
+        git(&repo, &["commit", "-qm", "one"]);
+        let commit = git(&repo, &["rev-parse", "HEAD"]);
+        let listed = git::list(&repo, &commit).unwrap();
+        let layer = path::Layer {
+            name: "g".into(),
+            root: repo.clone(),
+            exclude: vec![],
+            listed: Some((0, listed)),
+        };
+        let merged = t.path().join("merged");
+        let err = path::sync_tree(&[layer], &merged, &Default::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("escapes its source"), "{err}");
+        assert!(!merged.join("out").exists());
     }
 }

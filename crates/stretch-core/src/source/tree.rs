@@ -98,8 +98,8 @@ pub(super) fn save_marks(path: &Path, marks: &Marks) -> Result<()> {
 /// The build tree of one build.
 #[derive(Debug)]
 pub struct Tree {
-    /// The merged folder: every folder and symlink, the files of `path:` sources, and
-    /// the git files written so far.
+    /// The merged folder: every folder and symlink, and the files brought in so far
+    /// (linked from `path:` sources, written from git).
     pub root: PathBuf,
     /// The git mirrors the files' blobs are in.
     pub mirrors: Vec<PathBuf>,
