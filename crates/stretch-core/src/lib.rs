@@ -3,6 +3,7 @@
 //! through [`log::Log`] events and results as typed values.
 
 pub mod agent;
+pub mod app;
 pub mod build;
 pub mod deploy;
 pub mod docker;

@@ -64,6 +64,8 @@ pub enum RunKind {
     Rollback,
     /// `stretch apply`: a config-only deploy.
     Config,
+    /// `stretch app restart`: fresh instances of the running release.
+    Restart,
 }
 
 /// Where a run stands. Stored (and sent as JSON) as its snake_case name.
@@ -76,11 +78,12 @@ pub enum RunStatus {
 }
 
 impl RunKind {
-    pub const ALL: [RunKind; 4] = [
+    pub const ALL: [RunKind; 5] = [
         RunKind::Build,
         RunKind::Deploy,
         RunKind::Rollback,
         RunKind::Config,
+        RunKind::Restart,
     ];
 
     /// The name stored and shown (as serde writes it).
@@ -90,6 +93,7 @@ impl RunKind {
             RunKind::Deploy => "deploy",
             RunKind::Rollback => "rollback",
             RunKind::Config => "config",
+            RunKind::Restart => "restart",
         }
     }
 }

@@ -107,6 +107,9 @@ pub enum Command {
     },
     /// Where an environment stands: its release, and per host and group what runs.
     Status { environment: String },
+    /// A deployed app, day to day: its logs, a command in it, a rolling restart.
+    #[command(subcommand)]
+    App(AppCommand),
     /// Write a working example system (`stretch build` then `stretch deploy local`).
     Init {
         /// Where to write it (default: the current folder).
@@ -142,6 +145,78 @@ pub struct DeployArgs {
     /// Wait for a deploy already running on the environment instead of failing.
     #[arg(long)]
     pub wait: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppCommand {
+    /// The instances' output (stdout and stderr) from every matching host, merged by
+    /// time, each line prefixed with host, group and instance. Without `-n` or
+    /// `--since`: the last 100 lines of each instance.
+    Logs(AppLogsArgs),
+    /// Run a command in a running instance (default: the first healthy one on the
+    /// first host of the group), or with `--new` in a fresh container of the running
+    /// release, configured as its instances are and removed afterwards. Exits with the
+    /// command's status.
+    Exec(AppExecArgs),
+    /// Replace the running instances with fresh ones of the same release, batch by
+    /// batch, without downtime (recorded in history as a `restart`).
+    Restart {
+        environment: String,
+        /// Only this group.
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
+        /// Wait for a deploy already running on the environment instead of failing.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct AppLogsArgs {
+    pub environment: String,
+    /// Only this group.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// Only this host.
+    #[arg(long, value_name = "HOST")]
+    pub host: Option<String>,
+    /// Keep printing new lines, also from instances that start later (a deploy's),
+    /// until Ctrl-C.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only lines of the last DURATION (`30s`, `10m`, `2h`, `1d`) or since a unix time.
+    #[arg(long, value_name = "DURATION")]
+    pub since: Option<String>,
+    /// Only the last N lines of each instance.
+    #[arg(short = 'n', long = "lines", value_name = "N")]
+    pub lines: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct AppExecArgs {
+    pub environment: String,
+    /// The group whose instance runs the command.
+    #[arg(long, value_name = "GROUP")]
+    pub group: String,
+    /// Run on this host (default: the first of the group with a running instance).
+    #[arg(long, value_name = "HOST")]
+    pub host: Option<String>,
+    /// Run in this instance (its index) instead of the first healthy one.
+    #[arg(long, value_name = "N", conflicts_with = "new")]
+    pub instance: Option<u32>,
+    /// Run in a new container of the running release (same image, configuration and
+    /// environment as instance 0), removed when the command ends.
+    #[arg(long)]
+    pub new: bool,
+    /// Pass this terminal's input to the command.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Give the command a terminal (with `-i`: an interactive console).
+    #[arg(short, long)]
+    pub tty: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

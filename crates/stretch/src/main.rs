@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(commands::run(args.command, &settings, &printer)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             let code = e.exit_code();
             printer.error(e);

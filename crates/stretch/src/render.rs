@@ -51,6 +51,32 @@ pub fn show<T: Human + serde::Serialize>(printer: &Printer, value: &T) {
     }
 }
 
+/// One line of an instance's output (`app logs`): one JSON object a line, or
+/// `HOST GROUP/INSTANCE | text`.
+pub fn app_log_line(printer: &Printer, l: &stretch_core::agent::api::LogLine) {
+    if printer.json {
+        printer.out(serde_json::to_string(l).unwrap_or_default());
+    } else {
+        printer.out(format!(
+            "{} {}/{} | {}",
+            l.host, l.group, l.instance, l.line
+        ));
+    }
+}
+
+impl Human for stretch_core::app::Restarted {
+    fn human(&self, l: &mut Lines) {
+        let n: usize = self.groups.iter().map(|g| g.instances).sum();
+        l.out(format!(
+            "restarted {} instance(s) of environment `{}` on {} host group(s) (run {})",
+            n,
+            self.environment,
+            self.groups.len(),
+            self.run
+        ));
+    }
+}
+
 /// One log line of `logs`: one JSON object a line, or `at [stage] text`.
 pub fn log_line(printer: &Printer, l: &LogLine) {
     if printer.json {

@@ -9,6 +9,9 @@
 //! | `POST …/{group}/config`                 | [`GroupSpec`] | [`GroupStatus`]        |
 //! | `DELETE …/{group}`                      |               | 204                    |
 //! | `GET …/{group}`                         |               | [`GroupSpec`] (current)|
+//! | `POST …/{group}/restart`                |               | [`GroupStatus`]        |
+//! | `GET …/{group}/logs?…` ([`LogQuery`])   |               | [`LogLine`] per line (NDJSON, streamed) |
+//! | `POST …/{group}/exec` (upgrade)         | [`ExecRequest`] | 101, then [`exec`] frames |
 //! | `POST /v1/leases/{system}/{env}`        | [`LeaseRequest`] | [`LeaseGrant`]      |
 //! | `DELETE /v1/leases/{system}/{env}`      |               | 204                    |
 //!
@@ -22,6 +25,16 @@
 //!   configuration: rewrite `/stretch/`, run `reload`, or replace the instances with
 //!   the same image without downtime when the node declares no `reload`.
 //! * `DELETE` stops the group's instances and closes its proxy.
+//! * `restart` replaces the group's instances with fresh ones of the same spec, the
+//!   way a switch does (healthy first, then the proxy, then drain): no downtime.
+//! * `logs` streams the output of the group's instances, one JSON object a line, each
+//!   instance's lines in order; with `follow` it also streams instances that start
+//!   later (a deploy's), and an empty line every [`LOG_KEEPALIVE_SECS`] while nothing
+//!   is said.
+//! * `exec` runs a command in an instance (or a one-off container of the current
+//!   release with `new`) and, after `101 Switching Protocols` (`Upgrade:`
+//!   [`EXEC_UPGRADE`]), carries its streams both ways as [`exec`] frames; the last
+//!   frame from the agent is the exit status or an error.
 //!
 //! * A lease gives one run (deploy, rollback, apply) an environment of a system on this
 //!   agent for a time to live, renewed while the run lives, and a fencing token. Once an
@@ -254,4 +267,118 @@ pub fn config_version_with(
         h.update(v.as_bytes());
     }
     h.finalize().to_hex()[..12].to_string()
+}
+
+/// `GET …/logs` query.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogQuery {
+    /// Only lines since this time (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<i64>,
+    /// Only the last N lines of each instance (at most [`MAX_LOG_TAIL`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<usize>,
+    /// Keep streaming new lines, and the lines of instances that start later.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+/// Most lines of one instance a `tail` may ask for.
+pub const MAX_LOG_TAIL: usize = 100_000;
+/// Longest line the agent sends (longer ones are cut, ending in `…`).
+pub const MAX_LOG_LINE: usize = 16 * 1024;
+/// Seconds between keepalive lines of a quiet followed log.
+pub const LOG_KEEPALIVE_SECS: u64 = 15;
+
+/// One line of an instance's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// When the engine read it: RFC 3339 with nanoseconds, UTC.
+    pub time: String,
+    pub host: String,
+    pub group: String,
+    pub instance: u32,
+    pub container: String,
+    pub release_id: String,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    pub line: String,
+}
+
+/// The `Upgrade:` protocol of `exec`.
+pub const EXEC_UPGRADE: &str = "stretch-exec";
+
+/// Body of `POST …/exec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// The command and its arguments (not run through a shell).
+    pub cmd: Vec<String>,
+    /// Which instance (default: the first healthy one, else the first running one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<u32>,
+    /// Run in a fresh container of the current release instead, removed afterwards.
+    #[serde(default)]
+    pub new: bool,
+    /// Attach the client's input.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Allocate a terminal (output then comes as one stream).
+    #[serde(default)]
+    pub tty: bool,
+    /// The terminal's size (columns, rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<(u16, u16)>,
+}
+
+/// The frames of an `exec` connection after the upgrade: one kind byte, a 4-byte
+/// big-endian length, then that many bytes (at most [`exec::MAX_FRAME`]).
+pub mod exec {
+    /// Client → agent: bytes for the command's input.
+    pub const STDIN: u8 = 0;
+    /// Agent → client: output.
+    pub const STDOUT: u8 = 1;
+    pub const STDERR: u8 = 2;
+    /// Agent → client, last: the exit status, 4 bytes big-endian (signed).
+    pub const EXIT: u8 = 3;
+    /// Agent → client, last: why the command could not run (UTF-8).
+    pub const ERROR: u8 = 4;
+    /// Client → agent: the input ended.
+    pub const STDIN_END: u8 = 5;
+    /// Client → agent: the terminal's new size, columns then rows (2 bytes each).
+    pub const RESIZE: u8 = 6;
+    /// Largest frame payload.
+    pub const MAX_FRAME: usize = 64 * 1024;
+
+    /// A frame's bytes.
+    pub fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(5 + payload.len());
+        out.push(kind);
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// Read one frame; `None` at a clean end of the stream before a frame.
+    pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+        r: &mut R,
+    ) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+        use tokio::io::AsyncReadExt;
+        let mut head = [0u8; 5];
+        match r.read_exact(&mut head[..1]).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        r.read_exact(&mut head[1..]).await?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if len > MAX_FRAME {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("an exec frame of {len} bytes (at most {MAX_FRAME})"),
+            ));
+        }
+        let mut payload = vec![0u8; len];
+        r.read_exact(&mut payload).await?;
+        Ok(Some((head[0], payload)))
+    }
 }

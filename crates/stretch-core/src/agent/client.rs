@@ -22,13 +22,13 @@ use hyper::{Method, Request, StatusCode, header};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::api::{
-    AgentState, ErrorBody, GroupKey, GroupSpec, GroupStatus, LEASE_HEADER, LeaseGrant,
-    LeaseRequest, Prepared, Switch,
+    AgentState, EXEC_UPGRADE, ErrorBody, ExecRequest, GroupKey, GroupSpec, GroupStatus,
+    LEASE_HEADER, LeaseGrant, LeaseRequest, LogLine, LogQuery, Prepared, Switch,
 };
 use super::trust::Basis;
 use crate::net::tls::{Expect, PeerCheck, Refusal};
@@ -381,10 +381,39 @@ impl AgentClient {
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<(StatusCode, Bytes), AgentError> {
-        let unreachable = |cause: String| AgentError::Unreachable {
+        let exchange = async {
+            let resp = self.open(method, path, body, None).await?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| self.unreachable(format!("reading the answer: {}", chain(&e))))?
+                .to_bytes();
+            Ok((status, bytes))
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(self.unreachable(format!("no answer within {}s", timeout.as_secs()))),
+        }
+    }
+
+    fn unreachable(&self, cause: String) -> AgentError {
+        AgentError::Unreachable {
             addr: self.addr.clone(),
             cause,
-        };
+        }
+    }
+
+    /// Send a request; its answer's head (the body is the caller's to read).
+    /// `upgrade`: ask to switch the connection to that protocol.
+    async fn open(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        upgrade: Option<&str>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, AgentError> {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("https://{}{path}", self.addr))
@@ -396,42 +425,108 @@ impl AgentClient {
         if body.is_some() {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
+        if let Some(protocol) = upgrade {
+            req = req
+                .header(header::CONNECTION, "upgrade")
+                .header(header::UPGRADE, protocol);
+        }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| AgentError::Protocol {
                 addr: self.addr.clone(),
                 message: format!("bad request to {path}: {e}"),
             })?;
-        let exchange = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| match self.check.refusal() {
-                    Some(refusal) => AgentError::Identity(Box::new(IdentityRefused {
-                        name: self.name.clone(),
-                        addr: self.addr.clone(),
-                        refusal,
-                        basis: self.basis.clone(),
-                    })),
-                    None => unreachable(chain(&e)),
-                })?;
-            let status = resp.status();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| unreachable(format!("reading the answer: {}", chain(&e))))?
-                .to_bytes();
-            Ok((status, bytes))
-        };
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(r) => r,
-            Err(_) => Err(unreachable(format!(
-                "no answer within {}s",
-                timeout.as_secs()
-            ))),
+        self.client
+            .request(req)
+            .await
+            .map_err(|e| match self.check.refusal() {
+                Some(refusal) => AgentError::Identity(Box::new(IdentityRefused {
+                    name: self.name.clone(),
+                    addr: self.addr.clone(),
+                    refusal,
+                    basis: self.basis.clone(),
+                })),
+                None => self.unreachable(chain(&e)),
+            })
+    }
+
+    /// An answer that is not a success, read (at most 64 KiB) into its error.
+    async fn failure(&self, resp: hyper::Response<hyper::body::Incoming>) -> AgentError {
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024);
+        match tokio::time::timeout(STATE_TIMEOUT, body.collect()).await {
+            Ok(Ok(b)) => self.error(status, &b.to_bytes()),
+            _ => self.error(status, b""),
         }
+    }
+
+    /// `POST …/restart`: fresh instances of the group's current spec (`spec`, as the
+    /// agent runs it: it bounds how long this may take).
+    pub async fn restart(&self, spec: &GroupSpec) -> Result<GroupStatus, AgentError> {
+        self.remember(spec);
+        let path = format!("{}/restart", spec.key.path());
+        self.call(
+            Method::POST,
+            &path,
+            None::<&()>,
+            self.switch_timeout(&spec.key),
+        )
+        .await
+    }
+
+    /// `GET …/logs`: the group's output on this host, line by line.
+    pub async fn logs(&self, key: &GroupKey, query: &LogQuery) -> Result<LogReader, AgentError> {
+        let mut params = Vec::new();
+        if let Some(since) = query.since {
+            params.push(format!("since={since}"));
+        }
+        if let Some(tail) = query.tail {
+            params.push(format!("tail={tail}"));
+        }
+        if query.follow {
+            params.push("follow=true".to_string());
+        }
+        let path = format!("{}/logs?{}", key.path(), params.join("&"));
+        let resp = tokio::time::timeout(STATE_TIMEOUT, self.open(Method::GET, &path, None, None))
+            .await
+            .map_err(|_| {
+                self.unreachable(format!("no answer within {}s", STATE_TIMEOUT.as_secs()))
+            })??;
+        if !resp.status().is_success() {
+            return Err(self.failure(resp).await);
+        }
+        Ok(LogReader {
+            addr: self.addr.clone(),
+            body: resp.into_body(),
+            buf: Vec::new(),
+            done: false,
+        })
+    }
+
+    /// `POST …/exec`: the upgraded connection carrying the command's frames.
+    pub async fn exec(
+        &self,
+        key: &GroupKey,
+        req: &ExecRequest,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, AgentError> {
+        let body = serde_json::to_vec(req).map_err(|e| AgentError::Protocol {
+            addr: self.addr.clone(),
+            message: format!("cannot encode the request: {e}"),
+        })?;
+        let path = format!("{}/exec", key.path());
+        let open = self.open(Method::POST, &path, Some(body), Some(EXEC_UPGRADE));
+        let resp = tokio::time::timeout(STATE_TIMEOUT, open)
+            .await
+            .map_err(|_| {
+                self.unreachable(format!("no answer within {}s", STATE_TIMEOUT.as_secs()))
+            })??;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(self.failure(resp).await);
+        }
+        hyper::upgrade::on(resp)
+            .await
+            .map(TokioIo::new)
+            .map_err(|e| self.unreachable(format!("switching to exec: {}", chain(&e))))
     }
 
     fn error(&self, status: StatusCode, body: &[u8]) -> AgentError {
@@ -470,6 +565,64 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// The lines of a `logs` answer, read as they come.
+pub struct LogReader {
+    addr: String,
+    body: hyper::body::Incoming,
+    buf: Vec<u8>,
+    done: bool,
+}
+
+/// Longest line a reader accepts (the agent cuts its lines well below).
+const MAX_READ_LINE: usize = 1024 * 1024;
+
+impl LogReader {
+    /// The next line; `None` when the agent ended the stream.
+    pub async fn next(&mut self) -> Option<Result<LogLine, AgentError>> {
+        loop {
+            if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                let line = &line[..end];
+                // Empty lines keep a quiet stream alive.
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return Some(
+                    serde_json::from_slice(line).map_err(|e| AgentError::Protocol {
+                        addr: self.addr.clone(),
+                        message: format!("a log line that is not one: {e}"),
+                    }),
+                );
+            }
+            if self.done {
+                return None;
+            }
+            if self.buf.len() > MAX_READ_LINE {
+                self.done = true;
+                return Some(Err(AgentError::Protocol {
+                    addr: self.addr.clone(),
+                    message: format!("a log line over {MAX_READ_LINE} bytes"),
+                }));
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        self.buf.extend_from_slice(data);
+                    }
+                }
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Some(Err(AgentError::Unreachable {
+                        addr: self.addr.clone(),
+                        cause: format!("reading the log: {}", chain(&e)),
+                    }));
+                }
+                None => self.done = true,
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -172,7 +172,7 @@ impl Fleet {
     /// After a successful exchange: record the agent in `known_agents` if it is not
     /// there (a first contact warns; pinned and CA-signed agents are recorded too, so
     /// that a host later removed from system.yml can still be reached safely).
-    fn remember(&self, client: &AgentClient, log: &Log) -> Result<()> {
+    pub fn remember(&self, client: &AgentClient, log: &Log) -> Result<()> {
         let Some(fp) = client.presented() else {
             return Ok(());
         };

@@ -18,6 +18,7 @@
 //! just `dyn Fn`) so that the build future is `Send`; [`Docker::connect_to`] takes an
 //! explicit host; [`registry_of`] names a reference's registry for error messages.
 
+pub mod attach;
 pub mod auth;
 mod build;
 pub mod containers;

@@ -2,6 +2,7 @@
 //! beyond its own argument struct.
 
 mod agent;
+mod app;
 mod build;
 mod deploy;
 mod init;
@@ -21,15 +22,24 @@ use crate::cli::Command;
 use crate::printer::Printer;
 use crate::settings::Settings;
 
-pub async fn run(command: Command, settings: &Settings, printer: &Printer) -> Result<()> {
+/// Run one command; its exit status when it succeeds (0 but for `app exec`, which
+/// exits with its command's).
+pub async fn run(command: Command, settings: &Settings, printer: &Printer) -> Result<u8> {
     // `--server URL`: the commands a server offers go through its API instead.
     let command = match &settings.server {
         Some(server) => match crate::remote::run(server, command, printer).await? {
             Some(local) => local,
-            None => return Ok(()),
+            None => return Ok(0),
         },
         None => command,
     };
+    if let Command::App(cmd) = command {
+        return app::run(cmd, settings, printer).await;
+    }
+    run_one(command, settings, printer).await.map(|()| 0)
+}
+
+async fn run_one(command: Command, settings: &Settings, printer: &Printer) -> Result<()> {
     match command {
         Command::Build(args) => build::run(args, settings, printer).await,
         Command::Releases { remote: false } => runs::releases(settings, printer),
@@ -56,6 +66,7 @@ pub async fn run(command: Command, settings: &Settings, printer: &Printer) -> Re
         Command::Serve(a) => serve::run(a, settings).await,
         Command::Keys(k) => keys::run(k, printer),
         Command::Secrets(s) => secrets::run(s, printer),
+        Command::App(_) => Ok(()),
     }
 }
 

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod agent;
+mod app;
 mod apply;
 mod bad_input;
 mod build;

@@ -59,6 +59,9 @@ pub struct Agent {
     pub groups: Mutex<HashMap<GroupKey, Arc<Group>>>,
     /// Who may change each environment now (see [`super::leases`]).
     pub leases: super::leases::Leases,
+    /// Slots for log streams and exec sessions (see `logs.rs`, `exec.rs`).
+    pub log_streams: Arc<tokio::sync::Semaphore>,
+    pub exec_sessions: Arc<tokio::sync::Semaphore>,
 }
 
 impl Agent {
@@ -247,14 +250,37 @@ impl Agent {
                 )));
             }
         };
-        self.replace(&group, &mut rt, spec).await?;
+        self.replace(&group, &mut rt, spec, false).await?;
+        Ok(self.status(&key).await)
+    }
+
+    /// Replace the group's instances with fresh ones of its current spec, the way a
+    /// switch does: the new ones healthy first, then the proxy, then the drain.
+    pub async fn restart(&self, key: GroupKey) -> ApiResult<GroupStatus> {
+        let group = self.group(&key);
+        let mut rt = group.ops.lock().await;
+        let Some(spec) = self.record(&key).and_then(|r| r.current) else {
+            return Err(ApiError::not_found(format!(
+                "group `{}` of `{}/{}` runs nothing here",
+                key.group, key.system, key.environment
+            )));
+        };
+        self.say(&key, "restarting");
+        self.replace(&group, &mut rt, spec, true).await?;
         Ok(self.status(&key).await)
     }
 
     /// Make `spec` current: start its instances (reusing kept ones), wait until they
     /// are healthy, point the proxy at them, drain and stop the old ones, prune the
     /// kept ones. On failure the new instances go and the old ones keep serving.
-    async fn replace(&self, group: &Group, rt: &mut Runtime, spec: GroupSpec) -> ApiResult<()> {
+    /// `fresh`: new containers even where a stopped one of the same spec is kept.
+    async fn replace(
+        &self,
+        group: &Group,
+        rt: &mut Runtime,
+        spec: GroupSpec,
+        fresh: bool,
+    ) -> ApiResult<()> {
         let key = spec.key.clone();
         let old = self
             .record(&key)
@@ -273,7 +299,8 @@ impl Agent {
         let mut reused: Vec<String> = Vec::new();
         for index in 0..spec.instances {
             let kept = old.kept.iter().find(|k| {
-                k.index == index
+                !fresh
+                    && k.index == index
                     && k.release_id == spec.release.id
                     && k.config_version == spec.config_version
             });
@@ -420,7 +447,7 @@ impl Agent {
         let Some(current) = current else {
             // A host new to the group: a full start of the given release.
             self.ensure_image(&spec).await?;
-            self.replace(&group, &mut rt, spec).await?;
+            self.replace(&group, &mut rt, spec, false).await?;
             return Ok(self.status(&key).await);
         };
         if current.release.id != spec.release.id || current.image != spec.image {
@@ -453,7 +480,7 @@ impl Agent {
         if reloadable {
             self.reload(record, &current, spec).await?;
         } else {
-            self.replace(&group, &mut rt, spec).await?;
+            self.replace(&group, &mut rt, spec, false).await?;
         }
         Ok(self.status(&key).await)
     }

@@ -19,11 +19,13 @@
 //! token.
 
 mod adopt;
+mod exec;
 mod files;
 mod groups;
 mod health;
 mod instances;
 mod leases;
+mod logs;
 mod proxy;
 mod state;
 
@@ -35,7 +37,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -117,6 +119,8 @@ pub async fn serve(
         upstream: proxy::upstream_client(),
         records: Mutex::new(records),
         groups: Mutex::new(HashMap::new()),
+        log_streams: Arc::new(tokio::sync::Semaphore::new(logs::MAX_STREAMS)),
+        exec_sessions: Arc::new(tokio::sync::Semaphore::new(exec::MAX_SESSIONS)),
     });
     agent.adopt().await?;
 
@@ -135,6 +139,9 @@ pub async fn serve(
         )
         .route(&format!("{group}/switch"), post(switch))
         .route(&format!("{group}/config"), post(config_update))
+        .route(&format!("{group}/restart"), post(restart))
+        .route(&format!("{group}/logs"), get(group_logs))
+        .route(&format!("{group}/exec"), post(group_exec))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(auth, require_token))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -272,6 +279,10 @@ impl ApiError {
 
     pub fn not_found(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
 }
 
@@ -444,6 +455,40 @@ async fn config_update(
         detached(async move { agent.update_config(key(p), spec).await }).await
     };
     respond(result.await)
+}
+
+async fn restart(State(agent): Shared, Path(p): GroupPath, headers: HeaderMap) -> Response {
+    let result = async {
+        fenced(&agent, &p, &headers)?;
+        detached(async move { agent.restart(key(p)).await }).await
+    };
+    respond(result.await)
+}
+
+async fn group_logs(
+    State(agent): Shared,
+    Path(p): GroupPath,
+    Query(query): Query<crate::agent::api::LogQuery>,
+) -> Response {
+    match logs::logs(agent, key(p), query).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn group_exec(State(agent): Shared, Path(p): GroupPath, mut req: Request) -> Response {
+    let upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+    let result = async {
+        let body = axum::body::to_bytes(req.into_body(), BODY_LIMIT)
+            .await
+            .map_err(|e| ApiError::bad_request(format!("reading the request: {e}")))?;
+        let exec_req = parse(&body)?;
+        exec::start(agent, key(p), exec_req, upgrade).await
+    };
+    match result.await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn delete_group(State(agent): Shared, Path(p): GroupPath, headers: HeaderMap) -> Response {
