@@ -381,4 +381,30 @@ pub mod exec {
         r.read_exact(&mut payload).await?;
         Ok(Some((head[0], payload)))
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[tokio::test]
+        async fn frames_read_back_and_oversize_ones_are_refused() {
+            let mut bytes = frame(STDOUT, b"hello");
+            bytes.extend(frame(STDIN_END, b""));
+            let mut r = &bytes[..];
+            assert_eq!(
+                read_frame(&mut r).await.unwrap(),
+                Some((STDOUT, b"hello".to_vec()))
+            );
+            assert_eq!(read_frame(&mut r).await.unwrap(), Some((STDIN_END, vec![])));
+            assert_eq!(read_frame(&mut r).await.unwrap(), None);
+            // A length over the bound is refused before anything is allocated.
+            let mut big = vec![STDIN];
+            big.extend_from_slice(&((MAX_FRAME + 1) as u32).to_be_bytes());
+            let e = read_frame(&mut &big[..]).await.unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+            // A frame cut short is an error, not a clean end.
+            let cut = &frame(STDOUT, b"hello")[..7];
+            assert!(read_frame(&mut &cut[..]).await.is_err());
+        }
+    }
 }

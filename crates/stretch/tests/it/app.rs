@@ -186,6 +186,25 @@ fn exec_gives_the_commands_status_and_streams_and_new_leaves_nothing() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "line one\nline two\n");
 
+    // -t: the command gets a terminal (this side runs under a pseudo-terminal, `script`).
+    let line = format!(
+        "{} app exec production --group web -it -- sh -c 'tty; exit 4'",
+        env!("CARGO_BIN_EXE_stretch")
+    );
+    let mut script = std::process::Command::new("script");
+    script
+        .args(["-qec", &line, "/dev/null"])
+        .current_dir(w.ctx.path())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null());
+    for (k, v) in &w.ctx.env {
+        script.env(k, v);
+    }
+    let out = script.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    assert!(text.contains("/dev/pts/"), "{text}");
+
     // --new: a fresh container of the release, configured like instance 0, then gone.
     let before = AgentProc::containers(&w.system);
     let out = w.ctx.run(&[
