@@ -1048,7 +1048,7 @@ mod tests {
             assert_eq!(st.as_str().parse::<RunStatus>(), Ok(st));
         }
         let names: Vec<&str> = RunKind::ALL.iter().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["build", "deploy", "rollback", "config"]);
+        assert_eq!(names, ["build", "deploy", "rollback", "config", "restart"]);
         let names: Vec<&str> = RunStatus::ALL.iter().map(|s| s.as_str()).collect();
         assert_eq!(names, ["running", "succeeded", "failed"]);
         assert_eq!(format!("{:<8}|", RunKind::Config), "config  |");
