@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{
     ContainerCreateBody, CreateImageInfo, HostConfig, Mount, MountType, PortBinding, RestartPolicy,
     RestartPolicyNameEnum,
@@ -341,59 +340,24 @@ impl Docker {
     /// Run `cmd` in the running container `id`; waits for it to end and returns its
     /// exit code and output. A command that cannot start is an error.
     pub async fn exec(&self, id: &str, cmd: &[String]) -> Result<ExecOutput> {
-        let what = || format!("running `{}` in container {id}", cmd.join(" "));
-        let config = CreateExecOptions {
-            cmd: Some(cmd.to_vec()),
-            attach_stdout: Some(true),
-            attach_stderr: Some(true),
-            ..Default::default()
-        };
-        let exec = self
-            .inner
-            .create_exec(id, config)
-            .await
-            .map_err(|e| docker_error(what(), &e))?;
-        let started = self
-            .inner
-            .start_exec(&exec.id, None::<StartExecOptions>)
-            .await
-            .map_err(|e| docker_error(what(), &e))?;
+        let (exec_id, mut attached) = self.exec_attached(id, cmd, false, false).await?;
         let mut output = String::new();
-        if let StartExecResults::Attached {
-            output: mut stream, ..
-        } = started
-        {
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| docker_error(what(), &e))?;
-                output.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
-                if output.len() > 2 * EXEC_OUTPUT_LIMIT {
-                    let cut = output.len() - EXEC_OUTPUT_LIMIT;
-                    let cut = (cut..output.len())
-                        .find(|i| output.is_char_boundary(*i))
-                        .unwrap_or(cut);
-                    output.drain(..cut);
-                }
+        while let Some(chunk) = attached.output.next().await {
+            let (_, bytes) = chunk?;
+            output.push_str(&String::from_utf8_lossy(&bytes));
+            if output.len() > 2 * EXEC_OUTPUT_LIMIT {
+                let cut = output.len() - EXEC_OUTPUT_LIMIT;
+                let cut = (cut..output.len())
+                    .find(|i| output.is_char_boundary(*i))
+                    .unwrap_or(cut);
+                output.drain(..cut);
             }
         }
         // The output stream ends when the process does; its exit code may still lag.
-        for _ in 0..50 {
-            let inspect = self
-                .inner
-                .inspect_exec(&exec.id)
-                .await
-                .map_err(|e| docker_error(what(), &e))?;
-            if inspect.running != Some(true) {
-                return Ok(ExecOutput {
-                    exit_code: inspect.exit_code.unwrap_or(-1),
-                    output: output.trim_end().to_string(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Err(Error::failed(
-            "docker",
-            format!("{}: the command did not end", what()),
-        ))
+        Ok(ExecOutput {
+            exit_code: self.exec_exit_code(&exec_id).await?,
+            output: output.trim_end().to_string(),
+        })
     }
 }
 

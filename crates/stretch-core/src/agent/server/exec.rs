@@ -21,7 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use super::files::{self, MOUNT_TARGET};
 use super::groups::Agent;
-use super::instances::display;
+use super::instances::{display, environment};
 use super::state::random_hex;
 use super::{ApiError, ApiResult};
 use crate::agent::api::{EXEC_UPGRADE, ExecRequest, GroupKey, GroupSpec, exec};
@@ -242,15 +242,7 @@ async fn run_new<W: AsyncWrite + Unpin>(
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
-            env: vec![
-                format!("STRETCH_SYSTEM={}", spec.key.system),
-                format!("STRETCH_ENVIRONMENT={}", spec.environment_name),
-                format!("STRETCH_NODE={}", spec.node),
-                format!("STRETCH_HOST={}", spec.host),
-                format!("STRETCH_RELEASE_ID={}", spec.release.id),
-                format!("STRETCH_RELEASE_NAME={}", spec.release.name),
-                "STRETCH_INSTANCE=0".to_string(),
-            ],
+            env: environment(spec, 0),
             cmd: Some(req.cmd.clone()),
             port: None,
             mount_source: dir.clone(),

@@ -38,6 +38,19 @@ pub fn labels(agent_id: &str, spec: &GroupSpec, index: u32) -> BTreeMap<String, 
     ])
 }
 
+/// The `STRETCH_*` variables of instance `index`.
+pub fn environment(spec: &GroupSpec, index: u32) -> Vec<String> {
+    vec![
+        format!("STRETCH_SYSTEM={}", spec.key.system),
+        format!("STRETCH_ENVIRONMENT={}", spec.environment_name),
+        format!("STRETCH_NODE={}", spec.node),
+        format!("STRETCH_HOST={}", spec.host),
+        format!("STRETCH_RELEASE_ID={}", spec.release.id),
+        format!("STRETCH_RELEASE_NAME={}", spec.release.name),
+        format!("STRETCH_INSTANCE={index}"),
+    ]
+}
+
 /// `system/environment/group`, for messages.
 pub fn display(key: &GroupKey) -> String {
     format!("{}/{}/{}", key.system, key.environment, key.group)
@@ -88,15 +101,7 @@ impl Instances<'_> {
             name: name.clone(),
             image: spec.image.clone(),
             labels: labels(&self.data.agent_id, spec, index),
-            env: vec![
-                format!("STRETCH_SYSTEM={}", spec.key.system),
-                format!("STRETCH_ENVIRONMENT={}", spec.environment_name),
-                format!("STRETCH_NODE={}", spec.node),
-                format!("STRETCH_HOST={}", spec.host),
-                format!("STRETCH_RELEASE_ID={}", spec.release.id),
-                format!("STRETCH_RELEASE_NAME={}", spec.release.name),
-                format!("STRETCH_INSTANCE={index}"),
-            ],
+            env: environment(spec, index),
             cmd: None,
             port: spec.port,
             mount_source: dir.clone(),
