@@ -64,11 +64,11 @@ impl Dev {
         )
     }
 
-    /// Wait until stderr holds `needle` `times` times.
+    /// Wait until the output (stdout and stderr) holds `needle` `times` times.
     #[track_caller]
-    fn wait_stderr(&self, needle: &str, times: usize) {
+    fn wait_output(&self, needle: &str, times: usize) {
         let deadline = Instant::now() + DEADLINE;
-        while self.stderr.lock().unwrap().matches(needle).count() < times {
+        while self.output().matches(needle).count() < times {
             assert!(
                 Instant::now() < deadline,
                 "no {needle:?} (x{times}) in time:\n{}",
@@ -174,14 +174,14 @@ fn dev_serves_a_changed_template() {
     let dev = Dev::start(&w, &["--json"]);
     // The first cycle builds and deploys what the sources are.
     wait_served(&w, &dev, "/index.html", |b| b.contains("hello on h0"));
-    dev.wait_stderr("dev: waiting for changes", 1);
+    dev.wait_output("dev: waiting for changes", 1);
 
     w.ctx.write(
         "app/templates/index.html.jinja",
         "v2 {{ release.id }} {{ config.greeting }} on {{ host.name }}\n",
     );
     wait_served(&w, &dev, "/index.html", |b| b.starts_with("v2 "));
-    dev.wait_stderr("dev: waiting for changes", 2);
+    dev.wait_output("dev: waiting for changes", 2);
 
     // Only the environment changed: the config-only path.
     let system = std::fs::read_to_string(w.ctx.path().join("system.yml")).unwrap();
@@ -190,7 +190,7 @@ fn dev_serves_a_changed_template() {
         system.replace("greeting: hello", "greeting: bonjour"),
     );
     wait_served(&w, &dev, "/index.html", |b| b.contains("bonjour on h0"));
-    dev.wait_stderr("dev: waiting for changes", 3);
+    dev.wait_output("dev: waiting for changes", 3);
 
     let out = dev.interrupt();
     let stdout = out
@@ -221,11 +221,11 @@ fn dev_serves_a_changed_app_file_and_dockerfile() {
     let w = World::new("devimg", 1, false);
     let dev = Dev::start(&w, &[]);
     wait_served(&w, &dev, "/version.txt", |b| b == "1\n");
-    dev.wait_stderr("dev: waiting for changes", 1);
+    dev.wait_output("dev: waiting for changes", 1);
 
     w.ctx.write("app/www/version.txt", "2\n");
     wait_served(&w, &dev, "/version.txt", |b| b == "2\n");
-    dev.wait_stderr("dev: waiting for changes", 2);
+    dev.wait_output("dev: waiting for changes", 2);
 
     let dockerfile = std::fs::read_to_string(w.ctx.path().join("app/Dockerfile")).unwrap();
     w.ctx.write(
@@ -233,7 +233,7 @@ fn dev_serves_a_changed_app_file_and_dockerfile() {
         dockerfile.replace("COPY www/ /www/\n", "COPY www/ /www/\nRUN echo 3 > /www/version.txt\n"),
     );
     wait_served(&w, &dev, "/version.txt", |b| b == "3\n");
-    dev.wait_stderr("dev: waiting for changes", 3);
+    dev.wait_output("dev: waiting for changes", 3);
     let out = dev.interrupt();
     assert_eq!(out.matches("deployed:").count(), 3, "{out}");
 }
@@ -243,12 +243,12 @@ fn dev_survives_a_broken_file() {
     let w = World::new("devbad", 1, false);
     let dev = Dev::start(&w, &[]);
     let first = wait_served(&w, &dev, "/index.html", |b| b.contains("hello on h0"));
-    dev.wait_stderr("dev: waiting for changes", 1);
+    dev.wait_output("dev: waiting for changes", 1);
 
     // Invalid YAML in a build file: the build fails naming it, nothing changes.
     w.ctx.write("app/container.yml", "port: [8080\n");
-    dev.wait_stderr("failed after", 1);
-    dev.wait_stderr("dev: waiting for changes", 2);
+    dev.wait_output("failed after", 1);
+    dev.wait_output("dev: waiting for changes", 2);
     assert!(dev.output().contains("container.yml"), "{}", dev.output());
     assert_eq!(http_get(&w.proxy(0), "/index.html"), Ok((200, first.clone())));
 
@@ -258,8 +258,8 @@ fn dev_survives_a_broken_file() {
         "port: 8080\nhealth: {path: /health.txt, interval: 100ms, timeout: 8s}\nstop_timeout: 2s\n",
     );
     w.ctx.write("app/config.yml", "greeting: \"{{ services.greeting \"\n");
-    dev.wait_stderr("failed after", 2);
-    dev.wait_stderr("dev: waiting for changes", 3);
+    dev.wait_output("failed after", 2);
+    dev.wait_output("dev: waiting for changes", 3);
     assert_eq!(http_get(&w.proxy(0), "/index.html"), Ok((200, first)));
 
     // Fixed: served.
