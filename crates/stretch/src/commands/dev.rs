@@ -72,7 +72,13 @@ impl Human for Cycle {
         let running = self
             .deployed
             .as_ref()
-            .map(|d| format!("release {} {}", d.release.name.as_deref().unwrap_or(""), d.release.id))
+            .map(|d| {
+                format!(
+                    "release {} {}",
+                    d.release.name.as_deref().unwrap_or(""),
+                    d.release.id
+                )
+            })
             .or_else(|| self.running.as_ref().map(|r| format!("release {r}")))
             .unwrap_or_else(|| "no release".into());
         let text = if self.ok {
@@ -188,6 +194,7 @@ pub async fn run(args: DevArgs, settings: &Settings, printer: &Printer) -> Resul
         if stopped {
             break;
         }
+        next.settle();
         changes = next;
     }
     printer.info(format!(
@@ -249,7 +256,11 @@ impl Watch {
             })
             .collect();
         let base = canon(&system.dir);
-        let name = system.file.file_name().map(PathBuf::from).unwrap_or_default();
+        let name = system
+            .file
+            .file_name()
+            .map(PathBuf::from)
+            .unwrap_or_default();
         let system_file = base.join(name);
         let mut watcher = notify::recommended_watcher(move |event| {
             // The receiver is gone only when `dev` is ending.
@@ -281,7 +292,11 @@ impl Watch {
     }
 
     fn describe(&self, system: &System) -> String {
-        let mut what: Vec<String> = self.roots.iter().map(|r| format!("`{}`", self.show(r))).collect();
+        let mut what: Vec<String> = self
+            .roots
+            .iter()
+            .map(|r| format!("`{}`", self.show(r)))
+            .collect();
         what.push(format!("`{}`", self.show(&self.system_file)));
         let git = system
             .sources
@@ -363,6 +378,9 @@ struct Changes {
     /// Events were lost: treat everything as changed.
     rescan: bool,
     paths: BTreeSet<String>,
+    /// Paths created in this burst, with their full path: those gone again (an
+    /// editor's or `sed -i`'s temp file) are not worth naming.
+    created: Vec<(String, PathBuf)>,
 }
 
 impl Changes {
@@ -395,9 +413,22 @@ impl Changes {
                 None => continue,
             }
             ours = true;
-            self.paths.insert(watch.show(path));
+            let shown = watch.show(path);
+            if matches!(event.kind, EventKind::Create(_)) && !self.paths.contains(&shown) {
+                self.created.push((shown.clone(), path.clone()));
+            }
+            self.paths.insert(shown);
         }
         ours
+    }
+
+    /// Forget the paths created and removed again within the burst.
+    fn settle(&mut self) {
+        for (shown, path) in std::mem::take(&mut self.created) {
+            if std::fs::symlink_metadata(&path).is_err() {
+                self.paths.remove(&shown);
+            }
+        }
     }
 }
 
@@ -427,13 +458,26 @@ impl DevLoop<'_> {
         if changes.paths.is_empty() && n == 1 {
             printer.info(format!("dev: cycle {n}: building the sources as they are"));
         } else {
-            let shown: Vec<&str> = changes.paths.iter().take(SHOWN_PATHS).map(String::as_str).collect();
+            let shown: Vec<&str> = changes
+                .paths
+                .iter()
+                .take(SHOWN_PATHS)
+                .map(String::as_str)
+                .collect();
             let more = changes.paths.len().saturating_sub(SHOWN_PATHS);
             printer.info(format!(
                 "dev: cycle {n}: changed {}{}{}",
                 shown.join(", "),
-                if more > 0 { format!(" (+{more} more)") } else { String::new() },
-                if changes.rescan { " (events were lost: rebuilding)" } else { "" }
+                if more > 0 {
+                    format!(" (+{more} more)")
+                } else {
+                    String::new()
+                },
+                if changes.rescan {
+                    " (events were lost: rebuilding)"
+                } else {
+                    ""
+                }
             ));
         }
         let mut cycle = Cycle {
@@ -508,7 +552,8 @@ impl DevLoop<'_> {
         let log = Log::new(vec![self.printer.progress()]);
         if build {
             self.build_failed = true;
-            let outcome = build::build(system, self.home, self.store, &self.build_opts, &log).await?;
+            let outcome =
+                build::build(system, self.home, self.store, &self.build_opts, &log).await?;
             self.build_failed = false;
             let built = Built {
                 release: Release::from(&outcome.release),
@@ -546,15 +591,18 @@ impl DevLoop<'_> {
                     wait: false,
                     release_identity: self.release_identity.clone(),
                 };
-                let outcome = deploy::apply::apply(system, self.home, self.store, &req, &log).await?;
+                let outcome =
+                    deploy::apply::apply(system, self.home, self.store, &req, &log).await?;
                 if !self.printer.json {
                     render::show(self.printer, &outcome);
                 }
                 cycle.applied = Some(outcome);
             }
             Some(id) => {
-                self.printer
-                    .info(format!("dev: `{}` already runs {id}: nothing to deploy", self.env));
+                self.printer.info(format!(
+                    "dev: `{}` already runs {id}: nothing to deploy",
+                    self.env
+                ));
             }
             None => {}
         }
@@ -568,7 +616,13 @@ mod tests {
 
     #[test]
     fn editor_and_vcs_files_are_ignored() {
-        for p in ["/s/app/.git/index", "/s/app/a.txt~", "/s/app/4913", "/s/app/.a.txt.swp", "/s/app/.#a.txt"] {
+        for p in [
+            "/s/app/.git/index",
+            "/s/app/a.txt~",
+            "/s/app/4913",
+            "/s/app/.a.txt.swp",
+            "/s/app/.#a.txt",
+        ] {
             assert!(ignored(Path::new(p)), "{p}");
         }
         for p in ["/s/app/a.txt", "/s/app/web/Dockerfile", "/s/app/.env"] {
@@ -579,10 +633,18 @@ mod tests {
     #[test]
     fn reads_and_attribute_changes_are_not_changes() {
         use notify::event::{CreateKind, DataChange, MetadataKind};
-        assert!(!is_change(&EventKind::Access(AccessKind::Open(AccessMode::Any))));
-        assert!(!is_change(&EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any))));
-        assert!(is_change(&EventKind::Modify(ModifyKind::Data(DataChange::Any))));
+        assert!(!is_change(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!is_change(&EventKind::Modify(ModifyKind::Metadata(
+            MetadataKind::Any
+        ))));
+        assert!(is_change(&EventKind::Modify(ModifyKind::Data(
+            DataChange::Any
+        ))));
         assert!(is_change(&EventKind::Create(CreateKind::File)));
-        assert!(is_change(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
+        assert!(is_change(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
     }
 }

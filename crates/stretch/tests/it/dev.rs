@@ -42,7 +42,9 @@ impl Dev {
                     if n == 0 {
                         break;
                     }
-                    t.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                    t.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
             });
             text
@@ -129,7 +131,12 @@ fn descendants(pid: u32) -> Vec<u32> {
     let parent_of = |p: u32| -> Option<u32> {
         let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
         // `pid (comm) state ppid …`; comm may hold spaces, so split after the last ')'.
-        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     };
     let all: Vec<u32> = std::fs::read_dir("/proc")
         .unwrap()
@@ -230,7 +237,10 @@ fn dev_serves_a_changed_app_file_and_dockerfile() {
     let dockerfile = std::fs::read_to_string(w.ctx.path().join("app/Dockerfile")).unwrap();
     w.ctx.write(
         "app/Dockerfile",
-        dockerfile.replace("COPY www/ /www/\n", "COPY www/ /www/\nRUN echo 3 > /www/version.txt\n"),
+        dockerfile.replace(
+            "COPY www/ /www/\n",
+            "COPY www/ /www/\nRUN echo 3 > /www/version.txt\n",
+        ),
     );
     wait_served(&w, &dev, "/version.txt", |b| b == "3\n");
     dev.wait_output("dev: waiting for changes", 3);
@@ -250,21 +260,27 @@ fn dev_survives_a_broken_file() {
     dev.wait_output("failed after", 1);
     dev.wait_output("dev: waiting for changes", 2);
     assert!(dev.output().contains("container.yml"), "{}", dev.output());
-    assert_eq!(http_get(&w.proxy(0), "/index.html"), Ok((200, first.clone())));
+    assert_eq!(
+        http_get(&w.proxy(0), "/index.html"),
+        Ok((200, first.clone()))
+    );
 
     // A template that does not render: the deploy fails, the old release serves on.
     w.ctx.write(
         "app/container.yml",
         "port: 8080\nhealth: {path: /health.txt, interval: 100ms, timeout: 8s}\nstop_timeout: 2s\n",
     );
-    w.ctx.write("app/config.yml", "greeting: \"{{ services.greeting \"\n");
+    w.ctx
+        .write("app/config.yml", "greeting: \"{{ services.greeting \"\n");
     dev.wait_output("failed after", 2);
     dev.wait_output("dev: waiting for changes", 3);
     assert_eq!(http_get(&w.proxy(0), "/index.html"), Ok((200, first)));
 
     // Fixed: served.
-    w.ctx
-        .write("app/config.yml", "greeting: \"{{ services.greeting }} again\"\n");
+    w.ctx.write(
+        "app/config.yml",
+        "greeting: \"{{ services.greeting }} again\"\n",
+    );
     wait_served(&w, &dev, "/index.html", |b| b.contains("hello again on h0"));
     dev.interrupt();
 }
