@@ -164,37 +164,54 @@ pub async fn run(args: DevArgs, settings: &Settings, printer: &Printer) -> Resul
             break;
         }
         if sources_moved {
-            watch = Watch::new(&system, &home, tx.clone())?;
-            printer.info(format!("dev: now watching {}", watch.describe(&system)));
+            // A source that cannot be watched (yet) is said; the others stay watched.
+            match Watch::new(&system, &home, tx.clone()) {
+                Ok(w) => {
+                    watch = w;
+                    printer.info(format!("dev: now watching {}", watch.describe(&system)));
+                }
+                Err(e) => printer.error(e),
+            }
         }
         // Wait for a change, then for the files to stay quiet.
         if next.is_empty() {
             printer.info("dev: waiting for changes");
         }
-        let mut quiet_since = Instant::now();
-        let mut first: Option<Instant> = (!next.is_empty()).then(Instant::now);
         let stopped = loop {
-            let wait = first.map_or(Duration::ZERO, |f| {
-                debounce
-                    .saturating_sub(quiet_since.elapsed())
-                    .min(MAX_DEBOUNCE.saturating_sub(f.elapsed()))
-            });
-            tokio::select! {
-                event = rx.recv() => {
-                    let Some(event) = event else { break true };
-                    if next.add(&watch, event) {
-                        quiet_since = Instant::now();
-                        first.get_or_insert_with(Instant::now);
+            let mut quiet_since = Instant::now();
+            let mut first: Option<Instant> = (!next.is_empty()).then(Instant::now);
+            let stopped = loop {
+                let wait = first.map_or(Duration::ZERO, |f| {
+                    debounce
+                        .saturating_sub(quiet_since.elapsed())
+                        .min(MAX_DEBOUNCE.saturating_sub(f.elapsed()))
+                });
+                tokio::select! {
+                    event = rx.recv() => {
+                        let Some(event) = event else { break true };
+                        if next.add(&watch, event) {
+                            quiet_since = Instant::now();
+                            first.get_or_insert_with(Instant::now);
+                        }
                     }
+                    _ = tokio::time::sleep(wait), if first.is_some() => break false,
+                    _ = signals.recv() => break true,
                 }
-                _ = tokio::time::sleep(wait), if first.is_some() => break false,
-                _ = signals.recv() => break true,
+            };
+            if stopped {
+                break true;
             }
+            next.settle();
+            // Only temp files that came and went: nothing to build.
+            if next.paths.is_empty() && !next.rescan {
+                next = Changes::default();
+                continue;
+            }
+            break false;
         };
         if stopped {
             break;
         }
-        next.settle();
         changes = next;
     }
     printer.info(format!(
