@@ -79,8 +79,7 @@ impl Human for Cycle {
                     d.release.id
                 )
             })
-            .or_else(|| self.running.as_ref().map(|r| format!("release {r}")))
-            .unwrap_or_else(|| "no release".into());
+            .or_else(|| self.running.as_ref().map(|r| format!("release {r}")));
         let text = if self.ok {
             let what = match self.action {
                 Action::Deploy => "deployed",
@@ -88,13 +87,19 @@ impl Human for Cycle {
                 Action::None => "nothing to deploy",
             };
             format!(
-                "dev: cycle {} done in {:.2} s: {what} ({running})",
-                self.cycle, self.seconds
+                "dev: cycle {} done in {:.2} s: {what} ({})",
+                self.cycle,
+                self.seconds,
+                running.as_deref().unwrap_or("no release")
             )
         } else {
             format!(
-                "dev: cycle {} failed after {:.2} s; still serving {running}; waiting for the next change",
-                self.cycle, self.seconds
+                "dev: cycle {} failed after {:.2} s{}; waiting for the next change",
+                self.cycle,
+                self.seconds,
+                running
+                    .map(|r| format!("; {r} keeps serving"))
+                    .unwrap_or_default()
             )
         };
         l.0.push(Line::Out(text));
