@@ -105,6 +105,10 @@ pub enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Watch the `path:` sources and the system file; on each change rebuild and
+    /// deploy to ENV (config-only, as `apply`, when only system.yml's environments
+    /// changed). Git sources are built at their ref as usual, not watched. Ctrl-C stops.
+    Dev(DevArgs),
     /// Where an environment stands: its release, and per host and group what runs.
     Status { environment: String },
     /// A deployed app, day to day: its logs, a command in it, a rolling restart.
@@ -145,6 +149,18 @@ pub struct DeployArgs {
     /// Wait for a deploy already running on the environment instead of failing.
     #[arg(long)]
     pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// The environment to deploy to (typically `local`).
+    pub environment: String,
+    /// The age identity file that decrypts the sources' secrets.
+    #[arg(short, long, env = "STRETCH_IDENTITY", value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// How long the files must stay quiet before a cycle starts, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    pub debounce_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,6 +5,7 @@ mod agent;
 mod app;
 mod build;
 mod deploy;
+mod dev;
 mod init;
 mod keys;
 mod runs;
@@ -60,6 +61,7 @@ async fn run_one(command: Command, settings: &Settings, printer: &Printer) -> Re
             dry_run,
             wait,
         } => deploy::apply(&environment, dry_run, wait, settings, printer).await,
+        Command::Dev(a) => dev::run(a, settings, printer).await,
         Command::Status { environment } => deploy::status(&environment, settings, printer).await,
         Command::Init { dir } => init::run(dir, printer),
         Command::Agent(a) => agent::run(a).await,

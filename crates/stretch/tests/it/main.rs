@@ -11,6 +11,7 @@ mod build;
 mod build_speed;
 mod common;
 mod deploy;
+mod dev;
 mod registry;
 mod release_store;
 mod secrets;
