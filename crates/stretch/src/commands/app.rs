@@ -67,7 +67,11 @@ async fn logs(a: AppLogsArgs, settings: &Settings, printer: &Printer) -> Result<
         follow: a.follow,
     };
     let log = Log::new(vec![printer.progress()]);
-    let print = |l: LogLine| render::app_log_line(printer, &l);
+    let mut printed = 0usize;
+    let print = |l: LogLine| {
+        printed += 1;
+        render::app_log_line(printer, &l);
+    };
     let read = app::logs(
         &system,
         &home,
@@ -78,7 +82,11 @@ async fn logs(a: AppLogsArgs, settings: &Settings, printer: &Printer) -> Result<
         print,
     );
     if !a.follow {
-        return read.await;
+        read.await?;
+        if printed == 0 {
+            printer.info("no lines: the instances wrote nothing in that window");
+        }
+        return Ok(());
     }
     // Following ends on Ctrl-C (or when every agent ends its stream).
     tokio::select! {

@@ -77,6 +77,13 @@ fn logs_from_two_hosts_merged_prefixed_and_followed_across_a_deploy() {
         .ok();
     assert_eq!(out.stdout.lines().count(), 1, "{out}");
     assert!(out.stdout.starts_with("h1 web/0 | "), "{out}");
+    // A window with nothing in it says so (on stderr).
+    let out = w
+        .ctx
+        .run(&["app", "logs", "production", "--since", "4102444800"])
+        .ok();
+    assert_eq!(out.stdout, "", "{out}");
+    assert!(out.stderr.contains("no lines"), "{out}");
     w.ctx
         .run(&["app", "logs", "production", "--group", "nope"])
         .fails(2, &["no group `nope`", "groups: web"]);
