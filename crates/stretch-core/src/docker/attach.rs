@@ -6,7 +6,7 @@ use std::pin::Pin;
 
 use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecOptions, StartExecResults};
-use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
+use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, LogsOptions, ResizeContainerTTYOptions,
     WaitContainerOptions,
@@ -228,13 +228,7 @@ impl Docker {
             attach_stdout: Some(true),
             attach_stderr: Some(true),
             host_config: Some(HostConfig {
-                mounts: Some(vec![Mount {
-                    target: Some(spec.mount_target.clone()),
-                    source: Some(spec.mount_source.display().to_string()),
-                    typ: Some(MountType::BIND),
-                    read_only: Some(true),
-                    ..Default::default()
-                }]),
+                mounts: Some(vec![spec.mount()]),
                 ..Default::default()
             }),
             ..Default::default()

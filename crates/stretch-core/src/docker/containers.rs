@@ -46,6 +46,19 @@ pub struct ContainerSpec {
     pub stop_timeout: Option<Duration>,
 }
 
+impl ContainerSpec {
+    /// Its folder, bound read-only.
+    pub fn mount(&self) -> Mount {
+        Mount {
+            target: Some(self.mount_target.clone()),
+            source: Some(self.mount_source.display().to_string()),
+            typ: Some(MountType::BIND),
+            read_only: Some(true),
+            ..Default::default()
+        }
+    }
+}
+
 /// A container as the list or inspect calls see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerInfo {
@@ -145,13 +158,7 @@ impl Docker {
             stop_timeout: spec.stop_timeout.map(|t| t.as_secs() as i64),
             host_config: Some(HostConfig {
                 port_bindings,
-                mounts: Some(vec![Mount {
-                    target: Some(spec.mount_target.clone()),
-                    source: Some(spec.mount_source.display().to_string()),
-                    typ: Some(MountType::BIND),
-                    read_only: Some(true),
-                    ..Default::default()
-                }]),
+                mounts: Some(vec![spec.mount()]),
                 // Instances come back after a reboot of the machine; the agent
                 // re-adopts them. A container we stop stays stopped.
                 restart_policy: Some(RestartPolicy {

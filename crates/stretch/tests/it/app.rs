@@ -315,3 +315,85 @@ fn a_restart_under_load_drops_no_request() {
         .run(&["app", "restart", "production", "--group", "nope"])
         .fails(2, &["no group `nope`"]);
 }
+
+/// The new endpoints as an attacker sees them: a wrong token gets nothing, a huge
+/// command is refused before anything runs, log streams are capped per agent.
+#[test]
+fn logs_exec_and_restart_are_authenticated_and_bounded() {
+    use stretch_core::agent::api::{ExecRequest, GroupKey, LogQuery};
+    use stretch_core::agent::client::AgentError;
+    let w = talking_world("appbounds", 1);
+    w.build();
+    w.ctx.run(&["deploy", "production"]).ok();
+    let key = GroupKey {
+        system: w.system.clone(),
+        environment: "production".into(),
+        group: "web".into(),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let good = w.agents[0].client();
+        let spec = good.current_spec(&key).await.unwrap().unwrap();
+        let bad = w.agents[0].client_with_token(&"0".repeat(64));
+        let req = |cmd: Vec<String>| ExecRequest {
+            cmd,
+            instance: None,
+            new: false,
+            stdin: false,
+            tty: false,
+            size: None,
+        };
+        let follow = LogQuery {
+            follow: true,
+            ..Default::default()
+        };
+        assert!(matches!(
+            bad.logs(&key, &follow).await,
+            Err(AgentError::Unauthorized { .. })
+        ));
+        assert!(matches!(
+            bad.exec(&key, &req(vec!["true".into()])).await,
+            Err(AgentError::Unauthorized { .. })
+        ));
+        assert!(matches!(
+            bad.restart(&spec).await,
+            Err(AgentError::Unauthorized { .. })
+        ));
+        // Over 1024 arguments: refused before the upgrade, nothing run.
+        let huge = vec!["x".to_string(); 1025];
+        match good.exec(&key, &req(huge)).await {
+            Err(AgentError::Failed { status: 400, .. }) => {}
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        // A group this agent does not run.
+        let other = GroupKey {
+            group: "nope".into(),
+            ..key.clone()
+        };
+        assert!(matches!(
+            good.logs(&other, &follow).await,
+            Err(AgentError::Failed { status: 404, .. })
+        ));
+        // 32 followed streams at once; the 33rd is refused, and a slot freed is reusable.
+        let mut open = Vec::new();
+        for _ in 0..32 {
+            open.push(good.logs(&key, &follow).await.unwrap());
+        }
+        match good.logs(&key, &follow).await {
+            Err(AgentError::Failed { status: 503, .. }) => {}
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        drop(open.pop());
+        let mut again = None;
+        for _ in 0..50 {
+            if let Ok(r) = good.logs(&key, &follow).await {
+                again = Some(r);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(again.is_some(), "a freed log slot was not reused");
+    });
+    // The agent logged the refusals without the token.
+    assert!(!w.agents[0].log().contains(&"0".repeat(64)));
+}
