@@ -257,7 +257,9 @@ impl Docker {
             stdout: true,
             stderr: true,
             stream: true,
-            logs: true,
+            // Attached before the start: nothing to replay, and a replay could repeat
+            // output written while the stream is being attached.
+            logs: false,
             detach_keys: None,
         };
         let what = format!("attaching to container {id}");
