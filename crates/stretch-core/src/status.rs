@@ -55,6 +55,14 @@ pub struct HostGroupStatus {
     pub config_version: Option<String>,
     pub instances: usize,
     pub healthy: bool,
+    /// The proxy port and the names it answers there, as the agent serves them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
+    /// The HTTPS certificate of those names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<crate::agent::api::CertificateStatus>,
 }
 
 fn release_name(store: Option<&Store>, id: Option<String>) -> Option<ReleaseName> {
@@ -159,6 +167,9 @@ pub async fn environment(
                     config_version: found.and_then(|f| f.config_version.clone()),
                     instances: found.map(|f| f.instances.len()).unwrap_or(0),
                     healthy: found.is_some_and(|f| f.healthy),
+                    listen: found.and_then(|f| f.listen),
+                    domains: found.map(|f| f.domains.clone()).unwrap_or_default(),
+                    certificate: found.and_then(|f| f.certificate.clone()),
                 }
             })
             .collect();
@@ -205,6 +216,35 @@ impl std::fmt::Display for EnvironmentStatus {
                     g.instances,
                     if g.healthy { "healthy" } else { "NOT HEALTHY" }
                 )?;
+                let scheme = if g.certificate.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                let port = g.listen.map(|p| format!(":{p}")).unwrap_or_default();
+                for d in &g.domains {
+                    write!(f, "      {scheme}://{d}{port}")?;
+                    if let Some(c) = &g.certificate {
+                        write!(
+                            f,
+                            "  certificate from {}, until {} ({})",
+                            c.issuer, c.not_after, c.source
+                        )?;
+                        if let Some(e) = &c.renewal_error {
+                            write!(f, ", RENEWAL FAILED: {e}")?;
+                        }
+                    }
+                    writeln!(f)?;
+                }
+                if g.domains.is_empty()
+                    && let Some(c) = &g.certificate
+                {
+                    writeln!(
+                        f,
+                        "      {scheme}://*{port}  certificate from {}, until {} ({})",
+                        c.issuer, c.not_after, c.source
+                    )?;
+                }
             }
         }
         Ok(())

@@ -282,6 +282,17 @@ pub struct AgentArgs {
     /// Address the group proxies listen on.
     #[arg(long, value_name = "IP", default_value = "0.0.0.0")]
     pub proxy_bind: std::net::IpAddr,
+    /// Port that redirects HTTPS groups' domains from plain HTTP and answers ACME
+    /// HTTP-01 challenges, opened while an HTTPS group or a challenge needs it
+    /// (`0`: never; then ACME cannot work).
+    #[arg(long, value_name = "PORT", default_value_t = 80)]
+    pub http_port: u16,
+    /// Renew ACME certificates that have less than this left (`30d`, `12h`).
+    #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = duration)]
+    pub acme_renew_before: std::time::Duration,
+    /// How often to look for ACME certificates to renew.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = duration)]
+    pub acme_check_every: std::time::Duration,
     /// Print the agent's certificate fingerprint (`sha256:…`, making its key if there is
     /// none) and exit; pin it as the host's `fingerprint:` in system.yml.
     #[arg(long)]
@@ -319,4 +330,11 @@ pub struct ServeArgs {
     /// terminates TLS): tokens and session cookies cross that network in the clear.
     #[arg(long, conflicts_with = "tls_cert")]
     pub insecure_http: bool,
+}
+
+/// A duration as `system.yml` writes them: `500ms`, `30s`, `2m`, `12h`, `30d`.
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    stretch_core::system::project::parse_duration(text)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("`{text}` is not a duration (e.g. `30s`, `12h`, `30d`)"))
 }

@@ -166,6 +166,77 @@ pub struct GroupSpec {
     /// base64), written to `/stretch/secrets/PATH` of every instance.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub secrets: BTreeMap<String, String>,
+    /// Host names the group answers on its `listen` port (lowercase; `*.` prefix for
+    /// one label of any name). None: the port's default group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
+    /// The port speaks HTTPS with this certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+/// Where a group's HTTPS certificate comes from.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsSpec {
+    /// A chain (leaf first) and its private key, PEM, taken from the release.
+    Files { certificate: String, key: String },
+    /// Obtained and renewed by the agent from an ACME directory (HTTP-01 challenges on
+    /// its HTTP port).
+    Acme {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        email: Option<String>,
+        directory: String,
+    },
+}
+
+impl std::fmt::Debug for TlsSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // Never the key.
+            TlsSpec::Files { certificate, .. } => f
+                .debug_struct("Files")
+                .field("certificate_bytes", &certificate.len())
+                .finish_non_exhaustive(),
+            TlsSpec::Acme { email, directory } => f
+                .debug_struct("Acme")
+                .field("email", email)
+                .field("directory", directory)
+                .finish(),
+        }
+    }
+}
+
+/// The certificate a group's port presents, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateStatus {
+    /// The names it is valid for.
+    pub names: Vec<String>,
+    pub issuer: String,
+    /// RFC 3339.
+    pub not_after: String,
+    /// `release` (files of the release) or `acme`.
+    pub source: String,
+    /// The last renewal attempt failed: why (the certificate above is still served).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal_error: Option<String>,
+}
+
+/// A host name as `domains` takes it: lowercase labels of letters, digits and `-`,
+/// maybe `*.` first.
+pub fn valid_domain(d: &str) -> bool {
+    let name = d.strip_prefix("*.").unwrap_or(d);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
 }
 
 impl GroupSpec {
@@ -223,6 +294,12 @@ pub struct GroupStatus {
     pub instances: Vec<InstanceStatus>,
     /// Every current instance is running and healthy.
     pub healthy: bool,
+    /// The host names it answers on its port (none: every name the port has no group for).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
+    /// The port's HTTPS certificate for this group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

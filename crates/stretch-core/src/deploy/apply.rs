@@ -158,6 +158,8 @@ fn action_for(old: Option<&GroupSpec>, new: Option<&GroupSpec>) -> Option<Action
                 || a.reload != b.reload
                 || a.reload_signal != b.reload_signal
                 || a.response_timeout_ms != b.response_timeout_ms
+                || a.domains != b.domains
+                || a.tls != b.tls
             {
                 Some(ActionKind::Reload)
             } else {

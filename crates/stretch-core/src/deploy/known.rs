@@ -248,6 +248,8 @@ mod tests {
             listen: None,
             instances: vec![],
             healthy: true,
+            domains: vec![],
+            certificate: None,
         }
     }
 

@@ -61,6 +61,16 @@ pub fn environment_json(name: &str, env: &Environment) -> serde_json::Value {
                     serde_json::json!({"response_timeout": p.response_timeout}),
                 );
             }
+            if let (false, Some(map)) = (g.domains.is_empty(), group.as_object_mut()) {
+                map.insert("domains".into(), serde_json::json!(g.domains));
+            }
+            if let (Some(t), Some(map)) = (&g.tls, group.as_object_mut()) {
+                let tls = match &t.acme {
+                    Some(a) => serde_json::json!({"acme": {"email": a.email, "directory": a.directory}}),
+                    None => serde_json::json!({"certificate": t.certificate, "key": t.key}),
+                };
+                map.insert("tls".into(), tls);
+            }
             (k.clone(), group)
         })
         .collect();
@@ -101,6 +111,61 @@ pub fn release_ref(r: &ReleaseRecord) -> ReleaseRef {
         id: r.id.clone(),
         name: r.name.clone(),
         created_at: r.created_at.clone(),
+    }
+}
+
+/// A group's HTTPS as its agents take it: the certificate and key read from the
+/// release (a decrypted `*.age` file first, kept in memory), or where ACME is asked.
+fn tls_spec(
+    group_name: &str,
+    group: &crate::system::Group,
+    release: &ReleaseRecord,
+    cfg: &ReleaseConfig,
+    buffer: &Path,
+) -> Result<Option<api::TlsSpec>> {
+    let Some(tls) = &group.tls else {
+        return Ok(None);
+    };
+    if let Some(acme) = &tls.acme {
+        return Ok(Some(api::TlsSpec::Acme {
+            email: acme.email.clone(),
+            directory: acme
+                .directory
+                .clone()
+                .unwrap_or_else(|| crate::system::LETS_ENCRYPT.to_string()),
+        }));
+    }
+    let read = |path: &str| -> Result<String> {
+        let missing = |why: String| {
+            Error::invalid_with_help(
+                format!("group `{group_name}`: TLS file `{path}` {why}"),
+                format!(
+                    "the path is inside release {} (a key may be shipped as `{path}.age`)",
+                    release.id
+                ),
+            )
+        };
+        if let Some(b64) = cfg.files.get(path) {
+            let raw = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64)
+                .map_err(|e| missing(format!("cannot be decoded: {e}")))?;
+            return String::from_utf8(raw).map_err(|_| missing("is not PEM text".into()));
+        }
+        let file = buffer.join(path);
+        match std::fs::symlink_metadata(&file) {
+            Ok(m) if m.is_file() => {
+                std::fs::read_to_string(&file).map_err(|e| missing(format!("cannot be read: {e}")))
+            }
+            Ok(_) => Err(missing("is not a plain file".into())),
+            Err(_) => Err(missing(format!("is not in release {}", release.id))),
+        }
+    };
+    match (&tls.certificate, &tls.key) {
+        (Some(c), Some(k)) => Ok(Some(api::TlsSpec::Files {
+            certificate: read(c)?,
+            key: read(k)?,
+        })),
+        // Checked when the system file is loaded.
+        _ => Ok(None),
     }
 }
 
@@ -185,6 +250,7 @@ pub fn build(
             templates.len()
         ));
         let (image, image_id) = pinned_image(release, &node.image, cfg.registry == "local");
+        let tls = tls_spec(group_name, group, release, cfg, buffer)?;
         for host in &group.hosts {
             let agent = env
                 .hosts
@@ -218,6 +284,12 @@ pub fn build(
                 templates: templates.clone(),
                 environment_name: env_name.to_string(),
                 secrets: secrets.clone(),
+                domains: group
+                    .domains
+                    .iter()
+                    .map(|d| d.to_ascii_lowercase())
+                    .collect(),
+                tls: tls.clone(),
             };
             for index in 0..spec.instances {
                 template::render_templates(&spec.templates, &spec.app_context(index))?;

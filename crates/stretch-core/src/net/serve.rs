@@ -47,6 +47,11 @@ pub fn axum_service(
     })
 }
 
+/// The server name a TLS client asked for (SNI): an extension of each request of a
+/// TLS connection whose client sent one.
+#[derive(Debug, Clone)]
+pub struct Sni(pub Arc<str>);
+
 /// Bounds of one listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -160,9 +165,10 @@ async fn connection<S, B>(
         inner: stream,
         activity: activity.clone(),
     };
-    let service = Tracking {
+    let tracking = |sni: Option<Arc<str>>| Tracking {
         inner: service,
         activity: activity.clone(),
+        sni,
     };
     match tls {
         Some(acceptor) => {
@@ -170,9 +176,14 @@ async fn connection<S, B>(
             else {
                 return;
             };
+            let sni = stream.get_ref().1.server_name().map(Arc::from);
+            let service = tracking(sni);
             drive(TokioIo::new(stream), service, limits, activity, stopped).await;
         }
-        None => drive(TokioIo::new(io), service, limits, activity, stopped).await,
+        None => {
+            let service = tracking(None);
+            drive(TokioIo::new(io), service, limits, activity, stopped).await
+        }
     }
 }
 
@@ -310,6 +321,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 struct Tracking<S> {
     inner: S,
     activity: Arc<Activity>,
+    sni: Option<Arc<str>>,
 }
 
 struct InFlight(Arc<Activity>);
@@ -338,7 +350,10 @@ where
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        if let Some(name) = &self.sni {
+            req.extensions_mut().insert(Sni(name.clone()));
+        }
         let guard = InFlight::new(self.activity.clone());
         let fut = self.inner.call(req);
         Box::pin(async move {

@@ -77,8 +77,35 @@ pub struct Group {
     pub instances: Option<u32>,
     pub batch: Option<u32>,
     pub listen: Option<u16>,
+    /// Host names this group answers on its `listen` port, shared with other groups.
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// HTTPS on the `listen` port.
+    pub tls: Option<TlsSettings>,
     pub proxy: Option<ProxySettings>,
 }
+
+/// A group's HTTPS: a certificate and key from the release, or ACME.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// Path in the release (PEM, leaf first).
+    pub certificate: Option<String>,
+    /// Path in the release (PEM); `certs/x.key` is also found as `certs/x.key.age`.
+    pub key: Option<String>,
+    pub acme: Option<AcmeSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeSettings {
+    pub email: Option<String>,
+    /// The directory URL (default: Let's Encrypt's).
+    pub directory: Option<String>,
+}
+
+/// Where certificates come from when `acme:` names no directory.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
 /// How the agent's proxy treats a group's requests.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -352,25 +379,7 @@ impl System {
                         ));
                     }
                 }
-                if let Some(port) = group.listen {
-                    let clash = env
-                        .groups
-                        .iter()
-                        .take_while(|(n, _)| *n != group_name)
-                        .find(|(_, g)| {
-                            g.listen == Some(port)
-                                && g.hosts.iter().any(|h| group.hosts.contains(h))
-                        });
-                    if let Some((other, _)) = clash {
-                        return Err(self.error_at(
-                            &format!("{group_name}:"),
-                            format!(
-                                "groups `{other}` and `{group_name}` of environment `{env_name}` share a host and both listen on port {port}"
-                            ),
-                            Some("each group on a host needs its own `listen` port".into()),
-                        ));
-                    }
-                }
+                self.check_edge(env_name, env, group_name, group)?;
                 if group.batch == Some(0) || group.instances == Some(0) {
                     return Err(self.error_at(
                         &format!("{group_name}:"),
@@ -388,6 +397,126 @@ impl System {
                         Some("run more hosts in the group instead".into()),
                     ));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// A group's `domains` and `tls`, and its port shared with the groups before it.
+    fn check_edge(
+        &self,
+        env_name: &str,
+        env: &Environment,
+        group_name: &str,
+        group: &Group,
+    ) -> Result<()> {
+        let at = format!("{group_name}:");
+        let err = |message: String, help: Option<String>| Err(self.error_at(&at, message, help));
+        if group.listen.is_none() && (group.tls.is_some() || !group.domains.is_empty()) {
+            return err(
+                format!("group `{group_name}` has `domains` or `tls` but no `listen` port"),
+                Some("add e.g. `listen: 443`".into()),
+            );
+        }
+        for d in &group.domains {
+            if !crate::agent::api::valid_domain(&d.to_ascii_lowercase()) {
+                return Err(self.error_at(
+                    d,
+                    format!("group `{group_name}`: `{d}` is not a host name"),
+                    Some("write names like `shop.example.com`, or `*.example.com` for one label of any name".into()),
+                ));
+            }
+        }
+        if let Some(tls) = &group.tls {
+            match (&tls.certificate, &tls.key, &tls.acme) {
+                (Some(c), Some(k), None) => {
+                    for path in [c, k] {
+                        if !relative_path(path) {
+                            return Err(self.error_at(
+                                path,
+                                format!("group `{group_name}`: TLS file `{path}` must be a relative path inside the release"),
+                                Some("paths are relative to the release root, without `..`".into()),
+                            ));
+                        }
+                    }
+                }
+                (None, None, Some(acme)) => {
+                    if group.domains.is_empty() {
+                        return err(
+                            format!(
+                                "group `{group_name}`: `tls: {{acme: …}}` needs `domains` to ask certificates for"
+                            ),
+                            None,
+                        );
+                    }
+                    if let Some(d) = group.domains.iter().find(|d| d.starts_with("*.")) {
+                        return err(
+                            format!(
+                                "group `{group_name}`: `{d}`: ACME certificates (HTTP-01) cannot be wildcards"
+                            ),
+                            Some(
+                                "give the names one by one, or use `tls: {certificate, key}`"
+                                    .into(),
+                            ),
+                        );
+                    }
+                    if let Some(dir) = &acme.directory
+                        && !dir.starts_with("https://")
+                    {
+                        return Err(self.error_at(
+                            dir,
+                            format!("group `{group_name}`: the ACME directory `{dir}` must be an https:// URL"),
+                            None,
+                        ));
+                    }
+                }
+                _ => {
+                    return err(
+                        format!("group `{group_name}`: `tls` takes `certificate` and `key`, or `acme`"),
+                        Some("e.g. `tls: {certificate: certs/shop.pem, key: certs/shop.key}` or `tls: {acme: {email: ops@example.com}}`".into()),
+                    );
+                }
+            }
+        }
+        let Some(port) = group.listen else {
+            return Ok(());
+        };
+        let lower = |g: &Group| -> Vec<String> {
+            g.domains.iter().map(|d| d.to_ascii_lowercase()).collect()
+        };
+        let mine = lower(group);
+        let earlier = env
+            .groups
+            .iter()
+            .take_while(|(n, _)| *n != group_name)
+            .filter(|(_, g)| {
+                g.listen == Some(port) && g.hosts.iter().any(|h| group.hosts.contains(h))
+            });
+        for (other, g) in earlier {
+            let theirs = lower(g);
+            if mine.is_empty() && theirs.is_empty() {
+                return err(
+                    format!(
+                        "groups `{other}` and `{group_name}` of environment `{env_name}` share a host and both listen on port {port}"
+                    ),
+                    Some("give each group its own `listen` port, or `domains` to share one".into()),
+                );
+            }
+            if g.tls.is_some() != group.tls.is_some() {
+                return err(
+                    format!(
+                        "groups `{other}` and `{group_name}` of environment `{env_name}` share port {port} on a host, but only one has `tls`"
+                    ),
+                    Some("a port is all HTTPS or all plain HTTP".into()),
+                );
+            }
+            if let Some(d) = mine.iter().find(|d| theirs.contains(d)) {
+                return err(
+                    format!(
+                        "groups `{other}` and `{group_name}` of environment `{env_name}` both claim `{d}` on port {port}"
+                    ),
+                    Some("a name belongs to one group per port".into()),
+                );
             }
         }
         Ok(())
@@ -437,6 +566,13 @@ pub fn valid_name(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+/// A path inside a release: relative, no `..`, not empty.
+fn relative_path(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && p.split('/').all(|c| !c.is_empty() && c != ".." && c != ".")
 }
 
 #[cfg(test)]

@@ -250,6 +250,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "s" => n * 1000.0,
         "m" => n * 60_000.0,
         "h" => n * 3_600_000.0,
+        "d" => n * 86_400_000.0,
         _ => return None,
     };
     (ms.is_finite() && ms >= 0.0).then(|| Duration::from_millis(ms as u64))

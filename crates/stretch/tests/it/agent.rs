@@ -181,6 +181,8 @@ fn spec(system: &str, image: &str, release: &str, listen: Option<u16>) -> GroupS
         templates: BTreeMap::new(),
         environment_name: "test".to_string(),
         secrets: BTreeMap::new(),
+        domains: vec![],
+        tls: None,
     };
     s.config_version = config_version(&s.config, &s.templates);
     s

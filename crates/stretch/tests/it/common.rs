@@ -186,6 +186,8 @@ pub struct AgentProc {
     system: String,
     /// More arguments of `stretch agent` (e.g. `--tls-cert`).
     pub extra_args: Vec<String>,
+    /// More environment variables of `stretch agent` (e.g. `SSL_CERT_FILE`).
+    pub extra_env: Vec<(String, String)>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -218,6 +220,37 @@ impl AgentProc {
         AgentProc::launch(dir, token, Some(token_file), system, None, extra)
     }
 
+    /// Like [`AgentProc::start_with`], with environment variables too.
+    pub fn start_with_env(
+        dir: &Path,
+        token: &str,
+        system: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> AgentProc {
+        std::fs::create_dir_all(dir).unwrap();
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, token).unwrap();
+        let mut a = AgentProc {
+            addr: String::new(),
+            proxy_ip: loopback_ip(),
+            data_dir: dir.join("data"),
+            token: token.to_string(),
+            token_file: Some(token_file),
+            log_path: dir.join("agent.log"),
+            child: None,
+            system: system.to_string(),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            _dir: None,
+        };
+        a.spawn();
+        a
+    }
+
     /// Start an agent in a temp folder of its own, its token in `STRETCH_AGENT_TOKEN`.
     pub fn start_env_token(token: &str, system: &str) -> AgentProc {
         let dir = tempfile::tempdir().unwrap();
@@ -243,6 +276,7 @@ impl AgentProc {
             child: None,
             system: system.to_string(),
             extra_args,
+            extra_env: Vec::new(),
             _dir: owned,
         };
         a.spawn();
@@ -268,6 +302,7 @@ impl AgentProc {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.extra_args)
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .env_remove("STRETCH_AGENT_TOKEN")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

@@ -12,6 +12,7 @@ mod build_speed;
 mod common;
 mod deploy;
 mod dev;
+mod edge;
 mod registry;
 mod release_store;
 mod secrets;

@@ -7,11 +7,10 @@
 //! instance folders nothing refers to.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 
 use super::groups::Agent;
 use super::instances::{display, stop_timeout};
-use super::proxy::{Proxy, Upstream};
+use super::proxy::Upstream;
 use super::state::InstanceRecord;
 use crate::Result;
 
@@ -94,12 +93,11 @@ impl Agent {
                     .filter_map(|i| i.port.map(|p| Upstream::new(&i.container, p)))
                     .collect(),
             );
-            if let Some(listen) = spec.listen {
-                let addr = SocketAddr::new(self.proxy_bind, listen);
-                match Proxy::bind(addr, group.pool.clone(), self.upstream.clone()).await {
-                    Ok(p) => rt.proxy = Some(p),
-                    Err(e) => self.log.line(format!("{name}: {e}")),
-                }
+            // A missing ACME certificate is ordered here (bounded): rare, since the
+            // stored one serves.
+            match self.reroute(&group, &spec).await {
+                Ok(retired) => drop(retired),
+                Err(e) => self.log.line(format!("{name}: {e}")),
             }
             rt.monitor = self.monitor(&group, &spec);
             self.log.line(format!(

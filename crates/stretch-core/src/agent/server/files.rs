@@ -193,6 +193,8 @@ mod tests {
                 .collect::<BTreeMap<_, _>>(),
             environment_name: "prod".into(),
             secrets: BTreeMap::new(),
+            domains: vec![],
+            tls: None,
         }
     }
 

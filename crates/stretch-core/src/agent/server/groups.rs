@@ -12,14 +12,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::acme::{Acme, Want};
+use super::certs::{served_from_pem, uncovered};
+use super::edge::{self, CertSlot, Edge, Route};
 use super::files;
 use super::health::{HealthClient, Monitor};
 use super::instances::{Instances, display, stop_timeout};
-use super::proxy::{Pool, Proxy, Upstream, UpstreamClient, drain};
+use super::proxy::{Pool, Upstream, drain};
 use super::state::{DataDir, GroupRecord, InstanceRecord};
 use super::{ApiError, ApiResult};
 use crate::agent::api::{
-    GroupKey, GroupSpec, GroupStatus, InstanceStatus, MAX_INSTANCES, Prepared, Switch,
+    GroupKey, GroupSpec, GroupStatus, InstanceStatus, MAX_INSTANCES, Prepared, Switch, TlsSpec,
 };
 use crate::docker::Docker;
 use crate::log::Log;
@@ -33,7 +36,7 @@ const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 const KEPT_RELEASES: usize = 2;
 
 /// A group's live parts: its proxy's upstream set (read without the lock) and, behind
-/// the operation lock, its listener and health monitor.
+/// the operation lock, its health monitor. Its listener is the edge's.
 pub struct Group {
     pub pool: Arc<Pool>,
     pub ops: tokio::sync::Mutex<Runtime>,
@@ -41,7 +44,6 @@ pub struct Group {
 
 #[derive(Default)]
 pub struct Runtime {
-    pub proxy: Option<Proxy>,
     pub monitor: Option<Monitor>,
 }
 
@@ -53,7 +55,9 @@ pub struct Agent {
     pub proxy_bind: IpAddr,
     pub log: Log,
     pub health: HealthClient,
-    pub upstream: UpstreamClient,
+    /// The proxy ports and their routes.
+    pub edge: Arc<Edge>,
+    pub acme: Acme,
     /// The desired state, as saved in `state.json`.
     pub records: Mutex<BTreeMap<GroupKey, GroupRecord>>,
     pub groups: Mutex<HashMap<GroupKey, Arc<Group>>>,
@@ -129,6 +133,10 @@ impl Agent {
     pub async fn prepare(&self, key: GroupKey, spec: GroupSpec) -> ApiResult<Prepared> {
         self.validate(&key, &spec)?;
         render_check(&spec).await?;
+        // A certificate to obtain is obtained now, before anything changes.
+        if let Some(want) = acme_want(&spec) {
+            self.acme.slot(&want, true).await?;
+        }
         // The pull runs outside the group's lock: it changes nothing of the group.
         let image_id = if spec.pull {
             self.say(&key, format!("pulling {}", spec.image));
@@ -199,19 +207,124 @@ impl Agent {
         if spec.reload.as_ref().is_some_and(|r| r.is_empty()) {
             return bad("`reload` must not be an empty command".into());
         }
+        if spec.listen.is_none() && (spec.tls.is_some() || !spec.domains.is_empty()) {
+            return bad("`domains` and `tls` need a `listen` port".into());
+        }
+        if let Some(d) = spec
+            .domains
+            .iter()
+            .find(|d| !crate::agent::api::valid_domain(d))
+        {
+            return bad(format!(
+                "`{d}` is not a host name (lowercase letters, digits, `-` and `.`; `*.` first for a wildcard)"
+            ));
+        }
+        match &spec.tls {
+            Some(TlsSpec::Files {
+                certificate,
+                key: k,
+            }) => {
+                let served = served_from_pem(certificate, k, "release")
+                    .map_err(|e| ApiError::bad_request(format!("the TLS certificate: {e}")))?;
+                let missing = uncovered(&served.info.names, &spec.domains);
+                if !missing.is_empty() {
+                    return bad(format!(
+                        "the TLS certificate is for {}, not for {}",
+                        served.info.names.join(", "),
+                        missing.join(", ")
+                    ));
+                }
+                if served.not_after <= crate::util::unix_now() {
+                    return bad(format!(
+                        "the TLS certificate expired on {}",
+                        served.info.not_after
+                    ));
+                }
+            }
+            Some(TlsSpec::Acme { directory, .. }) => {
+                if spec.domains.is_empty() {
+                    return bad("ACME needs `domains` to ask certificates for".into());
+                }
+                if let Some(d) = spec.domains.iter().find(|d| d.starts_with("*.")) {
+                    return bad(format!(
+                        "`{d}`: ACME certificates over HTTP-01 cannot be wildcards"
+                    ));
+                }
+                if !directory.starts_with("https://") {
+                    return bad(format!(
+                        "the ACME directory `{directory}` must be an https:// URL"
+                    ));
+                }
+            }
+            None => {}
+        }
         if let Some(listen) = spec.listen {
             let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-            let taken = records.values().find(|r| {
-                &r.key != key && r.current.as_ref().and_then(|c| c.listen) == Some(listen)
-            });
-            if let Some(other) = taken {
-                return Err(ApiError::conflict(format!(
-                    "port {listen} is already the proxy of group {} on this agent",
-                    display(&other.key)
-                )));
+            let others: Vec<(&GroupKey, u16, &[String], bool)> = records
+                .values()
+                .filter(|r| &r.key != key)
+                .filter_map(|r| r.current.as_ref())
+                .filter_map(|c| {
+                    c.listen
+                        .map(|l| (&c.key, l, c.domains.as_slice(), c.tls.is_some()))
+                })
+                .collect();
+            if let Some(why) = edge::clash(
+                listen,
+                &spec.domains,
+                spec.tls.is_some(),
+                others,
+                self.edge.http_port(),
+            ) {
+                return Err(ApiError::conflict(why));
             }
         }
         Ok(())
+    }
+
+    /// The edge route of a group's spec (none without a `listen` port).
+    async fn route(&self, spec: &GroupSpec, pool: Arc<Pool>) -> Result<Option<Route>> {
+        let Some(port) = spec.listen else {
+            return Ok(None);
+        };
+        let cert = match &spec.tls {
+            None => None,
+            Some(TlsSpec::Files { certificate, key }) => Some(CertSlot::new(
+                served_from_pem(certificate, key, "release")
+                    .map_err(|e| Error::invalid(format!("the TLS certificate: {e}")))?,
+            )),
+            Some(TlsSpec::Acme { .. }) => match acme_want(spec) {
+                Some(want) => Some(self.acme.slot(&want, true).await?),
+                None => None,
+            },
+        };
+        Ok(Some(Route {
+            key: spec.key.clone(),
+            port,
+            domains: spec.domains.clone(),
+            cert,
+            pool,
+        }))
+    }
+
+    /// Point the edge at the group as `spec` says; what it no longer needs is returned.
+    pub async fn reroute(&self, group: &Group, spec: &GroupSpec) -> Result<edge::Retired> {
+        match self.route(spec, group.pool.clone()).await? {
+            Some(route) => self.edge.set(route).await,
+            None => Ok(self.edge.remove(&spec.key).await),
+        }
+    }
+
+    /// The certificates ACME groups use now, for renewal.
+    pub fn acme_wants(&self) -> Vec<Want> {
+        let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<Want> = records
+            .values()
+            .filter_map(|r| r.current.as_ref())
+            .filter_map(acme_want)
+            .collect();
+        out.dedup();
+        out
     }
 
     // -----------------------------------------------------------------------------------
@@ -346,23 +459,13 @@ impl Agent {
         }
 
         // 3. Point the proxy at them: a new listener first if the port changed.
-        let want = spec.listen.map(|l| SocketAddr::new(self.proxy_bind, l));
-        let mut old_proxy = None;
-        if rt.proxy.as_ref().map(|p| p.addr) != want {
-            let new_proxy = match want {
-                Some(addr) => {
-                    match Proxy::bind(addr, group.pool.clone(), self.upstream.clone()).await {
-                        Ok(p) => Some(p),
-                        Err(e) => {
-                            self.undo(&started, &reused, &spec).await;
-                            return Err(e.into());
-                        }
-                    }
-                }
-                None => None,
-            };
-            old_proxy = std::mem::replace(&mut rt.proxy, new_proxy);
-        }
+        let retired = match self.reroute(group, &spec).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.undo(&started, &reused, &spec).await;
+                return Err(e.into());
+            }
+        };
         let upstreams = started
             .iter()
             .filter_map(|i| i.port.map(|p| Upstream::new(&i.container, p)))
@@ -370,10 +473,15 @@ impl Agent {
         group.pool.set_response_timeout(spec.response_timeout_ms);
         let old_set = group.pool.replace(upstreams);
         rt.monitor = self.monitor(group, &spec);
-        if let Some(addr) = want {
+        if let Some(port) = spec.listen {
+            let scheme = if spec.tls.is_some() { "https" } else { "http" };
+            let addr = SocketAddr::new(self.proxy_bind, port);
             self.say(
                 &key,
-                format!("proxy on {addr} now serves release {}", spec.release.name),
+                format!(
+                    "proxy on {scheme}://{addr} now serves release {}",
+                    spec.release.name
+                ),
             );
         }
 
@@ -411,7 +519,7 @@ impl Agent {
                 format!("old instances still had requests in flight after {bound:?}"),
             );
         }
-        drop(old_proxy);
+        drop(retired);
         for e in inst.stop_all(&previous, stop).await {
             self.say(&key, format!("stopping an old instance: {e}"));
         }
@@ -463,9 +571,15 @@ impl Agent {
         // Only the proxy's response timeout changed: nothing to restart or reload.
         let same_but_proxy = GroupSpec {
             response_timeout_ms: spec.response_timeout_ms,
+            domains: spec.domains.clone(),
+            tls: spec.tls.clone(),
             ..current.clone()
         };
+        let routing_changed = current.domains != spec.domains || current.tls != spec.tls;
         if same_but_proxy == spec && record.instances.len() == spec.instances as usize {
+            if routing_changed {
+                drop(self.reroute(&group, &spec).await?);
+            }
             if current != spec {
                 record.current = Some(spec);
                 self.commit(record)?;
@@ -478,6 +592,9 @@ impl Agent {
             && current.listen == spec.listen
             && record.instances.len() == spec.instances as usize;
         if reloadable {
+            if routing_changed {
+                drop(self.reroute(&group, &spec).await?);
+            }
             self.reload(record, &current, spec).await?;
         } else {
             self.replace(&group, &mut rt, spec, false).await?;
@@ -641,7 +758,7 @@ impl Agent {
             .and_then(|c| c.stop_timeout_ms)
             .map_or(Duration::from_secs(10), Duration::from_millis);
         drain(&old_set, bound).await;
-        rt.proxy = None;
+        drop(self.edge.remove(&key).await);
         let mut all: Vec<InstanceRecord> = record
             .iter()
             .flat_map(|r| r.instances.iter().chain(&r.kept).cloned())
@@ -718,6 +835,8 @@ impl Agent {
             existing_release: current.and_then(|c| c.existing_release.clone()),
             config_version: current.map(|c| c.config_version.clone()),
             listen: current.and_then(|c| c.listen),
+            domains: current.map(|c| c.domains.clone()).unwrap_or_default(),
+            certificate: self.edge.certificate(key).await,
             healthy: current.is_some()
                 && !instances.is_empty()
                 && instances.iter().all(|i| i.healthy),
@@ -735,6 +854,18 @@ impl Agent {
             out.push(self.status(&key).await);
         }
         out
+    }
+}
+
+/// What an ACME group's certificate must cover.
+fn acme_want(spec: &GroupSpec) -> Option<Want> {
+    match &spec.tls {
+        Some(TlsSpec::Acme { email, directory }) if spec.listen.is_some() => Some(Want {
+            domains: spec.domains.clone(),
+            email: email.clone(),
+            directory: directory.clone(),
+        }),
+        _ => None,
     }
 }
 

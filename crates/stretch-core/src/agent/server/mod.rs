@@ -5,7 +5,9 @@
 //! * `mod.rs` — [`run`], the router, bearer-token auth, errors as [`ErrorBody`].
 //! * `groups.rs` — what each endpoint does to a group; `instances.rs` — starting,
 //!   checking and stopping containers; `files.rs` — an instance's `/stretch` folder.
-//! * `proxy.rs` — the proxies; `health.rs` — health checks.
+//! * `edge.rs` — the proxy ports, routed by host name (HTTP and HTTPS); `proxy.rs` —
+//!   forwarding to a group's instances; `certs.rs`, `acme.rs` — HTTPS certificates;
+//!   `health.rs` — health checks.
 //! * `state.rs` — the data dir and `state.json`; `adopt.rs` — re-adoption on start.
 //! * `leases.rs` — one run at a time per environment, with fencing tokens.
 //!
@@ -18,7 +20,10 @@
 //! slowed per client address ([`Backoff`]) and logged with the address, never the
 //! token.
 
+mod acme;
 mod adopt;
+mod certs;
+mod edge;
 mod exec;
 mod files;
 mod groups;
@@ -66,6 +71,13 @@ pub struct AgentConfig {
     pub token: String,
     /// The address the group proxies listen on (`0.0.0.0` by default).
     pub proxy_bind: IpAddr,
+    /// The port answering ACME challenges and redirecting HTTPS groups' names (80 by
+    /// default; `None`: neither).
+    pub http_port: Option<u16>,
+    /// Renew ACME certificates with less than this left.
+    pub acme_renew_before: std::time::Duration,
+    /// How often to look for ACME certificates to renew.
+    pub acme_check_every: std::time::Duration,
     /// The API's TLS certificate and key (see [`tls_identity`]).
     pub tls: Identity,
     /// Docker's configuration folder for registry logins (default: Docker's own).
@@ -108,21 +120,34 @@ pub async fn serve(
     let docker = Docker::connect().await?;
     let records = data.load()?;
     let leases = leases::Leases::open(data.root.join("leases.json"));
+    let edge = Arc::new(edge::Edge::new(
+        config.proxy_bind,
+        config.http_port,
+        proxy::upstream_client(),
+    )?);
+    let acme = acme::Acme::new(
+        data.root.join("acme"),
+        edge.clone(),
+        config.acme_renew_before,
+        config.log.clone(),
+    );
     let agent = Arc::new(Agent {
         leases,
+        edge,
+        acme,
         docker,
         docker_config: config.docker_config.clone(),
         data,
         proxy_bind: config.proxy_bind,
         log: config.log.clone(),
         health: health::client(),
-        upstream: proxy::upstream_client(),
         records: Mutex::new(records),
         groups: Mutex::new(HashMap::new()),
         log_streams: Arc::new(tokio::sync::Semaphore::new(logs::MAX_STREAMS)),
         exec_sessions: Arc::new(tokio::sync::Semaphore::new(exec::MAX_SESSIONS)),
     });
     agent.adopt().await?;
+    let renewals = tokio::spawn(renew_certificates(agent.clone(), config.acme_check_every));
 
     let auth = Arc::new(Auth {
         hash: blake3::hash(config.token.as_bytes()),
@@ -159,7 +184,19 @@ pub async fn serve(
         shutdown,
     )
     .await;
+    renewals.abort();
     Ok(())
+}
+
+/// Renew the ACME certificates that are due, every `every` (the first look sooner).
+async fn renew_certificates(agent: Arc<Agent>, every: std::time::Duration) {
+    let mut wait = every.min(std::time::Duration::from_secs(30));
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = every;
+        let wants = agent.acme_wants();
+        agent.acme.renew_due(&wants).await;
+    }
 }
 
 /// The agent's TLS identity: the operator's certificate and key when both are given,

@@ -1,6 +1,7 @@
-//! A group's HTTP reverse proxy: one listener on `PROXY_BIND:listen`, round-robin over
-//! the group's healthy instances, which are only ever reached at `127.0.0.1:HOST_PORT`
-//! (the published port), never at a container's own address.
+//! A group's reverse proxy: round-robin over the group's healthy instances, which are
+//! only ever reached at `127.0.0.1:HOST_PORT` (the published port), never at a
+//! container's own address. The listeners and the routing of names to groups are
+//! `edge.rs`'s.
 //!
 //! Zero downtime rests on three things:
 //! * the upstream set is swapped atomically ([`Pool::replace`]): a request picks its
@@ -13,7 +14,7 @@
 //!
 //! Upstream connections are pooled and kept alive; TCP_NODELAY on both sides.
 //!
-//! The listener is bounded ([`Limits::PROXY`]: a connection cap, header-read and idle
+//! Listeners are bounded (`Limits::PROXY`: a connection cap, header-read and idle
 //! times), and an instance that does not start its answer within the group's
 //! `response_timeout` (default 60 s) gets the client a 504.
 //!
@@ -21,7 +22,6 @@
 //! counted in flight: a drain does not wait for long-lived sockets, and stopping the
 //! old instance (SIGTERM first) ends them, so clients reconnect to the new release.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -38,11 +38,6 @@ use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-
-use crate::net::serve::Limits;
-use crate::{Error, Result};
 
 /// Request bodies up to this size are buffered so that the request can be retried on
 /// another instance; larger or unsized ones are streamed (and not retried).
@@ -215,53 +210,6 @@ pub async fn drain(old: &[Arc<Upstream>], bound: Duration) -> bool {
     }
 }
 
-/// A listening proxy; closed (gracefully: requests in flight finish) when dropped.
-#[derive(Debug)]
-pub struct Proxy {
-    pub addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
-}
-
-impl Proxy {
-    /// Listen on `addr` and serve from `pool`.
-    pub async fn bind(addr: SocketAddr, pool: Arc<Pool>, client: UpstreamClient) -> Result<Proxy> {
-        let listener = TcpListener::bind(addr).await.map_err(|e| {
-            Error::failed("agent", format!("the proxy cannot listen on {addr}: {e}"))
-        })?;
-        let addr = listener.local_addr().unwrap_or(addr);
-        let (shutdown, rx) = watch::channel(false);
-        tokio::spawn(accept_loop(listener, pool, client, rx));
-        Ok(Proxy { addr, shutdown })
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.shutdown.send(true);
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    pool: Arc<Pool>,
-    client: UpstreamClient,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let make = move |peer: SocketAddr| {
-        let pool = pool.clone();
-        let client = client.clone();
-        hyper::service::service_fn(move |req| {
-            let pool = pool.clone();
-            let client = client.clone();
-            async move { Ok::<_, Infallible>(forward(req, &pool, &client, peer).await) }
-        })
-    };
-    let stop = async move {
-        let _ = shutdown.changed().await;
-    };
-    crate::net::serve::serve(listener, None, Limits::PROXY, make, stop).await;
-}
-
 /// Headers that belong to one connection, not to the request or response.
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -329,11 +277,15 @@ fn plain(status: StatusCode, text: &'static str) -> Response<RespBody> {
     resp
 }
 
-async fn forward(
+/// Send `req` (which came in over `proto`, `http` or `https`) to one of `pool`'s
+/// instances; the instance learns the client's address, scheme and host name from
+/// `X-Forwarded-For`, `-Proto` and `-Host`.
+pub async fn forward(
     mut req: Request<Incoming>,
     pool: &Pool,
     client: &UpstreamClient,
     peer: SocketAddr,
+    proto: &'static str,
 ) -> Response<RespBody> {
     let protocol = upgrade_wanted(req.headers());
     let mut client_upgrade = protocol.is_some().then(|| hyper::upgrade::on(&mut req));
@@ -356,6 +308,18 @@ async fn forward(
     };
     if let Ok(v) = HeaderValue::from_str(&forwarded) {
         parts.headers.insert("x-forwarded-for", v);
+    }
+    // This proxy is the edge: what the client said, not what a client claims others said.
+    parts
+        .headers
+        .insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    match parts.headers.get(header::HOST).cloned() {
+        Some(host) => {
+            parts.headers.insert("x-forwarded-host", host);
+        }
+        None => {
+            parts.headers.remove("x-forwarded-host");
+        }
     }
     let path = parts
         .uri
@@ -476,7 +440,39 @@ impl Body for Tracked {
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+
+    use tokio::net::TcpListener;
+
+    use super::super::edge::{Edge, Route};
     use super::*;
+    use crate::agent::api::GroupKey;
+
+    fn test_key() -> GroupKey {
+        GroupKey {
+            system: "s".into(),
+            environment: "e".into(),
+            group: "g".into(),
+        }
+    }
+
+    /// An edge serving `pool` as the default group of a free port.
+    async fn serve_pool(pool: Arc<Pool>) -> (Edge, SocketAddr) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let edge = Edge::new(addr.ip(), None, upstream_client()).unwrap();
+        edge.set(Route {
+            key: test_key(),
+            port: addr.port(),
+            domains: vec![],
+            cert: None,
+            pool,
+        })
+        .await
+        .unwrap();
+        (edge, addr)
+    }
 
     #[test]
     fn pick_round_robins_over_healthy_and_counts() {
@@ -626,15 +622,7 @@ mod tests {
         let pool = Arc::new(Pool::default());
         let instance = Upstream::new("a", port);
         pool.replace(vec![instance.clone()]);
-        let proxy = Proxy::bind(
-            "127.0.0.1:0".parse().unwrap(),
-            pool.clone(),
-            upstream_client(),
-        )
-        .await
-        .unwrap();
-        let addr = proxy.addr;
-        assert_ne!(addr.port(), 0, "the proxy reports the port it bound");
+        let (_edge, addr) = serve_pool(pool.clone()).await;
         let talk = tokio::task::spawn_blocking(move || {
             use std::io::{Read, Write};
             let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -696,12 +684,7 @@ mod tests {
         let port = upstream("hello").await;
         let pool = Arc::new(Pool::default());
         pool.replace(vec![Upstream::new("a", port)]);
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
-        let proxy = Proxy::bind(addr, pool.clone(), upstream_client())
-            .await
-            .unwrap();
+        let (edge, addr) = serve_pool(pool.clone()).await;
         let direct = SocketAddr::from(([127, 0, 0, 1], port));
         let (d, p) = tokio::task::spawn_blocking(move || {
             median_get(direct, 50);
@@ -716,7 +699,7 @@ mod tests {
         pool.replace(vec![]);
         let (status, _) = stretch_test::http_get(&addr.to_string(), "/").unwrap();
         assert_eq!(status, 503);
-        drop(proxy);
+        drop(edge.remove(&test_key()).await);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(std::net::TcpStream::connect(addr).is_err());
     }
@@ -735,12 +718,7 @@ mod tests {
         let pool = Arc::new(Pool::default());
         pool.replace(vec![Upstream::new("a", port)]);
         pool.set_response_timeout(Some(300));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
-        let _proxy = Proxy::bind(addr, pool.clone(), upstream_client())
-            .await
-            .unwrap();
+        let (_edge, addr) = serve_pool(pool.clone()).await;
         let (status, body) =
             tokio::task::spawn_blocking(move || stretch_test::http_get(&addr.to_string(), "/"))
                 .await
