@@ -605,6 +605,66 @@ mod tests {
     }
 
     #[test]
+    fn domains_and_tls_errors() {
+        let env = |groups: &str| {
+            message(&format!(
+                "system: shop\nsources: [{{path: .}}]\nenvironments:\n  p:\n    hosts: {{a: {{agent: x}}}}\n    groups:\n{groups}"
+            ))
+        };
+        let tls = "tls: {certificate: c.pem, key: c.key}";
+        assert_eq!(
+            env(&format!(
+                "      web: {{node: web, hosts: [a], listen: 443, domains: [shop.example.com], {tls}}}\n      api: {{node: api, hosts: [a], listen: 443, domains: [api.example.com, Shop.example.com], {tls}}}\n"
+            )),
+            "8:7 groups `web` and `api` of environment `p` both claim `shop.example.com` on port 443"
+        );
+        assert_eq!(
+            env(&format!(
+                "      web: {{node: web, hosts: [a], listen: 443, domains: [shop.example.com], {tls}}}\n      api: {{node: api, hosts: [a], listen: 443, domains: [api.example.com]}}\n"
+            )),
+            "8:7 groups `web` and `api` of environment `p` share port 443 on a host, but only one has `tls`"
+        );
+        assert_eq!(
+            env("      web: {node: web, hosts: [a], domains: [shop.example.com]}\n"),
+            "7:7 group `web` has `domains` or `tls` but no `listen` port"
+        );
+        assert_eq!(
+            env("      web: {node: web, hosts: [a], listen: 443, domains: [shop_example.com]}\n"),
+            "7:59 group `web`: `shop_example.com` is not a host name"
+        );
+        assert_eq!(
+            env("      web: {node: web, hosts: [a], listen: 443, tls: {certificate: c.pem}}\n"),
+            "7:7 group `web`: `tls` takes `certificate` and `key`, or `acme`"
+        );
+        assert_eq!(
+            env(
+                "      web: {node: web, hosts: [a], listen: 443, tls: {certificate: ../c.pem, key: c.key}}\n"
+            ),
+            "7:68 group `web`: TLS file `../c.pem` must be a relative path inside the release"
+        );
+        assert_eq!(
+            env("      web: {node: web, hosts: [a], listen: 443, tls: {acme: {}}}\n"),
+            "7:7 group `web`: `tls: {acme: …}` needs `domains` to ask certificates for"
+        );
+        assert_eq!(
+            env(
+                "      web: {node: web, hosts: [a], listen: 443, domains: ['*.example.com'], tls: {acme: {}}}\n"
+            ),
+            "7:7 group `web`: `*.example.com`: ACME certificates (HTTP-01) cannot be wildcards"
+        );
+        assert_eq!(
+            env(
+                "      web: {node: web, hosts: [a], listen: 443, domains: [a.example.com], tls: {acme: {directory: 'http://x/dir'}}}\n"
+            ),
+            "7:100 group `web`: the ACME directory `http://x/dir` must be an https:// URL"
+        );
+        assert_eq!(
+            env("      web: {node: web, hosts: [a], listen: 443, tls: {acme: {mail: x}}}\n"),
+            "7:62 environments.p.groups.web.tls.acme: unknown field `mail`, expected `email` or `directory`"
+        );
+    }
+
+    #[test]
     fn errors() {
         assert_eq!(
             message("system: Shop\nsources: [{path: .}]\n"),

@@ -743,6 +743,121 @@ mod tests {
         assert_eq!(g("example.com"), None);
     }
 
+    /// A certificate for `names`, ready to serve.
+    fn served(names: &[&str]) -> (Served, rustls::pki_types::CertificateDer<'static>) {
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap()
+                .self_signed(&pair)
+                .unwrap();
+        let served =
+            super::super::certs::served_from_pem(&cert.pem(), &pair.serialize_pem(), "release")
+                .unwrap();
+        (served, cert.der().clone())
+    }
+
+    /// A TLS client trusting exactly `cert`, asking for `name`.
+    async fn connect(
+        addr: SocketAddr,
+        name: &str,
+        cert: &rustls::pki_types::CertificateDer<'static>,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(crate::net::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(
+                rustls::pki_types::ServerName::try_from(name.to_string()).unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn https_routes_by_name_tunnels_upgrades_and_swaps_certificates() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let port = super::super::proxy::tests::shouting_upstream().await;
+        let pool = Arc::new(Pool::default());
+        let instance = super::super::proxy::Upstream::new("a", port);
+        pool.replace(vec![instance.clone()]);
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = free.local_addr().unwrap();
+        drop(free);
+        let edge = Edge::new(addr.ip(), None, super::super::proxy::upstream_client()).unwrap();
+        let (first, shop_der) = served(&["shop.test"]);
+        let shop = CertSlot::new(first);
+        edge.set(Route {
+            key: key("shop"),
+            port: addr.port(),
+            domains: vec!["shop.test".into()],
+            cert: Some(shop.clone()),
+            pool: pool.clone(),
+        })
+        .await
+        .unwrap();
+        // Plain and HTTPS groups cannot share the port; nothing changes.
+        let refused = edge
+            .set(Route {
+                key: key("plain"),
+                port: addr.port(),
+                domains: vec!["plain.test".into()],
+                cert: None,
+                pool: pool.clone(),
+            })
+            .await;
+        assert!(refused.is_err());
+
+        // An upgrade through TLS is tunnelled and not counted in flight.
+        let mut tls = connect(addr, "shop.test", &shop_der).await;
+        tls.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: shop.test\r\nConnection: Upgrade\r\nUpgrade: shout\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            tls.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        tls.write_all(b"hello").await.unwrap();
+        let mut echoed = [0u8; 5];
+        tls.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"HELLO");
+        assert_eq!(instance.in_flight(), 0);
+
+        // A renewed certificate is presented to the next handshake; the open tunnel lives on.
+        let (renewed, renewed_der) = served(&["shop.test"]);
+        shop.set(renewed);
+        let mut again = connect(addr, "shop.test", &renewed_der).await;
+        again
+            .write_all(b"GET / HTTP/1.0\r\nHost: shop.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = again.read_to_end(&mut out).await;
+        assert!(
+            out.starts_with(b"HTTP/1.0 200") || out.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        tls.write_all(b"still").await.unwrap();
+        tls.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"STILL");
+    }
+
     #[test]
     fn a_key_must_fit_its_certificate() {
         let make = |name: &str| {

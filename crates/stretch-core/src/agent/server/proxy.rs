@@ -439,7 +439,7 @@ impl Body for Tracked {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::convert::Infallible;
 
     use tokio::net::TcpListener;
@@ -573,7 +573,7 @@ mod tests {
 
     /// An upstream that switches `Upgrade: shout` requests to a protocol answering each
     /// read in upper case, and answers `plain` to anything else.
-    async fn shouting_upstream() -> u16 {
+    pub(crate) async fn shouting_upstream() -> u16 {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
