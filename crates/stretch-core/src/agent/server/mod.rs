@@ -22,8 +22,9 @@
 
 mod acme;
 mod adopt;
-mod certs;
-mod edge;
+// Public for the edge benchmark (`benches/edge.rs`).
+pub mod certs;
+pub mod edge;
 mod exec;
 mod files;
 mod groups;
@@ -31,7 +32,7 @@ mod health;
 mod instances;
 mod leases;
 mod logs;
-mod proxy;
+pub mod proxy;
 mod state;
 
 use std::collections::HashMap;
