@@ -284,6 +284,8 @@ fn count_step(meter: &Meter, line: &str) {
     {
         meter.set_total(m);
         meter.set(n.saturating_sub(1));
+        // Steps are few and far between: each is worth a report.
+        meter.flush();
     }
 }
 

@@ -43,8 +43,18 @@ impl Docker {
             if let Some(line) = progress.update(&info) {
                 log.line(line);
             }
-            layers.set_total(progress.layers.max(progress.done) as u64);
-            layers.set(progress.done as u64);
+            let (total, done) = (
+                progress.layers.max(progress.done) as u64,
+                progress.done as u64,
+            );
+            if layers.progress().done != done {
+                layers.set_total(total);
+                layers.set(done);
+                // A layer pushed is rare: each is worth a report.
+                layers.flush();
+            } else {
+                layers.set_total(total);
+            }
         }
         layers.finish();
         digest.ok_or_else(|| {
