@@ -187,7 +187,7 @@ fn host_row(group: &str, host: &str, state: &HostState) -> Row {
 fn batch_line(b: &BatchProgress, ok: bool, hosts: &[Host]) -> String {
     let head = format!("group `{}` batch {}/{}", b.group, b.n, b.of);
     if ok {
-        return format!("{head}: {} host(s) switched", b.hosts.len());
+        return format!("{head} done: {} host(s) switched", b.hosts.len());
     }
     let failed: Vec<&str> = hosts
         .iter()
@@ -385,7 +385,7 @@ mod tests {
         b.apply(&host("web", "b", HostState::Switched));
         assert_eq!(
             b.apply(&batch(1, 2, &["a", "b"], Some(true))).as_deref(),
-            Some("group `web` batch 1/2: 2 host(s) switched")
+            Some("group `web` batch 1/2 done: 2 host(s) switched")
         );
         // Between batches: a count of the hosts done.
         assert_eq!(b.rows()[0].text, "2 of 2 done");
