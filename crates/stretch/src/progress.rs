@@ -15,6 +15,8 @@ pub struct Board {
     /// Every host heard of in this stage, in the order first heard of.
     hosts: Vec<Host>,
     batch: Option<BatchProgress>,
+    /// A batch ran in this stage: between two, the next batch's row is all there is.
+    batched: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +89,7 @@ impl Board {
             Event::Batch(b) => match b.ok {
                 None => {
                     self.batch = Some(b.clone());
+                    self.batched = true;
                     None
                 }
                 Some(ok) => {
@@ -120,7 +123,7 @@ impl Board {
             }
             return rows;
         }
-        if self.hosts.is_empty() {
+        if self.hosts.is_empty() || self.batched {
             return rows;
         }
         // No batch (specs going out, an apply): a count, and the hosts still at work
@@ -387,8 +390,8 @@ mod tests {
             b.apply(&batch(1, 2, &["a", "b"], Some(true))).as_deref(),
             Some("group `web` batch 1/2 done: 2 host(s) switched")
         );
-        // Between batches: a count of the hosts done.
-        assert_eq!(b.rows()[0].text, "2 of 2 done");
+        // Between batches: nothing until the next begins.
+        assert!(b.rows().is_empty());
         b.apply(&batch(2, 2, &["c"], None));
         b.apply(&host("web", "c", HostState::Failed("refused".into())));
         let rows = b.rows();
