@@ -266,11 +266,8 @@ impl Live {
         };
         // A failed stage keeps its failed hosts as lines.
         if let Event::StageFinished { ok: false, .. } = event {
-            for row in st.board.rows().iter().filter(|r| r.failed) {
-                self.line(&format!(
-                    "    {}",
-                    printer.paint("2", &format!("{}: {}", row.label, row.text))
-                ));
+            for failed in st.board.failed() {
+                self.line(&format!("    {}", printer.paint("2", &failed)));
             }
         }
         let kept = st.board.apply(event);

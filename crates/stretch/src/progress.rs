@@ -158,6 +158,15 @@ impl Board {
         rows
     }
 
+    /// The hosts that failed in this stage, as lines to keep when it fails.
+    pub fn failed(&self) -> Vec<String> {
+        self.hosts
+            .iter()
+            .filter(|h| matches!(h.state, HostState::Failed(_)))
+            .map(|h| format!("{} ({}): {}", h.name, h.group, h.state))
+            .collect()
+    }
+
     /// The rows as the web view takes them.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({"stage": self.stage, "rows": self.rows()})
@@ -402,6 +411,9 @@ mod tests {
             b.apply(&batch(2, 2, &["c"], Some(false))).as_deref(),
             Some("group `web` batch 2/2: failed on c")
         );
+        // The batch is over, its failed host is still known for the stage's end.
+        assert!(b.rows().is_empty());
+        assert_eq!(b.failed(), vec!["c (web): failed: refused".to_string()]);
     }
 
     #[test]

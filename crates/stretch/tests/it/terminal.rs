@@ -157,6 +157,42 @@ fn a_build_and_a_deploy_on_a_terminal_leave_the_lines_and_no_bars() {
 }
 
 #[test]
+fn a_failed_deploy_on_a_terminal_leaves_the_failed_host_in_place() {
+    let w = World::new("tty-fail", 2, false);
+    // Never healthy on h1: batch 1 (h0) switches, batch 2 (h1) fails, h0 goes back.
+    w.ctx.write(
+        "app/templates/mode.jinja",
+        "{% if host.name == 'h1' %}broken{% else %}ok{% endif %}\n",
+    );
+    w.ctx.write(
+        "app/container.yml",
+        "port: 8080\nhealth: {path: /health.txt, interval: 100ms, timeout: 2s}\nstop_timeout: 1s\n",
+    );
+    w.ctx.run(&["build"]).ok();
+    let deploy = on_a_terminal(w.ctx.command(&["deploy", "production"]), "xterm-256color");
+    assert_eq!(deploy.code, 1, "{}", deploy.text());
+    let screen = normalized(&w, &deploy.screen());
+    let stage = &screen[screen.find("==> change release").unwrap()..];
+    let stage = &stage[..stage.find("failed change release").unwrap()];
+    let lines: Vec<&str> = stage.lines().map(str::trim).collect();
+    for want in [
+        "group `web` batch 1/2 done: 1 host(s) switched",
+        "group `web` batch 2/2: failed on h1",
+        "host `h0`: switched back",
+    ] {
+        assert!(lines.contains(&want), "no {want:?} in:\n{stage}");
+    }
+    // The failed host's row stays as a line, with why.
+    assert!(
+        lines.iter().any(|l| l.starts_with("h1 (web): failed: ")),
+        "no failed row in:\n{stage}"
+    );
+    for l in &lines {
+        assert!(!l.contains("[==="), "a bar was left: {l}");
+    }
+}
+
+#[test]
 fn nothing_is_drawn_in_ci_for_a_dumb_terminal_with_json_or_quiet() {
     let w = World::new("tty-off", 1, false);
     let ci = on_a_terminal_with(w.ctx.command(&["build"]), &[("CI", "true")]);
