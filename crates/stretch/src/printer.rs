@@ -132,6 +132,16 @@ impl Printer {
         }
     }
 
+    /// Rows of progress a server sent (`--server` mode): drawn on a terminal, else
+    /// nothing.
+    pub fn rows(&self, rows: Vec<Row>) {
+        if let Some(live) = &self.live
+            && self.verbosity != Verbosity::Quiet
+        {
+            live.sent(rows);
+        }
+    }
+
     /// The sink that shows a pipeline's progress.
     pub fn progress(&self) -> Arc<dyn Sink> {
         Arc::new(self.clone())
@@ -200,6 +210,8 @@ struct Live {
 #[derive(Default)]
 struct LiveState {
     board: Board,
+    /// Rows as a server sent them (`--server` mode), drawn instead of the board's.
+    sent: Option<Vec<Row>>,
     stage: Option<ProgressBar>,
     rows: HashMap<String, (Look, ProgressBar)>,
 }
@@ -306,9 +318,17 @@ impl Live {
         }
     }
 
+    /// Draw the rows a server sent (until its stage ends).
+    fn sent(&self, rows: Vec<Row>) {
+        if let Ok(mut st) = self.state.lock() {
+            st.sent = Some(rows);
+            self.draw(&mut st);
+        }
+    }
+
     /// Bring the bars in line with the board's rows.
     fn draw(&self, st: &mut LiveState) {
-        let rows = st.board.rows();
+        let rows = st.sent.clone().unwrap_or_else(|| st.board.rows());
         let keys: std::collections::HashSet<&str> = rows.iter().map(|r| r.key.as_str()).collect();
         let gone: Vec<String> = st
             .rows
@@ -354,6 +374,7 @@ impl Live {
 
     /// Take every bar away (the lines stay).
     fn clear(&self, st: &mut LiveState) {
+        st.sent = None;
         for (_, (_, bar)) in st.rows.drain() {
             bar.finish_and_clear();
             self.bars.remove(&bar);

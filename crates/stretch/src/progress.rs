@@ -3,7 +3,7 @@
 //! (a finished batch). The terminal's bars (`printer.rs`) and the web view's run page
 //! draw the same rows.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use stretch_core::log::{BatchProgress, Event, HostState, Progress, Unit};
 
 /// The rows of the stage that runs.
@@ -27,7 +27,8 @@ struct Host {
 }
 
 /// One row: a counter (a bar, or a spinner while its total is unknown) or a host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// The server sends rows as JSON, and `--server` mode draws them as they come.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Row {
     /// Stable while the row lives: which bar to update.
     pub key: String,
@@ -36,8 +37,7 @@ pub struct Row {
     pub text: String,
     /// 0 to 100 where known.
     pub percent: Option<u64>,
-    /// The counter behind a row, for a bar's rate and estimate.
-    #[serde(skip)]
+    /// The counter behind a row (unit, done, total), for a bar's rate and estimate.
     pub counter: Option<(Unit, u64, Option<u64>)>,
     /// A failed host: its row is kept as a line when the stage fails.
     pub failed: bool,

@@ -8,7 +8,9 @@ use std::num::NonZeroU16;
 use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
 
+use super::common::Ctx;
 use super::deploy::World;
+use super::serve::{Serve, TOKEN as SERVER_TOKEN};
 use super::snapshots::{fixed_times, hex_runs, is_engine_build_line};
 
 /// The emulated screen: wide enough that no line wraps, tall enough that nothing
@@ -190,6 +192,29 @@ fn a_failed_deploy_on_a_terminal_leaves_the_failed_host_in_place() {
     for l in &lines {
         assert!(!l.contains("[==="), "a bar was left: {l}");
     }
+}
+
+#[test]
+fn a_build_through_a_server_draws_the_servers_bars() {
+    let w = World::new("tty-srv", 1, false);
+    let serve = Serve::start(&w.ctx);
+    let mut remote = Ctx::new();
+    remote
+        .env
+        .push(("STRETCH_SERVER_TOKEN".into(), SERVER_TOKEN.into()));
+    let url = serve.url();
+    let build = on_a_terminal(remote.command(&["--server", &url, "build"]), "xterm");
+    assert_eq!(build.code, 0, "{}", build.text());
+    assert!(build.drew_bars(), "no bars drawn:\n{:?}", build.text());
+    // The image's steps came from the server's progress events.
+    assert!(
+        build.text().contains("image web"),
+        "no image row:\n{:?}",
+        build.text()
+    );
+    let screen = build.screen();
+    assert!(screen.contains("==> images\n"), "{screen}");
+    assert!(!screen.contains("[==="), "a bar was left:\n{screen}");
 }
 
 #[test]
