@@ -14,7 +14,7 @@ use crate::agent::client::AgentError;
 use crate::agent::fleet::{Fleet, prefixed};
 use crate::deploy;
 use crate::home::Home;
-use crate::log::Log;
+use crate::log::{HostState, Log};
 use crate::run::Run;
 use crate::store::{RunKind, Store};
 use crate::system::System;
@@ -379,6 +379,7 @@ async fn rolling(
             .map(|b| b as usize)
             .unwrap_or_else(|| (members.len() / 2).max(1))
             .max(1);
+        let batches = members.len().div_ceil(batch);
         for (n, chunk) in members.chunks(batch).enumerate() {
             let names: Vec<&str> = chunk.iter().map(|t| t.host.as_str()).collect();
             log.line(format!(
@@ -386,14 +387,28 @@ async fn rolling(
                 n + 1,
                 names.join(", ")
             ));
+            log.batch(group_name, n + 1, batches, &names, None);
             let calls = chunk.iter().map(|t| {
                 let key = &key;
                 async move {
-                    let client = fleet.client(&t.host, &t.agent)?;
-                    match client.current_spec(key).await? {
-                        Some(spec) => client.restart(&spec).await.map(Some),
-                        None => Ok(None),
+                    log.host(group_name, &t.host, HostState::Switching);
+                    let r = async {
+                        let client = fleet.client(&t.host, &t.agent)?;
+                        match client.current_spec(key).await? {
+                            Some(spec) => client.restart(&spec).await.map(Some),
+                            None => Ok(None),
+                        }
                     }
+                    .await;
+                    log.host(
+                        group_name,
+                        &t.host,
+                        match &r {
+                            Ok(_) => HostState::Switched,
+                            Err(e) => HostState::Failed(e.to_string()),
+                        },
+                    );
+                    r
                 }
             });
             let mut failures = Vec::new();
@@ -421,6 +436,13 @@ async fn rolling(
                     Err(e) => failures.push(prefixed(&t.host, &e)),
                 }
             }
+            log.batch(
+                group_name,
+                n + 1,
+                batches,
+                &names,
+                Some(failures.is_empty()),
+            );
             if !failures.is_empty() {
                 return Err(Error::failed(
                     "restart",

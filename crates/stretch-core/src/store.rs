@@ -836,7 +836,10 @@ impl Sink for RunSink {
                 },
             ),
             Event::Line { stage, text } => self.store.add_line(self.run, stage, text),
-            Event::RunStarted { .. } => Ok(()),
+            // Progress is for whoever watches; the log keeps the lines.
+            Event::RunStarted { .. } | Event::Progress(_) | Event::Host(_) | Event::Batch(_) => {
+                Ok(())
+            }
         };
     }
 }

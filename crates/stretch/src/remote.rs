@@ -38,6 +38,7 @@ use stretch_core::{Error, Result};
 
 use crate::cli::{BuildArgs, Command, DeployArgs};
 use crate::printer::Printer;
+use crate::progress::Row;
 use crate::render;
 use crate::settings::{FINGERPRINT_ENV, Server, TOKEN_ENV};
 
@@ -202,8 +203,14 @@ impl Client {
         Ok(self.call(Method::GET, path, None).await?.1)
     }
 
-    /// Follow a run's log until it ends, handing each line to `each`; the `end` event.
-    async fn follow(&self, run: i64, mut each: impl FnMut(LogLine)) -> Result<Value> {
+    /// Follow a run's log until it ends, handing each line to `each` and the rows of
+    /// each `progress` event to `rows`; the `end` event.
+    async fn follow(
+        &self,
+        run: i64,
+        mut each: impl FnMut(LogLine),
+        mut rows: impl FnMut(Vec<Row>),
+    ) -> Result<Value> {
         let resp = self
             .send(Method::GET, &format!("/api/runs/{run}/logs?follow=1"), None)
             .await?;
@@ -236,12 +243,11 @@ impl Client {
                 let (mut kind, mut data) = ("message", String::new());
                 for line in text.lines() {
                     if let Some(k) = line.strip_prefix("event:") {
-                        kind = if k.trim() == "end" {
-                            "end"
-                        } else if k.trim() == "line" {
-                            "line"
-                        } else {
-                            "other"
+                        kind = match k.trim() {
+                            "end" => "end",
+                            "line" => "line",
+                            "progress" => "progress",
+                            _ => "other",
                         };
                     } else if let Some(d) = line.strip_prefix("data:") {
                         data.push_str(d.strip_prefix(' ').unwrap_or(d));
@@ -251,6 +257,15 @@ impl Client {
                     "line" => {
                         if let Ok(l) = serde_json::from_str::<LogLine>(&data) {
                             each(l);
+                        }
+                    }
+                    "progress" => {
+                        #[derive(serde::Deserialize)]
+                        struct Sent {
+                            rows: Vec<Row>,
+                        }
+                        if let Ok(p) = serde_json::from_str::<Sent>(&data) {
+                            rows(p.rows);
                         }
                     }
                     "end" => return Ok(serde_json::from_str(&data).unwrap_or(Value::Null)),
@@ -446,7 +461,8 @@ async fn build(c: &Client, args: BuildArgs, printer: &Printer) -> Result<()> {
         )
         .await?;
     let run = run_of(&started)?;
-    c.follow(run, |l| show(printer, &l)).await?;
+    c.follow(run, |l| show(printer, &l), |r| printer.rows(r))
+        .await?;
     let built: Built = result_of(c, run, "build").await?;
     render::show(printer, &built);
     Ok(())
@@ -485,7 +501,8 @@ async fn deploy(c: &Client, args: DeployArgs, kind: Kind, printer: &Printer) -> 
     let body = json!({ "release": args.release });
     let (_, started) = start_on(c, &path, &body, args.wait, printer).await?;
     let run = run_of(&started)?;
-    c.follow(run, |l| show(printer, &l)).await?;
+    c.follow(run, |l| show(printer, &l), |r| printer.rows(r))
+        .await?;
     let deployed: Deployed = result_of(c, run, kind.as_str()).await?;
     render::show(printer, &deployed);
     Ok(())
@@ -498,7 +515,8 @@ async fn apply(c: &Client, env: &str, dry_run: bool, wait: bool, printer: &Print
     // 200: nothing ran (a dry run, nothing to apply): the answer is the outcome itself.
     let outcome: ApplyOutcome = if status == StatusCode::ACCEPTED {
         let run = run_of(&started)?;
-        c.follow(run, |l| show(printer, &l)).await?;
+        c.follow(run, |l| show(printer, &l), |r| printer.rows(r))
+            .await?;
         result_of(c, run, "apply").await?
     } else {
         typed(started, "apply")?
@@ -532,7 +550,8 @@ async fn history(c: &Client, environment: Option<&str>, printer: &Printer) -> Re
 
 async fn logs(c: &Client, id: i64, follow: bool, printer: &Printer) -> Result<()> {
     if follow {
-        c.follow(id, |l| render::log_line(printer, &l)).await?;
+        c.follow(id, |l| render::log_line(printer, &l), |_| {})
+            .await?;
         return Ok(());
     }
     let lines: Vec<LogLine> = typed(c.get(&format!("/api/runs/{id}/logs")).await?, "log")?;

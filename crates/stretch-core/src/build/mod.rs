@@ -11,7 +11,7 @@ use std::sync::Arc;
 use base64::Engine;
 
 use crate::home::{Home, write_private};
-use crate::log::Log;
+use crate::log::{Log, Unit};
 use crate::plugin::{self, Facts, Hook, ReleaseFacts};
 use crate::release::config::{ConfigTemplate, FORMAT, NodeConfig, Plugin, ReleaseConfig};
 use crate::release::remote::ReleaseStore;
@@ -498,19 +498,21 @@ async fn archive_stage(
         .releases()
         .join(format!(".building-{}.index.tmp", std::process::id()));
     let (tree, t, h) = (tree.clone(), tmp.clone(), home.clone());
+    let meter = log.meter("archive", Unit::Bytes, None);
     let written = blocking(move || {
         let outside = archive::Outside {
             mirrors: &tree.mirrors,
             git: &tree.git,
             sources: &tree.sources,
         };
-        archive::write_archive(
+        archive::write_archive_with(
             &tree.root,
             Some(outside),
             &h.chunks(),
             &t,
             &|_| false,
             Some(&h.chunk_cache()),
+            Some(&meter),
         )
     })
     .await?;

@@ -18,7 +18,7 @@ use super::specs::{self, HostGroup};
 use crate::agent::api::GroupSpec;
 use crate::agent::fleet::{Fleet, prefixed};
 use crate::home::Home;
-use crate::log::Log;
+use crate::log::{HostState, Log};
 use crate::run::Run;
 use crate::store::{EnvironmentRecord, RunKind, Store};
 use crate::system::System;
@@ -473,9 +473,13 @@ async fn converge(
         let new = new_by_id.get(&a.target).map(|t| t.spec.clone());
         let key = super::group_key(system, &plan.environment, &a.group);
         async move {
+            log.host(&a.group, &a.host, HostState::Switching);
             let client = match fleet.client(&a.host, &a.agent) {
                 Ok(c) => c,
-                Err(e) => return (a, Err(e)),
+                Err(e) => {
+                    log.host(&a.group, &a.host, HostState::Failed(e.to_string()));
+                    return (a, Err(e));
+                }
             };
             let r = match (a.kind, new) {
                 (ActionKind::Start, Some(spec)) => super::put_and_switch(&client, &spec).await,
@@ -488,6 +492,14 @@ async fn converge(
                 (ActionKind::Stop, _) => client.remove_group(&key).await,
                 _ => Ok(()),
             };
+            log.host(
+                &a.group,
+                &a.host,
+                match &r {
+                    Ok(()) => HostState::Switched,
+                    Err(e) => HostState::Failed(e.to_string()),
+                },
+            );
             (a, r)
         }
     });

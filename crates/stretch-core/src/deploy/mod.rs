@@ -17,7 +17,7 @@ use crate::agent::api::{GroupKey, GroupSpec, Switch};
 use crate::agent::client::{AgentClient, AgentError};
 use crate::agent::fleet::{Fleet, prefixed};
 use crate::home::Home;
-use crate::log::Log;
+use crate::log::{HostState, Log};
 use crate::plugin::{self, Facts, Hook, ReleaseFacts};
 use crate::release::config::ReleaseConfig;
 use crate::run::Run;
@@ -525,13 +525,25 @@ async fn push(targets: &[HostGroup], fleet: &Fleet, log: &Log) -> Result<()> {
     for t in targets {
         by_host.entry(t.host.as_str()).or_default().push(t);
     }
+    for t in targets {
+        log.host(&t.spec.key.group, &t.host, HostState::Waiting);
+    }
     let calls = by_host.into_values().map(|ts| async move {
         let mut out = Vec::new();
         for t in ts {
+            log.host(&t.spec.key.group, &t.host, HostState::Preparing);
             let r = match fleet.client(&t.host, &t.agent) {
                 Ok(c) => c.put_spec(&t.spec).await,
                 Err(e) => Err(e),
             };
+            log.host(
+                &t.spec.key.group,
+                &t.host,
+                match &r {
+                    Ok(_) => HostState::Ready,
+                    Err(e) => HostState::Failed(e.to_string()),
+                },
+            );
             out.push((t, r));
         }
         out
@@ -595,6 +607,7 @@ async fn change_release(
             .batch
             .map(|b| b as usize)
             .unwrap_or_else(|| (members.len() / 2).max(1));
+        let batches = members.len().div_ceil(batch.max(1));
         for (n, chunk) in members.chunks(batch.max(1)).enumerate() {
             let names: Vec<&str> = chunk.iter().map(|t| t.host.as_str()).collect();
             log.line(format!(
@@ -602,15 +615,25 @@ async fn change_release(
                 n + 1,
                 names.join(", ")
             ));
+            log.batch(group_name, n + 1, batches, &names, None);
             let calls = chunk.iter().map(|t| async move {
                 let req = Switch {
                     release_id: t.spec.release.id.clone(),
                     config_version: t.spec.config_version.clone(),
                 };
+                log.host(&t.spec.key.group, &t.host, HostState::Switching);
                 let r = match fleet.client(&t.host, &t.agent) {
                     Ok(c) => c.switch(&t.spec.key, &req).await,
                     Err(e) => Err(e),
                 };
+                log.host(
+                    &t.spec.key.group,
+                    &t.host,
+                    match &r {
+                        Ok(_) => HostState::Switched,
+                        Err(e) => HostState::Failed(e.to_string()),
+                    },
+                );
                 (*t, r)
             });
             let mut failures = Vec::new();
@@ -636,6 +659,13 @@ async fn change_release(
                     }
                 }
             }
+            log.batch(
+                group_name,
+                n + 1,
+                batches,
+                &names,
+                Some(failures.is_empty()),
+            );
             if !failures.is_empty() {
                 let reverted = switch_back(&switched, &uncertain, previous, fleet, log).await;
                 return Err(Error::failed(
@@ -679,6 +709,7 @@ async fn switch_back(
         match r {
             Ok(true) => {
                 ok += 1;
+                log.host(&t.spec.key.group, &t.host, HostState::SwitchedBack);
                 log.line(format!("host `{}`: switched back", t.host));
             }
             Ok(false) => log.line(format!(

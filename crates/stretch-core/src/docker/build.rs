@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::context::{self, ChannelWriter};
 use super::{Docker, describe};
-use crate::log::Log;
+use crate::log::{Log, Meter, Unit};
 use crate::{Error, Result};
 
 /// How many lines of output a build failure quotes.
@@ -90,6 +90,7 @@ impl Docker {
         });
 
         let mut transcript = Transcript::default();
+        let steps = log.meter(image_task(&req.tags), Unit::Steps, None);
         let mut failure = None;
         let mut stream =
             self.inner
@@ -99,6 +100,7 @@ impl Docker {
                 Ok(info) => {
                     if let Some(text) = info.stream.as_deref() {
                         for line in transcript.push(text) {
+                            count_step(&steps, &line);
                             log.line(line);
                         }
                     }
@@ -145,6 +147,10 @@ impl Docker {
             }
             (Ok(()), None) => {}
         }
+        if let Some(total) = steps.progress().total {
+            steps.set(total);
+        }
+        steps.finish();
 
         let id = match (transcript.image_id.take(), req.tags.first()) {
             (Some(id), _) => id,
@@ -255,6 +261,32 @@ fn strip_ansi(text: &str) -> String {
         }
     }
     out
+}
+
+/// `image NAME` for the progress of building `tags`: the first's last path segment,
+/// its tag left out.
+pub(crate) fn image_task(tags: &[String]) -> String {
+    let name = tags
+        .first()
+        .map(|t| {
+            let last = t.rsplit('/').next().unwrap_or(t);
+            last.split(':').next().unwrap_or(last).to_string()
+        })
+        .unwrap_or_default();
+    format!("image {name}").trim_end().to_string()
+}
+
+/// A line `Step N/M : …` means step N of M began: N-1 are done.
+fn count_step(meter: &Meter, line: &str) {
+    if let Some((n, _)) = parse_step(line)
+        && let Some((n, m)) = n.split_once('/')
+        && let (Ok(n), Ok(m)) = (n.parse::<u64>(), m.parse::<u64>())
+    {
+        meter.set_total(m);
+        meter.set(n.saturating_sub(1));
+        // Steps are few and far between: each is worth a report.
+        meter.flush();
+    }
 }
 
 /// `Step 2/5 : RUN make` => (`2/5`, `RUN make`).

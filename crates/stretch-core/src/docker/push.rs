@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 
 use super::auth::Lookup;
 use super::{Docker, describe, registry_of, split_reference};
-use crate::log::Log;
+use crate::log::{Log, Unit};
 use crate::{Error, Result};
 
 impl Docker {
@@ -29,6 +29,11 @@ impl Docker {
         let credentials = auth.credentials.as_ref().map(|c| c.for_engine(registry));
         let mut stream = self.inner.push_image(repo, Some(options), credentials);
         let mut progress = Progress::default();
+        let layers = log.meter(
+            super::build::image_task(&[reference.to_string()]).replacen("image", "push", 1),
+            Unit::Layers,
+            None,
+        );
         let mut digest = None;
         while let Some(item) = stream.next().await {
             let info = item.map_err(|e| push_error(reference, &describe(&e), auth))?;
@@ -38,7 +43,20 @@ impl Docker {
             if let Some(line) = progress.update(&info) {
                 log.line(line);
             }
+            let (total, done) = (
+                progress.layers.max(progress.done) as u64,
+                progress.done as u64,
+            );
+            if layers.progress().done != done {
+                layers.set_total(total);
+                layers.set(done);
+                // A layer pushed is rare: each is worth a report.
+                layers.flush();
+            } else {
+                layers.set_total(total);
+            }
         }
+        layers.finish();
         digest.ok_or_else(|| {
             Error::failed(
                 "push",

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tar::{EntryType, Header};
 use zstd::bulk::Compressor;
 
+use crate::log::Meter;
 use crate::source::git::Blobs;
 use crate::source::{GitFile, SourceFile};
 use crate::{Error, Result};
@@ -230,6 +231,20 @@ pub fn write_archive(
     skip: &dyn Fn(&Path) -> bool,
     cache: Option<&Path>,
 ) -> Result<Written> {
+    write_archive_with(root, outside, store, index_out, skip, cache, None)
+}
+
+/// [`write_archive`], counting on `meter` the file bytes archived (of the tree's
+/// total) and, as its second count, the compressed bytes of the new chunks.
+pub fn write_archive_with(
+    root: &Path,
+    outside: Option<Outside<'_>>,
+    store: &Path,
+    index_out: &Path,
+    skip: &dyn Fn(&Path) -> bool,
+    cache: Option<&Path>,
+    meter: Option<&Meter>,
+) -> Result<Written> {
     let started = SystemTime::now();
     // Walk first: a tree we cannot archive fails before anything is created.
     let items = scan(root, outside, skip)?;
@@ -263,6 +278,17 @@ pub fn write_archive(
         })
         .collect();
     let cached = refs.iter().flatten().count();
+    let data_of = |chunk: &Planned| chunk.iter().map(|p| p.to - p.from).sum::<u64>();
+    if let Some(m) = meter {
+        m.set_total(counts(&items).1);
+        let skipped: u64 = plan
+            .iter()
+            .zip(&refs)
+            .filter(|(_, r)| r.is_some())
+            .map(|(c, _)| data_of(c))
+            .sum();
+        m.add(skipped);
+    }
     let mut blobs = GitReader::new(outside, &items, &plan, &refs);
     let workers = workers();
     let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(workers);
@@ -298,7 +324,7 @@ pub fn write_archive(
         for _ in 0..workers {
             let (rx, done, free, sync) =
                 (&work_rx, done_tx.clone(), free_tx.clone(), sync_tx.clone());
-            s.spawn(move || worker(store, rx, done, free, sync));
+            s.spawn(move || worker(store, rx, done, free, sync, meter));
         }
         drop((done_tx, free_tx, sync_tx));
         // Taking the sender by value: any return hangs up, so the workers end.
@@ -311,6 +337,9 @@ pub fn write_archive(
                 let mut buf = free_rx.try_recv().unwrap_or_default();
                 buf.clear();
                 fill(root, &items, chunk, &mut headers, &mut blobs, &mut buf)?;
+                if let Some(m) = meter {
+                    m.add(data_of(chunk));
+                }
                 work.send((seq, buf))
                     .map_err(|_| Error::failed(STAGE, "the archive workers stopped"))?;
             }
@@ -403,6 +432,7 @@ fn worker(
     done: mpsc::Sender<(usize, io::Result<(ChunkRef, bool)>)>,
     free: mpsc::Sender<Vec<u8>>,
     sync: mpsc::Sender<PathBuf>,
+    meter: Option<&Meter>,
 ) {
     let mut zstd = compressor();
     loop {
@@ -417,6 +447,9 @@ fn worker(
         };
         if let Ok((chunk, true)) = &result {
             let _ = sync.send(chunk_path(store, &chunk.hash));
+            if let Some(m) = meter {
+                m.add_out(chunk.stored);
+            }
         }
         let _ = done.send((seq, result));
         let _ = free.send(buf);

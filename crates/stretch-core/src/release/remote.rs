@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::docker::auth::{self, Lookup};
 use crate::docker::registry::{Registry, loopback};
 use crate::home::{Home, write_private};
-use crate::log::Log;
+use crate::log::{Log, Unit};
 use crate::release::{archive, sealed};
 use crate::store::{ReleaseRecord, Store};
 use crate::system::System;
@@ -239,6 +239,12 @@ impl ReleaseStore {
             .collect();
         let store = home.chunks();
         let reference = &reference;
+        let meter = log.meter(
+            "release",
+            Unit::Bytes,
+            Some(unique.iter().map(|c| c.stored).sum()),
+        );
+        let meter = &meter;
         let pushed: Vec<(Descriptor, u64)> = futures_util::stream::iter(unique)
             .map(|c| {
                 let path = archive::chunk_path(&store, &c.hash);
@@ -251,14 +257,16 @@ impl ReleaseStore {
                     })?;
                     let mut d = Descriptor::new(CHUNK_TYPE, sha256_hex(&data), data.len() as u64);
                     d.annotations.insert(CHUNK_NAME.into(), c.hash.clone());
+                    let n = data.len() as u64;
                     if self.has_blob(reference, &d.digest).await? {
+                        meter.add(n);
                         return Ok::<_, Error>((d, 0));
                     }
-                    let n = data.len() as u64;
                     self.client
                         .push_blob(reference, data, &d.digest)
                         .await
                         .map_err(|e| self.error(STAGE, "push a chunk", e))?;
+                    meter.add(n);
                     Ok((d, n))
                 }
             })
@@ -510,7 +518,7 @@ impl ReleaseStore {
                     human_bytes(d.size)
                 }
                 RemoteArchive::Chunked { index, chunks } => {
-                    self.pull_chunks(home, remote, &reference, index, chunks)
+                    self.pull_chunks(home, remote, &reference, index, chunks, log)
                         .await?
                 }
             };
@@ -543,6 +551,7 @@ impl ReleaseStore {
         reference: &Reference,
         index_blob: &Descriptor,
         blobs: &BTreeMap<String, Descriptor>,
+        log: &Log,
     ) -> Result<String> {
         const STAGE: &str = "pull release";
         let id = &remote.record.id;
@@ -570,6 +579,13 @@ impl ReleaseStore {
             .collect();
         let (have, wanted) = (seen.len() - missing.len(), seen.len());
         let store_ref = &store;
+        let total = missing
+            .iter()
+            .filter_map(|c| blobs.get(&c.hash))
+            .map(|d| d.size)
+            .sum();
+        let meter = log.meter("release", Unit::Bytes, Some(total));
+        let meter = &meter;
         let got: Vec<(u64, std::path::PathBuf)> = futures_util::stream::iter(missing)
             .map(|c| async move {
                 let d = blobs
@@ -595,7 +611,10 @@ impl ReleaseStore {
                 .await
                 .map_err(|e| Error::failed(STAGE, e.to_string()))?
                 .map_err(tampered)
-                .map(|n| (n, kept))
+                .map(|n| {
+                    meter.add(n);
+                    (n, kept)
+                })
             })
             .buffer_unordered(PARALLEL)
             .try_collect()

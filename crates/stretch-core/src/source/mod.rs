@@ -96,7 +96,14 @@ pub fn pull_all(system: &System, home: &Home, log: &Log) -> Result<(Vec<Pulled>,
     }
     let merged = buffer.join("merged");
     let marks_file = buffer.join("merged.blobs");
-    let synced = path::sync_tree(&layers, &merged, &tree::load_marks(&marks_file))?;
+    let meter = log.meter("sources", crate::log::Unit::Files, None);
+    let synced = path::sync_tree_with(
+        &layers,
+        &merged,
+        &tree::load_marks(&marks_file),
+        Some(&meter),
+    )?;
+    meter.finish();
     tree::save_marks(&marks_file, &synced.marks)?;
     let tree = Tree::new(merged, mirrors, synced, marks_file);
     // The build files are read by name: written now, in one pass.

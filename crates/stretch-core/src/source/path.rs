@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use super::git::Listed;
 use super::io_error;
 use super::tree::{GitFile, Marks, SourceFile};
+use crate::log::Meter;
 use crate::{Error, Result};
 
 /// One layer of the build tree: a folder (a `path:` source where it is) or a git
@@ -148,12 +149,26 @@ fn put_listed(
 /// outside its layer fails. Files already linked stay; git files `marks` says are
 /// there, unchanged, stay; other files are removed.
 pub fn sync_tree(layers: &[Layer], to: &Path, marks: &Marks) -> Result<Synced> {
+    sync_tree_with(layers, to, marks, None)
+}
+
+/// [`sync_tree`], counting on `meter` the entries of the sources read, then the
+/// entries of the tree brought in line (of all it holds).
+pub fn sync_tree_with(
+    layers: &[Layer],
+    to: &Path,
+    marks: &Marks,
+    meter: Option<&Meter>,
+) -> Result<Synced> {
     use walkdir::DirEntryExt;
     let mut want: BTreeMap<PathBuf, Want> = BTreeMap::new();
     for (i, layer) in layers.iter().enumerate() {
         let context = |e: Error| e.context(&format!("source `{}`", layer.name));
         if let Some((mirror, listed)) = &layer.listed {
             put_listed(&mut want, i, *mirror, listed).map_err(context)?;
+            if let Some(m) = meter {
+                m.add(listed.len() as u64);
+            }
             continue;
         }
         let walker = walkdir::WalkDir::new(&layer.root)
@@ -175,6 +190,9 @@ pub fn sync_tree(layers: &[Layer], to: &Path, marks: &Marks) -> Result<Synced> {
                 .strip_prefix(&layer.root)
                 .unwrap_or(entry.path())
                 .to_path_buf();
+            if let Some(m) = meter {
+                m.add(1);
+            }
             let ft = entry.file_type();
             let (kind, target) = if ft.is_dir() {
                 (Kind::Dir, None)
@@ -215,6 +233,11 @@ pub fn sync_tree(layers: &[Layer], to: &Path, marks: &Marks) -> Result<Synced> {
         }
     }
 
+    // The sources are read: from now on the meter counts the tree's entries.
+    if let Some(m) = meter {
+        m.set_total(want.len() as u64);
+        m.set(0);
+    }
     // Remove from `to` what is not as wanted; note what is.
     fs::create_dir_all(to).map_err(|e| io_error("create", to, e))?;
     let mut walker = walkdir::WalkDir::new(to)
@@ -226,6 +249,9 @@ pub fn sync_tree(layers: &[Layer], to: &Path, marks: &Marks) -> Result<Synced> {
             .map_err(|e| Error::failed("pull", format!("cannot walk `{}`: {e}", to.display())))?;
         let rel = entry.path().strip_prefix(to).unwrap_or(entry.path());
         let ft = entry.file_type();
+        if let Some(m) = meter {
+            m.add(1);
+        }
         let keep = match want.get_mut(rel) {
             Some(w) if w.kind == Kind::Dir && ft.is_dir() => {
                 w.present = true;
@@ -265,6 +291,11 @@ pub fn sync_tree(layers: &[Layer], to: &Path, marks: &Marks) -> Result<Synced> {
     // they are, listed.
     let mut synced = Synced::default();
     for (rel, w) in &want {
+        if !w.present
+            && let Some(m) = meter
+        {
+            m.add(1);
+        }
         if let Some(g) = &w.git {
             if w.present
                 && let Some(m) = marks.get(rel)

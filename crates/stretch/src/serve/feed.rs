@@ -5,7 +5,8 @@
 //! polls the store for new lines, renders each as a Server-Sent Event once, and keeps
 //! them in memory; every follower copies what it has not sent yet from there. Twenty
 //! followers of one run cost one SQLite query per poll and one rendering per line, not
-//! twenty. The feed (and its memory) goes away with its last follower.
+//! twenty. The feed (and its memory) goes away with its last follower. A run this
+//! server runs also has `progress` events (its bars, as rows), latest only.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -45,6 +46,8 @@ struct FeedState {
     lines: Vec<(i64, Bytes)>,
     /// The `end` event, once the run has finished.
     end: Option<Bytes>,
+    /// The latest `progress` event of a run this server runs, and its count.
+    progress: Option<(u64, Bytes)>,
 }
 
 impl Feeds {
@@ -72,6 +75,7 @@ impl Feeds {
 /// Read new lines of `run` into its feed until the run ends or nobody follows.
 async fn poll(st: Shared, run: i64, feed: Weak<Feed>) {
     let mut after = 0;
+    let mut progress_seen = 0;
     loop {
         if feed.strong_count() == 0 {
             return;
@@ -142,10 +146,20 @@ async fn poll(st: Shared, run: i64, feed: Weak<Feed>) {
             Err(_) => (Vec::new(), Some(end_event(&json!({"status": "unknown"})))),
         };
         let (got_lines, ended) = (!rendered.is_empty(), end.is_some());
-        if got_lines || ended {
+        // Progress lives only in this server's memory, and only the latest counts.
+        let progress = st.jobs.progress(run).filter(|(n, _)| *n != progress_seen);
+        if let Some((n, _)) = &progress {
+            progress_seen = *n;
+        }
+        let progress = progress
+            .map(|(n, rows)| (n, Bytes::from(format!("event: progress\ndata: {rows}\n\n"))));
+        if got_lines || ended || progress.is_some() {
             if let Ok(mut s) = f.state.lock() {
                 s.lines.extend(rendered);
                 s.end = end;
+                if progress.is_some() {
+                    s.progress = progress;
+                }
             }
             f.version.send_modify(|v| *v += 1);
         }
@@ -170,6 +184,8 @@ struct Follower {
     changes: watch::Receiver<u64>,
     /// The seq of the last line sent (or to resume after).
     after: i64,
+    /// The count of the last progress sent.
+    progress: u64,
     done: bool,
 }
 
@@ -181,6 +197,7 @@ pub fn follow(st: &Shared, run: i64, after: i64) -> Response {
         feed,
         changes,
         after,
+        progress: 0,
         done: false,
     };
     let stream = futures_util::stream::unfold(start, next_chunk);
@@ -224,6 +241,14 @@ async fn next_chunk(mut f: Follower) -> Option<(Result<Bytes, Infallible>, Follo
             } else {
                 None
             };
+            // The latest progress after the lines, once per change.
+            if let Some((n, p)) = &s.progress
+                && *n != f.progress
+                && end.is_none()
+            {
+                chunk.extend_from_slice(p);
+                f.progress = *n;
+            }
             (chunk, end)
         };
         if !chunk.is_empty() {

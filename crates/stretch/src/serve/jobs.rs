@@ -23,6 +23,7 @@ use stretch_core::{Error, Result};
 use tokio::sync::oneshot;
 
 use super::Shared;
+use crate::progress::Board;
 
 /// What the server remembers of a run it ran, beyond the store: what a client watching
 /// it wants to know at the end (a build's `reused`, the error), including for a build
@@ -87,6 +88,8 @@ impl Outcome {
 pub struct Jobs {
     active: Mutex<HashSet<i64>>,
     outcomes: Mutex<HashMap<i64, Outcome>>,
+    /// What each running job's progress shows now, and a count of its changes.
+    progress: Mutex<HashMap<i64, (u64, Board)>>,
 }
 
 /// What starting a job gave.
@@ -100,6 +103,21 @@ pub enum Started {
 impl Jobs {
     pub fn outcome(&self, run: i64) -> Option<Outcome> {
         self.outcomes.lock().ok()?.get(&run).cloned()
+    }
+
+    /// The progress of a running job of this server: a count that grows with each
+    /// change, and its rows (as JSON).
+    pub fn progress(&self, run: i64) -> Option<(u64, serde_json::Value)> {
+        let p = self.progress.lock().ok()?;
+        p.get(&run).map(|(n, board)| (*n, board.to_json()))
+    }
+
+    fn track(&self, run: i64, event: &Event) {
+        if let Ok(mut p) = self.progress.lock() {
+            let (n, board) = p.entry(run).or_default();
+            board.apply(event);
+            *n += 1;
+        }
     }
 
     fn begin(&self, run: i64) {
@@ -116,6 +134,9 @@ impl Jobs {
         }
         if let Ok(mut a) = self.active.lock() {
             a.remove(&run);
+        }
+        if let Ok(mut p) = self.progress.lock() {
+            p.remove(&run);
         }
     }
 
@@ -372,6 +393,12 @@ impl RunFinder {
 impl Sink for RunFinder {
     fn event(&self, event: &Event) {
         let Event::RunStarted { run } = event else {
+            // Lines are in the store; the rest is what the run page draws live.
+            if !matches!(event, Event::Line { .. })
+                && let Some(run) = self.found()
+            {
+                self.jobs.jobs.track(run, event);
+            }
             return;
         };
         if let Ok(mut f) = self.found.lock() {

@@ -18,4 +18,5 @@ mod release_store;
 mod secrets;
 mod serve;
 mod snapshots;
+mod terminal;
 mod tls;

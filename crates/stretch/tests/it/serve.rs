@@ -250,10 +250,16 @@ impl Sse {
 
     /// Every line until the `end` event: `(lines, end)`.
     fn until_end(&mut self) -> (Vec<Value>, Value) {
+        self.until_end_with(&mut Vec::new())
+    }
+
+    /// [`Sse::until_end`], keeping the `progress` events in `progress`.
+    fn until_end_with(&mut self, progress: &mut Vec<Value>) -> (Vec<Value>, Value) {
         let mut lines = Vec::new();
         while let Some((kind, data)) = self.next() {
             match kind.as_str() {
                 "line" => lines.push(data),
+                "progress" => progress.push(data),
                 "end" => return (lines, data),
                 _ => {}
             }
@@ -538,13 +544,28 @@ fn build_through_the_api_while_a_follower_drops_the_log() {
     let run = start_build(&s);
     // One follower reads a few lines and hangs up; the build goes on.
     let mut quitter = Sse::open(&s.addr, run);
-    for _ in 0..3 {
-        assert_eq!(quitter.next().unwrap().0, "line");
+    let mut read = 0;
+    while read < 3 {
+        match quitter.next().unwrap().0.as_str() {
+            "line" => read += 1,
+            kind => assert_eq!(kind, "progress"),
+        }
     }
     drop(quitter);
     let mut sse = Sse::open(&s.addr, run);
-    let (lines, end) = sse.until_end();
+    let mut progress = Vec::new();
+    let (lines, end) = sse.until_end_with(&mut progress);
     assert_eq!(end["status"], "succeeded", "{end}");
+    // The bars of the running stage came along: the image's build steps at least.
+    let rows: Vec<&Value> = progress
+        .iter()
+        .flat_map(|p| p["rows"].as_array().unwrap())
+        .collect();
+    assert!(
+        rows.iter()
+            .any(|r| r["label"] == "image web" && r["text"].as_str().unwrap().starts_with("step ")),
+        "no image steps in {progress:#?}"
+    );
     let texts: Vec<&str> = lines.iter().map(|l| l["text"].as_str().unwrap()).collect();
     for want in [
         "==> pull",

@@ -113,7 +113,7 @@ impl Session {
     }
 }
 
-fn is_engine_build_line(line: &str) -> bool {
+pub fn is_engine_build_line(line: &str) -> bool {
     let l = line.trim_start();
     [
         "Step ",
@@ -127,7 +127,7 @@ fn is_engine_build_line(line: &str) -> bool {
 
 /// Replace runs of 12 or more hex digits (image and config versions, fingerprints)
 /// with `<hex>`.
-fn hex_runs(text: &str) -> String {
+pub fn hex_runs(text: &str) -> String {
     let mut out = String::new();
     let mut run = String::new();
     for c in text.chars().chain(std::iter::once(' ')) {
@@ -148,7 +148,7 @@ fn hex_runs(text: &str) -> String {
 }
 
 /// RFC 3339 times become `<time>`, durations like `1.23s` become `<secs>`.
-fn fixed_times(text: &str) -> String {
+pub fn fixed_times(text: &str) -> String {
     let b = text.as_bytes();
     let mut out = String::new();
     let mut i = 0;
