@@ -241,7 +241,7 @@ async fn plan(
     };
     let release = release.record;
     let cfg = super::release_config(home, &release.id, identity)?;
-    let buffers = Buffers::new(home, env_name);
+    let buffers = Buffers::new(home, env_name).withholding(specs::tls_keys(system));
     buffers.ensure_existing(home, &release, &cfg, log)?;
     // Same release and deploy context as the deploy: only the environment differs.
     let targets = specs::build(

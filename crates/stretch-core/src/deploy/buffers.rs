@@ -19,6 +19,8 @@ use crate::{Error, Result};
 
 pub struct Buffers {
     dir: PathBuf,
+    /// Decrypted files never written here: groups' TLS keys (read from memory).
+    withheld: std::collections::BTreeSet<String>,
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -32,7 +34,14 @@ impl Buffers {
     pub fn new(home: &Home, env: &str) -> Buffers {
         Buffers {
             dir: super::environment_dir(home, env),
+            withheld: Default::default(),
         }
+    }
+
+    /// Keep these decrypted files out of the buffers.
+    pub fn withholding(mut self, paths: std::collections::BTreeSet<String>) -> Buffers {
+        self.withheld = paths;
+        self
     }
 
     pub fn new_dir(&self) -> PathBuf {
@@ -77,6 +86,9 @@ impl Buffers {
     fn reveal(&self, cfg: &ReleaseConfig, buffer: &str) -> Result<()> {
         let dir = self.dir.join(buffer);
         for (path, data) in &cfg.files {
+            if self.withheld.contains(path) {
+                continue;
+            }
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(data)
                 .map_err(|e| {

@@ -276,7 +276,7 @@ async fn execute(
     log: &Log,
 ) -> Result<()> {
     let env = environment(system, &plan.env_name)?;
-    let buffers = buffers::Buffers::new(home, &plan.env_name);
+    let buffers = buffers::Buffers::new(home, &plan.env_name).withholding(specs::tls_keys(system));
     let fleet = Fleet::new(system, &plan.env_name, env, home, &plan.token)?;
     let identity = req.release_identity.as_deref();
     let release = &plan.release.record;

@@ -114,6 +114,17 @@ pub fn release_ref(r: &ReleaseRecord) -> ReleaseRef {
     }
 }
 
+/// The TLS key paths of every group of the system: decrypted, they stay in memory.
+pub fn tls_keys(system: &System) -> std::collections::BTreeSet<String> {
+    system
+        .spec
+        .environments
+        .values()
+        .flat_map(|e| e.groups.values())
+        .filter_map(|g| g.tls.as_ref()?.key.clone())
+        .collect()
+}
+
 /// A group's HTTPS as its agents take it: the certificate and key read from the
 /// release (a decrypted `*.age` file first, kept in memory), or where ACME is asked.
 fn tls_spec(
