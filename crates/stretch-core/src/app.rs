@@ -395,7 +395,15 @@ async fn rolling(
                     let r = async {
                         let client = fleet.client(&t.host, &t.agent)?;
                         match client.current_spec(key).await? {
-                            Some(spec) => client.restart(&spec).await.map(Some),
+                            Some(spec) => crate::deploy::watched(
+                                &client,
+                                key,
+                                &t.host,
+                                log,
+                                client.restart(&spec),
+                            )
+                            .await
+                            .map(Some),
                             None => Ok(None),
                         }
                     }

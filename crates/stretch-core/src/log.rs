@@ -87,8 +87,18 @@ pub enum HostState {
     Ready,
     /// Waiting for its batch.
     Waiting,
+    /// Its agent pulls the image: bytes so far, of the layer sizes known so far.
+    Pulling {
+        done: u64,
+        total: u64,
+    },
     /// Starting the new instances and checking their health.
     Switching,
+    /// New instances started; `healthy` of `of` passed their health check.
+    Checking {
+        healthy: u32,
+        of: u32,
+    },
     Switched,
     /// Why it failed.
     Failed(String),
@@ -101,7 +111,16 @@ impl std::fmt::Display for HostState {
             HostState::Preparing => f.write_str("pulling image"),
             HostState::Ready => f.write_str("ready"),
             HostState::Waiting => f.write_str("waiting"),
+            HostState::Pulling { done, total } if *total > 0 => write!(
+                f,
+                "pulling {} % ({:.1} of {:.1} MB)",
+                done * 100 / total,
+                *done as f64 / 1e6,
+                *total as f64 / 1e6
+            ),
+            HostState::Pulling { .. } => f.write_str("pulling image"),
             HostState::Switching => f.write_str("starting, health-checking"),
+            HostState::Checking { healthy, of } => write!(f, "health-checking {healthy}/{of}"),
             HostState::Switched => f.write_str("switched"),
             HostState::Failed(why) => write!(f, "failed: {why}"),
             HostState::SwitchedBack => f.write_str("switched back"),
@@ -387,6 +406,19 @@ impl Sink for Memory {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn host_states_say_how_far() {
+        let pulling = HostState::Pulling {
+            done: 12_300_000,
+            total: 36_100_000,
+        };
+        assert_eq!(pulling.to_string(), "pulling 34 % (12.3 of 36.1 MB)");
+        let unknown = HostState::Pulling { done: 0, total: 0 };
+        assert_eq!(unknown.to_string(), "pulling image");
+        let checking = HostState::Checking { healthy: 2, of: 3 };
+        assert_eq!(checking.to_string(), "health-checking 2/3");
+    }
+
     use super::*;
 
     fn progress(events: &[Event]) -> Vec<&Progress> {

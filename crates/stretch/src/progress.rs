@@ -150,7 +150,11 @@ impl Board {
         for h in &self.hosts {
             if matches!(
                 h.state,
-                HostState::Preparing | HostState::Switching | HostState::Failed(_)
+                HostState::Preparing
+                    | HostState::Pulling { .. }
+                    | HostState::Switching
+                    | HostState::Checking { .. }
+                    | HostState::Failed(_)
             ) {
                 rows.push(host_row(&h.group, &h.name, &h.state));
             }
@@ -189,7 +193,13 @@ fn host_row(group: &str, host: &str, state: &HostState) -> Row {
         key: format!("host {group}/{host}"),
         label: format!("{host} ({group})"),
         text: state.to_string(),
-        percent: None,
+        percent: match state {
+            HostState::Pulling { done, total } if *total > 0 => Some(done * 100 / total),
+            HostState::Checking { healthy, of } if *of > 0 => {
+                Some(u64::from(*healthy) * 100 / u64::from(*of))
+            }
+            _ => None,
+        },
         counter: None,
         failed: matches!(state, HostState::Failed(_)),
     }

@@ -10,6 +10,7 @@
 //! | `DELETE …/{group}`                      |               | 204                    |
 //! | `GET …/{group}`                         |               | [`GroupSpec`] (current)|
 //! | `POST …/{group}/restart`                |               | [`GroupStatus`]        |
+//! | `GET …/{group}/activity`                |               | [`GroupActivity`]      |
 //! | `GET …/{group}/logs?…` ([`LogQuery`])   |               | [`LogLine`] per line (NDJSON, streamed) |
 //! | `POST …/{group}/exec` (upgrade)         | [`ExecRequest`] | 101, then [`exec`] frames |
 //! | `POST /v1/leases/{system}/{env}`        | [`LeaseRequest`] | [`LeaseGrant`]      |
@@ -205,6 +206,23 @@ impl std::fmt::Debug for TlsSpec {
                 .finish(),
         }
     }
+}
+
+/// What an agent is doing to a group right now, for progress displays: pulling its
+/// image (bytes of the layers known so far) or starting and checking instances.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupActivity {
+    /// `pulling`, `checking`, or `idle`.
+    pub phase: String,
+    #[serde(default)]
+    pub bytes_done: u64,
+    #[serde(default)]
+    pub bytes_total: u64,
+    /// Instances that passed their health check, of `instances`.
+    #[serde(default)]
+    pub healthy: u32,
+    #[serde(default)]
+    pub instances: u32,
 }
 
 /// The certificate a group's port presents, as `status` shows it.

@@ -250,6 +250,17 @@ impl AgentClient {
             .await
     }
 
+    /// `GET …/activity`: what the agent is doing to the group now (bounded to 1 s:
+    /// it only feeds progress displays).
+    pub async fn activity(
+        &self,
+        key: &GroupKey,
+    ) -> Result<crate::agent::api::GroupActivity, AgentError> {
+        let path = format!("{}/activity", key.path());
+        self.call(Method::GET, &path, None::<&()>, Duration::from_secs(1))
+            .await
+    }
+
     /// The spec a group runs now (`None`: it runs nothing on this host).
     pub async fn current_spec(&self, key: &GroupKey) -> Result<Option<GroupSpec>, AgentError> {
         let (status, body) = self

@@ -481,17 +481,22 @@ async fn converge(
                     return (a, Err(e));
                 }
             };
-            let r = match (a.kind, new) {
-                (ActionKind::Start, Some(spec)) => super::put_and_switch(&client, &spec).await,
-                (ActionKind::Replace, Some(mut spec)) => {
-                    // The image is already on this host: nothing to pull.
-                    spec.pull = false;
-                    super::put_and_switch(&client, &spec).await
+            let r = super::watched(&client, &key, &a.host, log, async {
+                match (a.kind, new) {
+                    (ActionKind::Start, Some(spec)) => super::put_and_switch(&client, &spec).await,
+                    (ActionKind::Replace, Some(mut spec)) => {
+                        // The image is already on this host: nothing to pull.
+                        spec.pull = false;
+                        super::put_and_switch(&client, &spec).await
+                    }
+                    (ActionKind::Reload, Some(spec)) => {
+                        client.update_config(&spec).await.map(|_| ())
+                    }
+                    (ActionKind::Stop, _) => client.remove_group(&key).await,
+                    _ => Ok(()),
                 }
-                (ActionKind::Reload, Some(spec)) => client.update_config(&spec).await.map(|_| ()),
-                (ActionKind::Stop, _) => client.remove_group(&key).await,
-                _ => Ok(()),
-            };
+            })
+            .await;
             log.host(
                 &a.group,
                 &a.host,

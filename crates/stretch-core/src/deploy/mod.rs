@@ -518,6 +518,35 @@ async fn rollout(
     .await
 }
 
+/// Run `call`, a request to `client` about `key` on `host`, asking the agent every
+/// 300 ms what it is doing (pull bytes, instances healthy), reported as host states.
+pub(crate) async fn watched<T>(
+    client: &crate::agent::client::AgentClient,
+    key: &crate::agent::api::GroupKey,
+    host: &str,
+    log: &Log,
+    call: impl std::future::Future<Output = T>,
+) -> T {
+    let mut call = std::pin::pin!(call);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(300));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            r = &mut call => return r,
+            _ = tick.tick() => {
+                let Ok(a) = client.activity(key).await else { continue };
+                let state = match a.phase.as_str() {
+                    "pulling" => HostState::Pulling { done: a.bytes_done, total: a.bytes_total },
+                    "checking" => HostState::Checking { healthy: a.healthy, of: a.instances },
+                    _ => continue,
+                };
+                log.host(&key.group, host, state);
+            }
+        }
+    }
+}
+
 /// Send every target its spec (agents pull images). One host's groups go one after
 /// another over its one connection; hosts go in parallel.
 async fn push(targets: &[HostGroup], fleet: &Fleet, log: &Log) -> Result<()> {
@@ -533,7 +562,7 @@ async fn push(targets: &[HostGroup], fleet: &Fleet, log: &Log) -> Result<()> {
         for t in ts {
             log.host(&t.spec.key.group, &t.host, HostState::Preparing);
             let r = match fleet.client(&t.host, &t.agent) {
-                Ok(c) => c.put_spec(&t.spec).await,
+                Ok(c) => watched(&c, &t.spec.key, &t.host, log, c.put_spec(&t.spec)).await,
                 Err(e) => Err(e),
             };
             log.host(
@@ -623,7 +652,9 @@ async fn change_release(
                 };
                 log.host(&t.spec.key.group, &t.host, HostState::Switching);
                 let r = match fleet.client(&t.host, &t.agent) {
-                    Ok(c) => c.switch(&t.spec.key, &req).await,
+                    Ok(c) => {
+                        watched(&c, &t.spec.key, &t.host, log, c.switch(&t.spec.key, &req)).await
+                    }
                     Err(e) => Err(e),
                 };
                 log.host(

@@ -95,6 +95,18 @@ impl Docker {
     /// Pull `reference` from its registry, logging one line per finished layer.
     /// Returns the image id. `auth`: the login for its registry, when there is one.
     pub async fn pull(&self, reference: &str, auth: Option<&Lookup>, log: &Log) -> Result<String> {
+        self.pull_reporting(reference, auth, log, &|_, _| {}).await
+    }
+
+    /// Like [`Docker::pull`], calling `bytes(done, total)` as layers download (the
+    /// total grows as the engine learns the layers' sizes).
+    pub async fn pull_reporting(
+        &self,
+        reference: &str,
+        auth: Option<&Lookup>,
+        log: &Log,
+        bytes: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<String> {
         let (repo, tag) = split_reference(reference);
         let options = CreateImageOptions {
             from_image: Some(repo.to_string()),
@@ -126,6 +138,10 @@ impl Docker {
             })?;
             if let Some(line) = progress.update(&info) {
                 log.line(line);
+            }
+            if progress.track(&info) {
+                let (done, total) = progress.bytes();
+                bytes(done, total);
             }
         }
         self.image_id(reference).await?.ok_or_else(|| {
@@ -373,9 +389,37 @@ impl Docker {
 struct PullProgress {
     done: usize,
     last: Option<String>,
+    /// Per layer: bytes downloaded, size.
+    layers: std::collections::BTreeMap<String, (u64, u64)>,
 }
 
 impl PullProgress {
+    /// Note a layer's download progress; whether the byte counts changed.
+    fn track(&mut self, info: &CreateImageInfo) -> bool {
+        let (Some(layer), Some(status)) = (info.id.as_deref(), info.status.as_deref()) else {
+            return false;
+        };
+        let detail = info.progress_detail.as_ref();
+        let current = detail.and_then(|d| d.current).unwrap_or(0).max(0) as u64;
+        let total = detail.and_then(|d| d.total).unwrap_or(0).max(0) as u64;
+        let entry = self.layers.entry(layer.to_string()).or_insert((0, 0));
+        let before = *entry;
+        match status.trim() {
+            "Downloading" if total > 0 => *entry = (current.min(total), total),
+            "Download complete" | "Pull complete" | "Already exists" | "Extracting" => {
+                entry.0 = entry.1
+            }
+            _ => {}
+        }
+        *entry != before
+    }
+
+    fn bytes(&self) -> (u64, u64) {
+        self.layers
+            .values()
+            .fold((0, 0), |(d, t), (ld, lt)| (d + ld, t + lt))
+    }
+
     fn update(&mut self, info: &CreateImageInfo) -> Option<String> {
         let status = info.status.as_deref()?.trim();
         let layer = info.id.as_deref().unwrap_or("");
@@ -412,6 +456,30 @@ mod tests {
         fn drop(&mut self) {
             let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
         }
+    }
+
+    #[test]
+    fn pull_bytes_are_summed_over_layers() {
+        let info = |id: &str, status: &str, current: i64, total: i64| CreateImageInfo {
+            id: Some(id.into()),
+            status: Some(status.into()),
+            progress_detail: Some(bollard::models::ProgressDetail {
+                current: Some(current),
+                total: Some(total),
+            }),
+            ..Default::default()
+        };
+        let mut p = PullProgress::default();
+        assert!(!p.track(&info("a", "Pulling fs layer", 0, 0)));
+        assert!(p.track(&info("a", "Downloading", 100, 1000)));
+        assert!(p.track(&info("b", "Downloading", 50, 500)));
+        assert_eq!(p.bytes(), (150, 1500));
+        assert!(p.track(&info("a", "Download complete", 0, 0)));
+        assert_eq!(p.bytes(), (1050, 1500));
+        // A layer the engine already had counts as nothing to fetch.
+        assert!(!p.track(&info("c", "Already exists", 0, 0)));
+        assert!(p.track(&info("b", "Pull complete", 0, 0)));
+        assert_eq!(p.bytes(), (1500, 1500));
     }
 
     #[tokio::test]

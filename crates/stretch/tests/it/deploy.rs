@@ -685,3 +685,41 @@ fn a_looping_template_fails_the_deploy_and_changes_nothing() {
     let status = w.ctx.run(&["status", "production", "--json"]).ok();
     assert!(status.stdout.contains(&r1), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_says_how_far_a_switch_got() {
+    let w = World::new("activity", 1, false);
+    w.build();
+    w.ctx.run(&["deploy", "production"]).ok();
+    let key = stretch_core::agent::api::GroupKey {
+        system: w.system.clone(),
+        environment: "production".into(),
+        group: "web".into(),
+    };
+    let client = w.agents[0].client();
+    assert_eq!(client.activity(&key).await.unwrap().phase, "idle");
+
+    // The next release takes 2 s to start: the agent reports its health checks.
+    w.ctx.write("app/www/delay", "2\n");
+    w.next_release(2);
+    let mut deploy = w
+        .ctx
+        .command(&["deploy", "production"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = None;
+    for _ in 0..200 {
+        let a = client.activity(&key).await.unwrap();
+        if a.phase == "checking" {
+            seen = Some(a);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(deploy.wait().unwrap().success());
+    let seen = seen.expect("the switch was never seen checking health");
+    assert_eq!((seen.instances, seen.healthy), (1, 0));
+    assert_eq!(client.activity(&key).await.unwrap().phase, "idle");
+}

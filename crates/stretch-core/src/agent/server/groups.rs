@@ -22,7 +22,8 @@ use super::proxy::{Pool, Upstream, drain};
 use super::state::{DataDir, GroupRecord, InstanceRecord};
 use super::{ApiError, ApiResult};
 use crate::agent::api::{
-    GroupKey, GroupSpec, GroupStatus, InstanceStatus, MAX_INSTANCES, Prepared, Switch, TlsSpec,
+    GroupActivity, GroupKey, GroupSpec, GroupStatus, InstanceStatus, MAX_INSTANCES, Prepared,
+    Switch, TlsSpec,
 };
 use crate::docker::Docker;
 use crate::log::Log;
@@ -63,6 +64,8 @@ pub struct Agent {
     pub groups: Mutex<HashMap<GroupKey, Arc<Group>>>,
     /// Who may change each environment now (see [`super::leases`]).
     pub leases: super::leases::Leases,
+    /// What is being done to each group now (pulls, health checks), for progress.
+    pub activity: Mutex<HashMap<GroupKey, GroupActivity>>,
     /// Slots for log streams and exec sessions (see `logs.rs`, `exec.rs`).
     pub log_streams: Arc<tokio::sync::Semaphore>,
     pub exec_sessions: Arc<tokio::sync::Semaphore>,
@@ -88,6 +91,24 @@ impl Agent {
                 })
             })
             .clone()
+    }
+
+    pub fn activity_of(&self, key: &GroupKey) -> GroupActivity {
+        let activity = self.activity.lock().unwrap_or_else(|e| e.into_inner());
+        activity.get(key).cloned().unwrap_or_else(|| GroupActivity {
+            phase: "idle".into(),
+            ..GroupActivity::default()
+        })
+    }
+
+    fn set_activity(&self, key: &GroupKey, change: impl FnOnce(&mut GroupActivity)) {
+        let mut activity = self.activity.lock().unwrap_or_else(|e| e.into_inner());
+        change(activity.entry(key.clone()).or_default());
+    }
+
+    fn clear_activity(&self, key: &GroupKey) {
+        let mut activity = self.activity.lock().unwrap_or_else(|e| e.into_inner());
+        activity.remove(key);
     }
 
     pub fn record(&self, key: &GroupKey) -> Option<GroupRecord> {
@@ -140,7 +161,10 @@ impl Agent {
         // The pull runs outside the group's lock: it changes nothing of the group.
         let image_id = if spec.pull {
             self.say(&key, format!("pulling {}", spec.image));
-            self.pull(&spec.image).await?
+            self.set_activity(&key, |a| a.phase = "pulling".into());
+            let pulled = self.pull_reporting(&key, &spec.image).await;
+            self.clear_activity(&key);
+            pulled?
         } else {
             self.docker.image_id(&spec.image).await?.ok_or_else(|| {
                 Error::failed(
@@ -452,7 +476,20 @@ impl Agent {
         }
 
         // 2. Wait until they are healthy.
-        if let Err(e) = inst.wait_healthy(&spec, &started).await {
+        self.set_activity(&key, |a| {
+            *a = GroupActivity {
+                phase: "checking".into(),
+                instances: started.len() as u32,
+                ..GroupActivity::default()
+            }
+        });
+        let healthy = inst
+            .wait_healthy_reporting(&spec, &started, &|n| {
+                self.set_activity(&key, |a| a.healthy = n)
+            })
+            .await;
+        self.clear_activity(&key);
+        if let Err(e) = healthy {
             self.say(&key, format!("switch failed: {e}"));
             self.undo(&started, &reused, &spec).await;
             return Err(e.into());
@@ -614,6 +651,21 @@ impl Agent {
             None => self.pull(&spec.image).await?,
         };
         self.verify_image(spec, &id).await
+    }
+
+    /// [`Agent::pull`], its bytes noted as the group's activity.
+    async fn pull_reporting(&self, key: &GroupKey, image: &str) -> Result<String> {
+        let registry = crate::docker::registry_of(image);
+        let auth = crate::docker::auth::lookup(registry, self.docker_config.as_deref())?;
+        let note = |done: u64, total: u64| {
+            self.set_activity(key, |a| {
+                a.bytes_done = done;
+                a.bytes_total = total;
+            })
+        };
+        self.docker
+            .pull_reporting(image, Some(&auth), &self.log, &note)
+            .await
     }
 
     /// Pull with this host's own login for the image's registry.

@@ -169,10 +169,23 @@ impl Instances<'_> {
 
     /// Wait until every instance is healthy, at most `health.timeout_ms` in all. An
     /// instance without a port is healthy while its container runs (checked twice,
-    /// one interval apart, so that one that crashes at once fails).
-    pub async fn wait_healthy(&self, spec: &GroupSpec, instances: &[InstanceRecord]) -> Result<()> {
+    /// one interval apart, so that one that crashes at once fails). `healthy(n)` is
+    /// called each time one more passes.
+    pub async fn wait_healthy_reporting(
+        &self,
+        spec: &GroupSpec,
+        instances: &[InstanceRecord],
+        healthy: &(dyn Fn(u32) + Send + Sync),
+    ) -> Result<()> {
         let deadline = Instant::now() + Duration::from_millis(spec.health.timeout_ms);
-        let waits = instances.iter().map(|i| self.wait_one(spec, i, deadline));
+        let passed = std::sync::atomic::AtomicU32::new(0);
+        let waits = instances.iter().map(|i| async {
+            let r = self.wait_one(spec, i, deadline).await;
+            if r.is_ok() {
+                healthy(passed.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+            }
+            r
+        });
         for result in futures_util::future::join_all(waits).await {
             result?;
         }

@@ -144,6 +144,7 @@ pub async fn serve(
         health: health::client(),
         records: Mutex::new(records),
         groups: Mutex::new(HashMap::new()),
+        activity: Mutex::new(HashMap::new()),
         log_streams: Arc::new(tokio::sync::Semaphore::new(logs::MAX_STREAMS)),
         exec_sessions: Arc::new(tokio::sync::Semaphore::new(exec::MAX_SESSIONS)),
     });
@@ -166,6 +167,7 @@ pub async fn serve(
         .route(&format!("{group}/switch"), post(switch))
         .route(&format!("{group}/config"), post(config_update))
         .route(&format!("{group}/restart"), post(restart))
+        .route(&format!("{group}/activity"), get(group_activity))
         .route(&format!("{group}/logs"), get(group_logs))
         .route(&format!("{group}/exec"), post(group_exec))
         .fallback(not_found)
@@ -439,6 +441,10 @@ async fn release_lease(
         }
         Err(e) => e.into_response(),
     }
+}
+
+async fn group_activity(State(agent): Shared, Path(p): GroupPath) -> Response {
+    axum::Json(agent.activity_of(&key(p))).into_response()
 }
 
 async fn get_spec(State(agent): Shared, Path(p): GroupPath) -> Response {
