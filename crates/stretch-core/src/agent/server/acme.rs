@@ -17,8 +17,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, ChallengeType, Identifier,
-    NewAccount, NewOrder, OrderStatus, RetryPolicy,
+    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, BytesResponse, ChallengeType,
+    HttpClient, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
 
 use super::certs::{served_from_pem, uncovered};
@@ -72,7 +72,29 @@ pub struct Acme {
     orders: tokio::sync::Mutex<()>,
 }
 
-type Https = Client<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>;
+/// Our HTTPS client, as instant-acme's transport.
+struct Https(Client<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>);
+
+impl HttpClient for Https {
+    fn request(
+        &self,
+        req: hyper::Request<BodyWrapper<Bytes>>,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = std::result::Result<BytesResponse, instant_acme::Error>,
+                > + Send,
+        >,
+    > {
+        let sent = self.0.request(req);
+        Box::pin(async move {
+            match sent.await {
+                Ok(resp) => Ok(BytesResponse::from(resp)),
+                Err(e) => Err(instant_acme::Error::Other(Box::new(e))),
+            }
+        })
+    }
+}
 
 fn acme_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::failed("acme", format!("{what}: {e}"))
@@ -344,7 +366,9 @@ fn https_client() -> Result<Https> {
         .https_only()
         .enable_http1()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new()).build(connector))
+    Ok(Https(
+        Client::builder(TokioExecutor::new()).build(connector),
+    ))
 }
 
 #[cfg(test)]
