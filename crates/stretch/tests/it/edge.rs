@@ -256,6 +256,11 @@ fn two_systems_share_an_https_port_by_name() {
     let r1 = shop.build();
     shop.ctx.run(&["deploy", "production"]).ok();
     let addr = format!("{ip}:{}", shop.listen);
+    let page = |name: &str| {
+        https(&addr, Some(name), None, Some(&pki.ca_pem), "/index.html")
+            .unwrap()
+            .1
+    };
 
     // The key was never written in clear in the home.
     let key_line = key.lines().nth(1).unwrap().to_string();
@@ -391,30 +396,8 @@ fn two_systems_share_an_https_port_by_name() {
         )),
         "{out}"
     );
-    assert_eq!(
-        https(
-            &addr,
-            Some("shop.test"),
-            None,
-            Some(&pki.ca_pem),
-            "/index.html"
-        )
-        .unwrap()
-        .1,
-        shop.body(&r1, 0)
-    );
-    assert_eq!(
-        https(
-            &addr,
-            Some("blog.test"),
-            None,
-            Some(&pki.ca_pem),
-            "/index.html"
-        )
-        .unwrap()
-        .1,
-        "the blog\n"
-    );
+    assert_eq!(page("shop.test"), shop.body(&r1, 0));
+    assert_eq!(page("blog.test"), "the blog\n");
     // Two groups of one system claiming a name: refused when the file is read.
     let good = std::fs::read_to_string(shop.ctx.path().join("system.yml")).unwrap();
     shop.ctx.write(
@@ -437,18 +420,7 @@ fn two_systems_share_an_https_port_by_name() {
     std::thread::sleep(Duration::from_millis(300));
     let (requests, _) = hammer.finish();
     assert!(requests > 10, "{requests}");
-    assert_eq!(
-        https(
-            &addr,
-            Some("shop.test"),
-            None,
-            Some(&pki.ca_pem),
-            "/index.html"
-        )
-        .unwrap()
-        .1,
-        shop.body(&r2, 0)
-    );
+    assert_eq!(page("shop.test"), shop.body(&r2, 0));
 
     // `status` shows each name with its certificate.
     let out = shop.ctx.run(&["status", "production"]).ok();
