@@ -271,7 +271,7 @@ impl Edge {
         self.http_port
     }
 
-    /// Serve `route` (replacing the group's earlier one). Ports are bound before
+    /// Serve `route` (replacing the group's earlier one). New ports are bound before
     /// anything changes: on error every route is as it was.
     pub async fn set(&self, route: Route) -> Result<Retired> {
         let mut state = self.state.lock().await;
@@ -297,6 +297,8 @@ impl Edge {
                     Some(p) => state.routes.insert(p.key.clone(), p),
                     None => state.routes.remove(&route.key),
                 };
+                // A port that was closed to switch protocols is opened again.
+                let _ = self.rebuild(&mut state).await;
                 Err(e)
             }
         }
@@ -387,7 +389,22 @@ impl Edge {
             t.http = true;
         }
 
-        // Bind the new ports first: a failure changes nothing.
+        // A port switching between HTTPS and plain HTTP needs a new listener on the same
+        // address: the old one closes first (its connections finish on their own).
+        let flipped: Vec<u16> = tables
+            .iter()
+            .filter(|(port, t)| {
+                state
+                    .ports
+                    .get(port)
+                    .is_some_and(|p| p.listener.tls != t.tls)
+            })
+            .map(|(port, _)| *port)
+            .collect();
+        for port in flipped {
+            state.ports.remove(&port);
+        }
+        // Bind the new ports first: a failure changes nothing (but a flipped port).
         let mut bound: Vec<(u16, Port)> = Vec::new();
         for (port, table) in &tables {
             let reuse = state
@@ -743,6 +760,11 @@ mod tests {
         assert_eq!(g("example.com"), None);
     }
 
+    fn free_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }
+
     /// A certificate for `names`, ready to serve.
     fn served(names: &[&str]) -> (Served, rustls::pki_types::CertificateDer<'static>) {
         let pair = rcgen::KeyPair::generate().unwrap();
@@ -802,6 +824,47 @@ mod tests {
         })
         .await
         .unwrap();
+        // The same group moving its port from plain HTTP to HTTPS and back.
+        let plain = |cert| Route {
+            key: key("flip"),
+            port: free_port(),
+            domains: vec![],
+            cert,
+            pool: pool.clone(),
+        };
+        let flip = plain(None);
+        let flip_port = flip.port;
+        edge.set(flip.clone()).await.unwrap();
+        let flip_addr = SocketAddr::new(addr.ip(), flip_port);
+        let (flip_served, flip_der) = served(&["flip.test"]);
+        edge.set(Route {
+            cert: Some(CertSlot::new(flip_served)),
+            ..flip.clone()
+        })
+        .await
+        .unwrap();
+        let mut over_tls = connect(flip_addr, "flip.test", &flip_der).await;
+        over_tls
+            .write_all(b"GET / HTTP/1.0\r\nHost: flip.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = over_tls.read_to_end(&mut out).await;
+        assert!(
+            out.starts_with(b"HTTP/1.0 200"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        edge.set(flip).await.unwrap();
+        let (status, _) = tokio::task::spawn_blocking(move || {
+            stretch_test::http_get(&flip_addr.to_string(), "/")
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(status, 200);
+        drop(edge.remove(&key("flip")).await);
+
         // Plain and HTTPS groups cannot share the port; nothing changes.
         let refused = edge
             .set(Route {
