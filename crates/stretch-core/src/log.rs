@@ -153,6 +153,12 @@ pub struct BatchProgress {
 /// Something that receives events.
 pub trait Sink: Send + Sync {
     fn event(&self, event: &Event);
+
+    /// Whether it shows progress (bars, host rows): work that only feeds progress,
+    /// such as asking agents how far they got, is skipped when no sink does.
+    fn wants_progress(&self) -> bool {
+        false
+    }
 }
 
 /// A cheap, clonable handle that stages write to.
@@ -183,6 +189,11 @@ impl Log {
             sinks: Arc::new(sinks),
             stage: self.stage.clone(),
         }
+    }
+
+    /// Whether any sink shows progress.
+    pub fn wants_progress(&self) -> bool {
+        self.sinks.iter().any(|s| s.wants_progress())
     }
 
     fn emit(&self, event: Event) {

@@ -149,6 +149,10 @@ impl Printer {
 }
 
 impl Sink for Printer {
+    fn wants_progress(&self) -> bool {
+        self.live.is_some() && self.verbosity != Verbosity::Quiet
+    }
+
     fn event(&self, event: &Event) {
         if self.verbosity == Verbosity::Quiet {
             return;

@@ -519,7 +519,8 @@ async fn rollout(
 }
 
 /// Run `call`, a request to `client` about `key` on `host`, asking the agent every
-/// 300 ms what it is doing (pull bytes, instances healthy), reported as host states.
+/// 300 ms what it is doing (pull bytes, instances healthy), reported as host states —
+/// when something shows them (a terminal, the web view); else just `call`.
 pub(crate) async fn watched<T>(
     client: &crate::agent::client::AgentClient,
     key: &crate::agent::api::GroupKey,
@@ -527,6 +528,9 @@ pub(crate) async fn watched<T>(
     log: &Log,
     call: impl std::future::Future<Output = T>,
 ) -> T {
+    if !log.wants_progress() {
+        return call.await;
+    }
     let mut call = std::pin::pin!(call);
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(300));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -391,6 +391,11 @@ impl RunFinder {
 }
 
 impl Sink for RunFinder {
+    // The run page draws progress.
+    fn wants_progress(&self) -> bool {
+        true
+    }
+
     fn event(&self, event: &Event) {
         let Event::RunStarted { run } = event else {
             // Lines are in the store; the rest is what the run page draws live.
