@@ -514,8 +514,9 @@ async fn wrong_or_missing_token_is_401_and_changes_nothing() {
         Err(AgentError::Unauthorized { .. })
     ));
 
-    // No header at all, on a real route and an unknown one: 401 with an error body.
-    for path in ["/v1/state", "/nope"] {
+    // No header at all, on real routes and an unknown one: 401 with an error body.
+    let activity = format!("{}/activity", s.key.path());
+    for path in ["/v1/state", activity.as_str(), "/nope"] {
         let (status, body) = agent.raw_get(path, None).await;
         assert_eq!(status, 401, "{path}: {body}");
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();

@@ -694,36 +694,18 @@ mod tests {
             "{why}"
         );
         // Same domain on another port is fine; so are two domains and a default.
-        assert!(
+        let beside_shop = |port: u16, domains: &[String]| {
             clash(
-                8443,
-                &blog,
+                port,
+                domains,
                 true,
                 [(&a, 443, shop.as_slice(), true)],
-                Some(80)
+                Some(80),
             )
-            .is_none()
-        );
-        assert!(
-            clash(
-                443,
-                &d(&["blog.example.com"]),
-                true,
-                [(&a, 443, shop.as_slice(), true)],
-                Some(80)
-            )
-            .is_none()
-        );
-        assert!(
-            clash(
-                443,
-                &none,
-                true,
-                [(&a, 443, shop.as_slice(), true)],
-                Some(80)
-            )
-            .is_none()
-        );
+        };
+        assert!(beside_shop(8443, &blog).is_none());
+        assert!(beside_shop(443, &d(&["blog.example.com"])).is_none());
+        assert!(beside_shop(443, &none).is_none());
         // Two defaults; HTTPS beside plain; HTTPS on the HTTP port.
         assert!(
             clash(80, &none, false, [(&b, 80, none.as_slice(), false)], None)
