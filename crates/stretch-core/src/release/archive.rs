@@ -27,6 +27,7 @@ use zstd::bulk::Compressor;
 
 use crate::log::Meter;
 use crate::source::git::Blobs;
+use crate::source::odb::{Blob as OdbBlob, Loc, Odb};
 use crate::source::{GitFile, SourceFile};
 use crate::{Error, Result};
 
@@ -64,6 +65,9 @@ const MAX_CHUNK: u64 = 16 << 20;
 /// Largest compressed chunk accepted from elsewhere (a registry): zstd's worst case
 /// for [`MAX_CHUNK`] bytes is a little above it.
 pub const MAX_STORED_CHUNK: u64 = MAX_CHUNK + (1 << 20);
+
+/// Most threads reading the chunks' contents (each with its own `git cat-file`).
+const MAX_FEEDERS: usize = 4;
 
 /// Threads flushing new chunk files to disk.
 const SYNCERS: usize = 8;
@@ -289,12 +293,34 @@ pub fn write_archive_with(
             .sum();
         m.add(skipped);
     }
-    let mut blobs = GitReader::new(outside, &items, &plan, &refs);
     let workers = workers();
+    // Several feeders read the chunks, each its own share (every `feeders`-th chunk to
+    // read) through its own git reader: a git source's objects are inflated by as
+    // many processes, not one.
+    let feeders = workers.min(MAX_FEEDERS);
+    // The pieces of one git file go to one feeder: a blob is inflated from its start.
+    let mut owner: Vec<usize> = Vec::with_capacity(plan.len());
+    let mut turn = 0;
+    for chunk in &plan {
+        let goes_on = chunk
+            .first()
+            .is_some_and(|p| p.from > 0 && items[p.item].git.is_some());
+        match owner.last() {
+            Some(&last) if goes_on => owner.push(last),
+            _ => {
+                owner.push(turn % feeders);
+                turn += 1;
+            }
+        }
+    }
+    let mut readers: Vec<GitReader> = (0..feeders)
+        .map(|f| GitReader::new(outside, &items, &plan, &refs, &|seq| owner[seq] == f))
+        .collect();
     let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(workers);
     let work_rx = Mutex::new(work_rx);
     let (done_tx, done_rx) = mpsc::channel::<(usize, io::Result<(ChunkRef, bool)>)>();
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+    let free_rx = Mutex::new(free_rx);
     // New chunk files are flushed to disk one by one as they are written, while the
     // work goes on, and not the whole file system at the end: a build tree just
     // written (a git source's) has nothing to do with the archive's durability.
@@ -302,6 +328,8 @@ pub fn write_archive_with(
     let (sync_tx, sync_rx) = mpsc::channel::<PathBuf>();
     let sync_rx = Mutex::new(sync_rx);
     let synced: Mutex<io::Result<()>> = Mutex::new(Ok(()));
+    // Set by a feeder that failed, so that the others stop early.
+    let stop = std::sync::atomic::AtomicBool::new(false);
     let produced = std::thread::scope(|s| {
         for _ in 0..SYNCERS {
             let (rx, synced) = (&sync_rx, &synced);
@@ -327,25 +355,55 @@ pub fn write_archive_with(
             s.spawn(move || worker(store, rx, done, free, sync, meter));
         }
         drop((done_tx, free_tx, sync_tx));
-        // Taking the sender by value: any return hangs up, so the workers end.
-        let mut feed = |work: mpsc::SyncSender<(usize, Vec<u8>)>| -> Result<()> {
-            let mut headers = Headers::new();
-            for (seq, chunk) in plan.iter().enumerate() {
-                if refs[seq].is_some() {
-                    continue;
-                }
-                let mut buf = free_rx.try_recv().unwrap_or_default();
-                buf.clear();
-                fill(root, &items, chunk, &mut headers, &mut blobs, &mut buf)?;
-                if let Some(m) = meter {
-                    m.add(data_of(chunk));
-                }
-                work.send((seq, buf))
-                    .map_err(|_| Error::failed(STAGE, "the archive workers stopped"))?;
+        let (items, plan, refs, free_rx, stop, owner) =
+            (&items, &plan, &refs, &free_rx, &stop, &owner);
+        let handles: Vec<_> = readers
+            .drain(..)
+            .enumerate()
+            .map(|(f, mut blobs)| {
+                // Taking the sender by value: any return hangs up, so the workers end.
+                let work = work_tx.clone();
+                s.spawn(move || -> Result<()> {
+                    let mut headers = Headers::new();
+                    for (seq, chunk) in plan.iter().enumerate() {
+                        if owner[seq] != f || refs[seq].is_some() {
+                            continue;
+                        }
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        let mut buf = free_rx
+                            .lock()
+                            .ok()
+                            .and_then(|rx| rx.try_recv().ok())
+                            .unwrap_or_default();
+                        buf.clear();
+                        let filled = fill(root, items, chunk, &mut headers, &mut blobs, &mut buf);
+                        if filled.is_err() {
+                            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        filled?;
+                        if let Some(m) = meter {
+                            m.add(data_of(chunk));
+                        }
+                        work.send((seq, buf))
+                            .map_err(|_| Error::failed(STAGE, "the archive workers stopped"))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        drop(work_tx);
+        let mut first = Ok(());
+        for h in handles {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(Error::failed(STAGE, "an archive feeder panicked")));
+            if first.is_ok() {
+                first = r;
             }
-            Ok(())
-        };
-        feed(work_tx)
+        }
+        first
     });
     let mut created = Vec::new();
     let mut failed = None;
@@ -908,15 +966,22 @@ fn is_racy(items: &[Item], chunk: &[Part], after: i64) -> bool {
     })
 }
 
-/// Streams the git files' contents, one `git cat-file --batch` per mirror, asked
-/// for the blobs of every chunk to be read, in order.
+/// Reads the git files' contents for one feeder: straight from each mirror's object
+/// files ([`Odb`]) where they are found there, the others streamed from one
+/// `git cat-file --batch` per mirror, asked for them in the order they will be read.
 #[derive(Default)]
 struct GitReader {
     mirrors: Vec<PathBuf>,
+    odbs: Vec<Option<Odb>>,
+    /// Where each git item to read is in its mirror's object files, if found there.
+    located: HashMap<usize, Loc>,
+    /// Per mirror: the blobs left to `git cat-file`, in order.
     wanted: Vec<Vec<String>>,
     streams: Vec<Option<Blobs>>,
-    /// Per mirror: the item being read and how far.
+    /// Per mirror: the `git cat-file` item being read and how far.
     current: Vec<Option<(usize, u64)>>,
+    /// The item read in parts from the object files, and how far.
+    open: Option<(usize, u64, OdbBlob)>,
 }
 
 impl GitReader {
@@ -925,18 +990,32 @@ impl GitReader {
         items: &[Item],
         plan: &[Planned],
         done: &[Option<ChunkRef>],
+        mine: &dyn Fn(usize) -> bool,
     ) -> GitReader {
         let mirrors = outside.map(|o| o.mirrors.to_vec()).unwrap_or_default();
+        let mut odbs: Vec<Option<Odb>> = (0..mirrors.len()).map(|_| None).collect();
+        let mut located = HashMap::new();
         let mut wanted = vec![Vec::new(); mirrors.len()];
         let mut last = vec![None; mirrors.len()];
-        for (chunk, _) in plan.iter().zip(done).filter(|(_, d)| d.is_none()) {
+        let todo = plan.iter().zip(done).enumerate();
+        for (_, (chunk, _)) in todo.filter(|(seq, (_, d))| d.is_none() && mine(*seq)) {
             for p in chunk {
-                if let Some((m, oid)) = &items[p.item].git
-                    && let Some(w) = wanted.get_mut(*m)
-                    && last[*m] != Some(p.item)
-                {
-                    w.push(oid.clone());
-                    last[*m] = Some(p.item);
+                let Some((m, oid)) = &items[p.item].git else {
+                    continue;
+                };
+                let (Some(w), Some(mirror)) = (wanted.get_mut(*m), mirrors.get(*m)) else {
+                    continue;
+                };
+                if last[*m] == Some(p.item) {
+                    continue;
+                }
+                last[*m] = Some(p.item);
+                let odb = odbs[*m].get_or_insert_with(|| Odb::open(mirror, oid.len() / 2));
+                match odb.locate(oid) {
+                    Some(loc) => {
+                        located.insert(p.item, loc);
+                    }
+                    None => w.push(oid.clone()),
                 }
             }
         }
@@ -944,7 +1023,10 @@ impl GitReader {
             streams: (0..mirrors.len()).map(|_| None).collect(),
             current: vec![None; mirrors.len()],
             mirrors,
+            odbs,
+            located,
             wanted,
+            open: None,
         }
     }
 
@@ -961,6 +1043,25 @@ impl GitReader {
             return Err(io::Error::other("not a git file"));
         };
         let m = *m;
+        if let (Some(loc), Some(Some(odb))) = (self.located.get(&idx), self.odbs.get_mut(m)) {
+            if from == 0 && to == item.size {
+                return odb.read_whole(loc, item.size, out);
+            }
+            let (blob, pos) = match &mut self.open {
+                Some((i, pos, blob)) if *i == idx && *pos <= from => (blob, pos),
+                open => {
+                    let (_, pos, blob) = open.insert((idx, 0, odb.open_blob(loc, item.size)?));
+                    (blob, pos)
+                }
+            };
+            blob.skip(from - *pos)?;
+            blob.read(to - from, out)?;
+            *pos = to;
+            if to == item.size {
+                self.open = None;
+            }
+            return Ok(());
+        }
         let (Some(slot), Some(mirror)) = (self.streams.get_mut(m), self.mirrors.get(m)) else {
             return Err(io::Error::other("no mirror for a git file"));
         };

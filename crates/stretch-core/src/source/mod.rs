@@ -3,6 +3,7 @@
 //! sources overwriting earlier files.
 
 pub mod git;
+pub mod odb;
 pub mod path;
 mod tree;
 
