@@ -2,7 +2,8 @@
 //! the ref is resolved to a commit and that commit's tree is listed (`git ls-tree`),
 //! not checked out: the build tree gets its folders and symlinks, and file contents
 //! are read from the mirror's objects only where something needs them (the archive
-//! streams them with one `git cat-file --batch`; see [`super::Tree`]).
+//! reads them in process, see [`super::odb`]; the build tree writes them from one
+//! `git cat-file --batch`, see [`super::Tree`]).
 //! Runs the `git` program, so https, ssh, file URLs and local paths all work as they
 //! do for the operator's own git.
 
@@ -164,7 +165,7 @@ pub enum Listed {
 pub fn list(mirror: &Path, commit: &str) -> Result<Vec<(PathBuf, Listed)>> {
     use std::os::unix::ffi::OsStrExt;
     let out = git(Some(mirror))
-        .args(["ls-tree", "-r", "-z", "-l", "--full-tree", commit])
+        .args(["ls-tree", "-r", "-z", "--full-tree", commit])
         .output()
         .map_err(|e| Error::failed("pull", format!("cannot run git ls-tree: {e}")))?;
     if !out.status.success() {
@@ -178,6 +179,8 @@ pub fn list(mirror: &Path, commit: &str) -> Result<Vec<(PathBuf, Listed)>> {
     }
     let mut entries = Vec::new();
     let mut links = Vec::new();
+    // Files whose size is still to be read (`ls-tree -l` would map the whole pack).
+    let mut to_size = Vec::new();
     for raw in out.stdout.split(|b| *b == 0).filter(|e| !e.is_empty()) {
         let bad = || {
             Error::failed(
@@ -200,7 +203,7 @@ pub fn list(mirror: &Path, commit: &str) -> Result<Vec<(PathBuf, Listed)>> {
         }
         let rel = PathBuf::from(std::ffi::OsStr::from_bytes(rel));
         let mut f = head.split_ascii_whitespace();
-        let (mode, kind, oid, size) = (f.next(), f.next(), f.next(), f.next());
+        let (mode, kind, oid) = (f.next(), f.next(), f.next());
         let (Some(mode), Some(kind), Some(oid)) = (mode, kind, oid) else {
             return Err(bad());
         };
@@ -211,12 +214,12 @@ pub fn list(mirror: &Path, commit: &str) -> Result<Vec<(PathBuf, Listed)>> {
                 entries.push((rel, Listed::Symlink(PathBuf::new())));
             }
             ("blob", _) => {
-                let size = size.and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+                to_size.push(entries.len());
                 entries.push((
                     rel,
                     Listed::File {
                         oid: oid.to_string(),
-                        size,
+                        size: 0,
                         exec: mode == "100755",
                     },
                 ));
@@ -224,6 +227,7 @@ pub fn list(mirror: &Path, commit: &str) -> Result<Vec<(PathBuf, Listed)>> {
             _ => return Err(bad()),
         }
     }
+    sizes(mirror, &mut entries, &to_size)?;
     if !links.is_empty() {
         let ids = links.iter().map(|(_, oid)| oid.clone()).collect();
         let mut blobs = Blobs::open(mirror, ids).map_err(|e| cat_error(&e))?;
@@ -241,6 +245,89 @@ pub fn list(mirror: &Path, commit: &str) -> Result<Vec<(PathBuf, Listed)>> {
         }
     }
     Ok(entries)
+}
+
+/// The sizes of the files at `at` of `entries`: from the mirror's object files
+/// where found there, the others from `git cat-file --batch-check`.
+fn sizes(mirror: &Path, entries: &mut [(PathBuf, Listed)], at: &[usize]) -> Result<()> {
+    use std::io::{BufRead, Write};
+    let mut odb: Option<super::odb::Odb> = None;
+    let mut asked = Vec::new();
+    for &i in at {
+        let Some((_, Listed::File { oid, size, .. })) = entries.get_mut(i) else {
+            continue;
+        };
+        let odb = odb.get_or_insert_with(|| super::odb::Odb::open(mirror, oid.len() / 2));
+        match odb.locate(oid).map(|loc| odb.size(&loc)) {
+            Some(Ok(n)) => *size = n,
+            Some(Err(e)) => {
+                return Err(Error::failed(
+                    "pull",
+                    format!("cannot read blob {oid} of `{}`: {e}", mirror.display()),
+                ));
+            }
+            None => asked.push(i),
+        }
+    }
+    if asked.is_empty() {
+        return Ok(());
+    }
+    let mut child = git(Some(mirror))
+        .args(["cat-file", "--batch-check"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| cat_error(&e))?;
+    let ids: Vec<String> = asked
+        .iter()
+        .filter_map(|&i| match entries.get(i) {
+            Some((_, Listed::File { oid, .. })) => Some(oid.clone()),
+            _ => None,
+        })
+        .collect();
+    let stdin = child.stdin.take();
+    // Fed from another thread: both pipes are bounded.
+    let feeder = std::thread::spawn(move || {
+        if let Some(stdin) = stdin {
+            let mut w = std::io::BufWriter::new(stdin);
+            for id in ids {
+                if writeln!(w, "{id}").is_err() {
+                    return;
+                }
+            }
+            let _ = w.flush();
+        }
+    });
+    let result = (|| -> std::io::Result<()> {
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| std::io::Error::other("no pipe from git cat-file"))?;
+        let mut lines = std::io::BufReader::new(out).lines();
+        for &i in &asked {
+            let line = lines
+                .next()
+                .ok_or_else(|| std::io::Error::other("git cat-file ended early"))??;
+            let Some((_, Listed::File { oid, size, .. })) = entries.get_mut(i) else {
+                continue;
+            };
+            let mut f = line.split(' ');
+            match (f.next(), f.next(), f.next().and_then(|n| n.parse().ok())) {
+                (Some(got), Some("blob"), Some(n)) if got == oid => *size = n,
+                _ => {
+                    return Err(std::io::Error::other(format!(
+                        "asked for blob {oid}, got `{line}`"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = feeder.join();
+    result.map_err(|e| cat_error(&e))
 }
 
 fn cat_error(e: &std::io::Error) -> Error {

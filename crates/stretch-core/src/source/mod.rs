@@ -656,6 +656,36 @@ mod git_tree_tests {
         let tree = sync(&repo, &base, &merged);
         let want = checkout_hash(&repo, &base, &t.path().join("scratch"));
         assert_eq!(archive_of(&tree, &home).digest.hash, want);
+
+        // Packed, as a fetched mirror is (deltas between the commits' files), into a
+        // fresh home: read from the pack, the same archive.
+        sh(&repo, &["repack", "-q", "-a", "-d", "-f"]);
+        let tree = sync(&repo, &base, &merged);
+        assert_eq!(archive_of(&tree, &t.path().join("home2")).digest.hash, want);
+
+        // A mirror with no objects of its own (alternates): git reads them for us.
+        let shared = t.path().join("shared.git");
+        sh(
+            t.path(),
+            &[
+                "clone",
+                "-q",
+                "--bare",
+                "--shared",
+                repo.to_str().unwrap(),
+                shared.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            !shared
+                .join("objects/pack")
+                .read_dir()
+                .unwrap()
+                .any(|_| true)
+        );
+        let tree = sync(&shared, &base, &t.path().join("merged3"));
+        assert_eq!(tree.git[Path::new("data/big.bin")].size, big.len() as u64);
+        assert_eq!(archive_of(&tree, &t.path().join("home3")).digest.hash, want);
     }
 }
 

@@ -31,7 +31,7 @@ const READ: usize = 1 << 20;
 
 /// Blobs up to this size are inflated whole even when read in parts (tests stream
 /// smaller ones).
-const WHOLE: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
+const WHOLE: u64 = if cfg!(test) { 1 << 20 } else { 8 << 20 };
 
 /// Where an object is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,7 +188,11 @@ impl Odb {
     /// The objects of `mirror` whose ids have `hash_len` bytes. Packs that cannot be
     /// read here are left out (their objects are then not found).
     pub fn open(mirror: &Path, hash_len: usize) -> Odb {
-        let objects = mirror.join("objects");
+        // A bare mirror; a work tree's repository (tests, a local path) also reads.
+        let objects = [mirror.join("objects"), mirror.join(".git/objects")]
+            .into_iter()
+            .find(|p| p.is_dir())
+            .unwrap_or_else(|| mirror.join("objects"));
         let mut idx: Vec<PathBuf> = std::fs::read_dir(objects.join("pack"))
             .map(|dir| {
                 dir.flatten()
@@ -243,6 +247,42 @@ impl Odb {
         result
     }
 
+    /// The size of the object at `loc`, read from its header (for a delta, from the
+    /// start of the delta).
+    pub fn size(&mut self, loc: &Loc) -> io::Result<u64> {
+        match loc {
+            Loc::Loose(path) => Ok(Stream::loose(path)?.size),
+            Loc::Packed { pack, offset } => {
+                let p = self.pack(*pack)?;
+                let e = entry(p, *offset, self.hash_len)?;
+                if e.base.is_none() {
+                    return Ok(e.size);
+                }
+                // A delta starts with its base's size and its result's: varints.
+                let mut head = [0u8; 20];
+                let n = head
+                    .len()
+                    .min(usize::try_from(e.size).unwrap_or(head.len()));
+                let mut s = Stream::packed(p.pack.try_clone()?, e.data, e.size, 512);
+                s.fill(&mut head[..n])?;
+                let mut sizes = head[..n].iter();
+                let mut varint = || -> io::Result<u64> {
+                    let mut v = 0u64;
+                    for shift in (0..64).step_by(7) {
+                        let b = *sizes.next().ok_or_else(|| bad("a delta is cut short"))?;
+                        v |= u64::from(b & 0x7f) << shift;
+                        if b & 0x80 == 0 {
+                            return Ok(v);
+                        }
+                    }
+                    Err(bad("a delta's size is too large"))
+                };
+                varint()?;
+                varint()
+            }
+        }
+    }
+
     /// The blob at `loc`, to be read in parts; it must hold `size` bytes.
     pub fn open_blob(&mut self, loc: &Loc, size: u64) -> io::Result<Blob> {
         if let Loc::Packed { pack, offset } = loc
@@ -255,7 +295,12 @@ impl Odb {
                     return Err(bad(format!("a blob of {} bytes, not {size}", entry.size)));
                 }
                 let file = p.pack.try_clone()?;
-                return Ok(Blob::Stream(Stream::packed(file, entry.data, size)));
+                return Ok(Blob::Stream(Stream::packed(
+                    file,
+                    entry.data,
+                    size,
+                    256 << 10,
+                )));
             }
         }
         let mut data = Vec::new();
@@ -580,12 +625,13 @@ pub struct Stream {
 }
 
 impl Stream {
-    fn packed(file: File, at: u64, size: u64) -> Stream {
+    /// The zlib stream at `at` of `file`, of `size` bytes, read `read` bytes at a time.
+    fn packed(file: File, at: u64, size: u64, read: usize) -> Stream {
         Stream {
             file,
             at,
             state: InflateState::new_boxed(DataFormat::Zlib),
-            input: vec![0; 256 << 10],
+            input: vec![0; read],
             used: 0,
             have: 0,
             left: size,
@@ -596,7 +642,7 @@ impl Stream {
     /// A loose object file, its `blob SIZE\0` header read.
     fn loose(path: &Path) -> io::Result<Stream> {
         let file = File::open(path)?;
-        let mut s = Stream::packed(file, 0, u64::MAX);
+        let mut s = Stream::packed(file, 0, u64::MAX, 64 << 10);
         let mut head = Vec::new();
         loop {
             let mut byte = [0u8; 1];
@@ -747,6 +793,7 @@ mod tests {
                 .locate(&oid)
                 .unwrap_or_else(|| panic!("{path} not found"));
             packed += usize::from(matches!(loc, Loc::Packed { .. }));
+            assert_eq!(odb.size(&loc).unwrap(), size, "{path}: size");
             let mut got = b"before".to_vec();
             odb.read_whole(&loc, size, &mut got).unwrap();
             assert!(got[6..] == want[..], "{path} read whole");
