@@ -8,10 +8,12 @@
 //! this reader still trusts nothing it reads: every offset, size and delta
 //! instruction is checked, and a blob must inflate to exactly its size.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use miniz_oxide::inflate::TINFLStatus;
 use miniz_oxide::inflate::core::{DecompressorOxide, decompress, inflate_flags};
@@ -22,6 +24,9 @@ use miniz_oxide::{DataFormat, MZFlush, MZStatus};
 const BLOB: u8 = 3;
 const OFS_DELTA: u8 = 6;
 const REF_DELTA: u8 = 7;
+
+/// Most bytes of rebuilt delta bases kept for the next blobs (per reader).
+const BASE_CACHE: usize = 32 << 20;
 
 /// Longest delta chain followed (git's own `pack.depth` cannot exceed 4095).
 const MAX_DEPTH: usize = 10_000;
@@ -59,6 +64,7 @@ pub struct Odb {
     packs: Vec<Pack>,
     /// Compressed input, reused across reads.
     input: Vec<u8>,
+    bases: Bases,
 }
 
 fn bad(what: impl Into<String>) -> io::Error {
@@ -172,6 +178,8 @@ impl Pack {
 
 /// A pack entry's header.
 struct Entry {
+    /// Its offset in the pack.
+    at: u64,
     kind: u8,
     size: u64,
     /// Where its compressed data starts.
@@ -208,6 +216,7 @@ impl Odb {
             hash_len,
             packs,
             input: Vec::new(),
+            bases: Bases::default(),
         }
     }
 
@@ -319,6 +328,7 @@ impl Odb {
             packs,
             input,
             hash_len,
+            bases,
             ..
         } = self;
         let pack = packs.get(p).ok_or_else(|| bad("no such pack"))?;
@@ -333,8 +343,10 @@ impl Odb {
             grow(out, size)?;
             return inflate_into(&pack.pack, first.data, &mut out[start..], input);
         }
-        // Follow the chain to its base, then apply the deltas from there up.
+        // Follow the chain down to its base (or to a base met before), then apply
+        // the deltas from there up.
         let mut chain = vec![first];
+        let mut below: Option<Arc<Vec<u8>>> = None;
         loop {
             if chain.len() > MAX_DEPTH {
                 return Err(bad("a delta chain is too long"));
@@ -347,23 +359,38 @@ impl Odb {
                     .find(id)?
                     .ok_or_else(|| bad("a delta's base is not in its pack"))?,
             };
+            if let Some(hit) = bases.get(p, at) {
+                below = Some(hit);
+                break;
+            }
             chain.push(entry(pack, at, *hash_len)?);
         }
-        let Some(base) = chain.pop() else {
-            return Err(bad("an empty delta chain"));
+        let mut data = match below {
+            Some(data) => data,
+            None => {
+                let Some(base) = chain.pop() else {
+                    return Err(bad("an empty delta chain"));
+                };
+                if base.kind != BLOB {
+                    return Err(bad("a blob's delta chain ends in another kind of object"));
+                }
+                let mut data = Vec::new();
+                grow(&mut data, base.size)?;
+                inflate_into(&pack.pack, base.data, &mut data, input)?;
+                let data = Arc::new(data);
+                bases.put(p, base.at, &data);
+                data
+            }
         };
-        if base.kind != BLOB {
-            return Err(bad("a blob's delta chain ends in another kind of object"));
-        }
-        let mut data = Vec::new();
-        grow(&mut data, base.size)?;
-        inflate_into(&pack.pack, base.data, &mut data, input)?;
         let mut delta = Vec::new();
         while let Some(e) = chain.pop() {
             delta.clear();
             grow(&mut delta, e.size)?;
             inflate_into(&pack.pack, e.data, &mut delta, input)?;
-            data = apply(&data, &delta)?;
+            data = Arc::new(apply(&data, &delta)?);
+            if !chain.is_empty() {
+                bases.put(p, e.at, &data);
+            }
         }
         if data.len() as u64 != size {
             return Err(bad(format!(
@@ -373,6 +400,33 @@ impl Odb {
         }
         out.extend_from_slice(&data);
         Ok(())
+    }
+}
+
+/// Recently rebuilt delta bases, by pack and offset, as git keeps them: files of one
+/// tree are often deltas of each other, so a chain's lower part is met again.
+#[derive(Default)]
+struct Bases {
+    map: HashMap<(usize, u64), Arc<Vec<u8>>>,
+    bytes: usize,
+}
+
+impl Bases {
+    fn get(&self, pack: usize, at: u64) -> Option<Arc<Vec<u8>>> {
+        self.map.get(&(pack, at)).cloned()
+    }
+
+    fn put(&mut self, pack: usize, at: u64, data: &Arc<Vec<u8>>) {
+        if data.len() > BASE_CACHE / 4 {
+            return;
+        }
+        if self.bytes + data.len() > BASE_CACHE {
+            self.map.clear();
+            self.bytes = 0;
+        }
+        if self.map.insert((pack, at), Arc::clone(data)).is_none() {
+            self.bytes += data.len();
+        }
     }
 }
 
@@ -431,6 +485,7 @@ fn entry(p: &Pack, offset: u64, hash_len: usize) -> io::Result<Entry> {
         _ => return Err(bad(format!("a pack entry of unknown type {kind}"))),
     };
     Ok(Entry {
+        at: offset,
         kind,
         size,
         data: offset + at as u64,
@@ -782,12 +837,14 @@ mod tests {
             .collect()
     }
 
-    /// Each blob of HEAD read whole and in parts equals what `git cat-file` gives;
+    /// Each blob of HEAD read whole and in parts equals what `git cat-file` gives,
+    /// in path order and again backwards (other delta bases kept from before);
     /// returns how many were found in packs.
     fn same_as_git(repo: &Path) -> usize {
         let mut odb = Odb::open(repo, 20);
         let mut packed = 0;
-        for (path, oid, size) in blobs(repo) {
+        let list = blobs(repo);
+        for (path, oid, size) in list.iter().chain(list.iter().rev()).cloned() {
             let want = git(repo, &["cat-file", "blob", &oid]);
             let loc = odb
                 .locate(&oid)
@@ -873,7 +930,7 @@ mod tests {
         // Packed, the similar files as deltas (offsets to their bases).
         git(t.path(), &["repack", "-q", "-a", "-d", "-f", "--window=50"]);
         assert!(deltas(t.path()) > 5, "git made no deltas");
-        assert_eq!(same_as_git(&r), 22);
+        assert_eq!(same_as_git(&r), 44);
         // Deltas naming their bases by id.
         git(
             t.path(),
@@ -888,7 +945,7 @@ mod tests {
             ],
         );
         assert!(deltas(t.path()) > 5, "git made no deltas");
-        assert_eq!(same_as_git(&r), 22);
+        assert_eq!(same_as_git(&r), 44);
         // Ids of another length or not hex are not found.
         let odb = Odb::open(&r, 20);
         assert_eq!(odb.locate("abcd"), None);
