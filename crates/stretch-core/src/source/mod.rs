@@ -464,6 +464,20 @@ mod tests {
     }
 }
 
+/// Tests: run git in `dir` (as a committer), its output; panics if git fails.
+#[cfg(test)]
+pub(crate) fn run_git(dir: &Path, args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+    out.stdout
+}
+
 #[cfg(test)]
 mod git_tree_tests {
     use std::collections::BTreeMap;
@@ -473,14 +487,7 @@ mod git_tree_tests {
     use crate::release::archive::{self, Outside};
 
     fn sh(dir: &Path, args: &[&str]) {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
+        run_git(dir, args);
     }
 
     fn write(root: &Path, rel: &str, data: &[u8]) {
@@ -691,20 +698,14 @@ mod git_tree_tests {
 
 #[cfg(test)]
 mod hostile_git_tests {
-    use std::process::Command;
 
     use super::*;
 
     fn git(dir: &Path, args: &[&str]) -> String {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        String::from_utf8(run_git(dir, args))
+            .unwrap()
+            .trim()
+            .to_string()
     }
 
     /// A commit can hold what a checkout would refuse or regret: a symlink out of the

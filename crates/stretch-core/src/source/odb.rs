@@ -614,6 +614,15 @@ fn apply(base: &[u8], delta: &[u8]) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Where `n` bytes from `pos` of `data` end, if within it.
+fn past(data: &[u8], pos: usize, n: u64) -> io::Result<usize> {
+    usize::try_from(n)
+        .ok()
+        .and_then(|n| pos.checked_add(n))
+        .filter(|end| *end <= data.len())
+        .ok_or_else(|| bad("read past a blob's end"))
+}
+
 /// A blob being read in parts.
 pub enum Blob {
     Whole(Vec<u8>, usize),
@@ -625,11 +634,7 @@ impl Blob {
     pub fn read(&mut self, n: u64, out: &mut Vec<u8>) -> io::Result<()> {
         match self {
             Blob::Whole(data, pos) => {
-                let end = usize::try_from(n)
-                    .ok()
-                    .and_then(|n| pos.checked_add(n))
-                    .filter(|end| *end <= data.len())
-                    .ok_or_else(|| bad("read past a blob's end"))?;
+                let end = past(data, *pos, n)?;
                 out.extend_from_slice(&data[*pos..end]);
                 *pos = end;
                 Ok(())
@@ -642,12 +647,7 @@ impl Blob {
     pub fn skip(&mut self, n: u64) -> io::Result<()> {
         match self {
             Blob::Whole(data, pos) => {
-                let end = usize::try_from(n)
-                    .ok()
-                    .and_then(|n| pos.checked_add(n))
-                    .filter(|end| *end <= data.len())
-                    .ok_or_else(|| bad("read past a blob's end"))?;
-                *pos = end;
+                *pos = past(data, *pos, n)?;
                 Ok(())
             }
             Blob::Stream(s) => {
@@ -811,17 +811,7 @@ mod tests {
         assert!(apply(base, &[0x80]).is_err());
     }
 
-    fn git(dir: &Path, args: &[&str]) -> Vec<u8> {
-        let out = std::process::Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{args:?}: {out:?}");
-        out.stdout
-    }
+    use super::super::run_git as git;
 
     /// Every blob of HEAD: path, id, size.
     fn blobs(repo: &Path) -> Vec<(String, String, u64)> {
