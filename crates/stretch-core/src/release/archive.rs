@@ -66,7 +66,7 @@ const MAX_CHUNK: u64 = 16 << 20;
 /// for [`MAX_CHUNK`] bytes is a little above it.
 pub const MAX_STORED_CHUNK: u64 = MAX_CHUNK + (1 << 20);
 
-/// Most threads reading the chunks' contents (each with its own `git cat-file`).
+/// Most threads reading the chunks' contents (each inflating its own git objects).
 const MAX_FEEDERS: usize = 4;
 
 /// Threads flushing new chunk files to disk.
@@ -294,9 +294,8 @@ pub fn write_archive_with(
         m.add(skipped);
     }
     let workers = workers();
-    // Several feeders read the chunks, each its own share (every `feeders`-th chunk to
-    // read) through its own git reader: a git source's objects are inflated by as
-    // many processes, not one.
+    // Several feeders read the chunks, each its own share through its own git reader:
+    // a git source's objects are inflated on as many threads, not one.
     let feeders = workers.min(MAX_FEEDERS);
     // The pieces of one git file go to one feeder: a blob is inflated from its start.
     let mut owner: Vec<usize> = Vec::with_capacity(plan.len());

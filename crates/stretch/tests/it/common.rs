@@ -447,9 +447,9 @@ impl AgentProc {
     }
 }
 
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        self.kill();
+impl AgentProc {
+    /// Remove the containers of this agent's system; returns how many there were.
+    fn sweep(&self) -> usize {
         let out = Command::new("docker")
             .args([
                 "ps",
@@ -458,17 +458,29 @@ impl Drop for AgentProc {
                 &format!("label=stretch.system={}", self.system),
             ])
             .output();
-        if let Ok(out) = out {
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(String::from)
-                .collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker")
-                    .args(["rm", "-f"])
-                    .args(&ids)
-                    .output();
-            }
+        let Ok(out) = out else { return 0 };
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(String::from)
+            .collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&ids)
+                .output();
+        }
+        ids.len()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+        // A container the killed agent had asked for may still be being created by
+        // the engine: an agent that had containers is swept once more a little later.
+        if self.sweep() > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            self.sweep();
         }
     }
 }
