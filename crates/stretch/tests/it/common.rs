@@ -447,40 +447,34 @@ impl AgentProc {
     }
 }
 
-impl AgentProc {
-    /// Remove the containers of this agent's system; returns how many there were.
-    fn sweep(&self) -> usize {
-        let out = Command::new("docker")
-            .args([
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label=stretch.system={}", self.system),
-            ])
-            .output();
-        let Ok(out) = out else { return 0 };
-        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(String::from)
-            .collect();
-        if !ids.is_empty() {
-            let _ = Command::new("docker")
-                .args(["rm", "-f"])
-                .args(&ids)
-                .output();
-        }
-        ids.len()
-    }
-}
-
 impl Drop for AgentProc {
     fn drop(&mut self) {
         self.kill();
-        // A container the killed agent had asked for may still be being created by
-        // the engine: an agent that had containers is swept once more a little later.
-        if self.sweep() > 0 {
-            std::thread::sleep(std::time::Duration::from_millis(500));
-            self.sweep();
+        // Its system's containers, and those of systems named after it (another
+        // system a test deploys to the same agent, such as `{system}b`).
+        let out = Command::new("docker")
+            .args([
+                "ps",
+                "-a",
+                "--filter",
+                "label=stretch.system",
+                "--format",
+                "{{.ID}} {{.Label \"stretch.system\"}}",
+            ])
+            .output();
+        if let Ok(out) = out {
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.split_once(' '))
+                .filter(|(_, system)| system.starts_with(&self.system))
+                .map(|(id, _)| id.to_string())
+                .collect();
+            if !ids.is_empty() {
+                let _ = Command::new("docker")
+                    .args(["rm", "-f"])
+                    .args(&ids)
+                    .output();
+            }
         }
     }
 }
