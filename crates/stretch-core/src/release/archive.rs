@@ -312,7 +312,7 @@ pub fn write_archive_with(
             }
         }
     }
-    let mut readers: Vec<GitReader> = (0..feeders)
+    let readers: Vec<GitReader> = (0..feeders)
         .map(|f| GitReader::new(outside, &items, &plan, &refs, &|seq| owner[seq] == f))
         .collect();
     let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(workers);
@@ -357,7 +357,7 @@ pub fn write_archive_with(
         let (items, plan, refs, free_rx, stop, owner) =
             (&items, &plan, &refs, &free_rx, &stop, &owner);
         let handles: Vec<_> = readers
-            .drain(..)
+            .into_iter()
             .enumerate()
             .map(|(f, mut blobs)| {
                 // Taking the sender by value: any return hangs up, so the workers end.

@@ -250,7 +250,6 @@ pub fn list(mirror: &Path, commit: &str) -> Result<Vec<(PathBuf, Listed)>> {
 /// The sizes of the files at `at` of `entries`: from the mirror's object files
 /// where found there, the others from `git cat-file --batch-check`.
 fn sizes(mirror: &Path, entries: &mut [(PathBuf, Listed)], at: &[usize]) -> Result<()> {
-    use std::io::{BufRead, Write};
     let mut odb: Option<super::odb::Odb> = None;
     let mut asked = Vec::new();
     for &i in at {
@@ -272,62 +271,20 @@ fn sizes(mirror: &Path, entries: &mut [(PathBuf, Listed)], at: &[usize]) -> Resu
     if asked.is_empty() {
         return Ok(());
     }
-    let mut child = git(Some(mirror))
-        .args(["cat-file", "--batch-check"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| cat_error(&e))?;
-    let ids: Vec<String> = asked
+    let ids = asked
         .iter()
         .filter_map(|&i| match entries.get(i) {
             Some((_, Listed::File { oid, .. })) => Some(oid.clone()),
             _ => None,
         })
         .collect();
-    let stdin = child.stdin.take();
-    // Fed from another thread: both pipes are bounded.
-    let feeder = std::thread::spawn(move || {
-        if let Some(stdin) = stdin {
-            let mut w = std::io::BufWriter::new(stdin);
-            for id in ids {
-                if writeln!(w, "{id}").is_err() {
-                    return;
-                }
-            }
-            let _ = w.flush();
+    let mut check = Blobs::sizes(mirror, ids).map_err(|e| cat_error(&e))?;
+    for &i in &asked {
+        if let Some((_, Listed::File { oid, size, .. })) = entries.get_mut(i) {
+            *size = check.start(oid).map_err(|e| cat_error(&e))?;
         }
-    });
-    let result = (|| -> std::io::Result<()> {
-        let out = child
-            .stdout
-            .take()
-            .ok_or_else(|| std::io::Error::other("no pipe from git cat-file"))?;
-        let mut lines = std::io::BufReader::new(out).lines();
-        for &i in &asked {
-            let line = lines
-                .next()
-                .ok_or_else(|| std::io::Error::other("git cat-file ended early"))??;
-            let Some((_, Listed::File { oid, size, .. })) = entries.get_mut(i) else {
-                continue;
-            };
-            let mut f = line.split(' ');
-            match (f.next(), f.next(), f.next().and_then(|n| n.parse().ok())) {
-                (Some(got), Some("blob"), Some(n)) if got == oid => *size = n,
-                _ => {
-                    return Err(std::io::Error::other(format!(
-                        "asked for blob {oid}, got `{line}`"
-                    )));
-                }
-            }
-        }
-        Ok(())
-    })();
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = feeder.join();
-    result.map_err(|e| cat_error(&e))
+    }
+    Ok(())
 }
 
 fn cat_error(e: &std::io::Error) -> Error {
@@ -351,13 +308,24 @@ pub struct Blobs {
     /// Bytes of the current blob not yet read, and whether one is open.
     left: u64,
     open: bool,
+    /// `--batch-check`: sizes only, no contents follow.
+    check: bool,
 }
 
 impl Blobs {
     pub fn open(mirror: &Path, ids: Vec<String>) -> std::io::Result<Blobs> {
+        Blobs::spawn(mirror, ids, false)
+    }
+
+    /// Only the blobs' sizes, each given by [`start`](Blobs::start), nothing to read.
+    pub fn sizes(mirror: &Path, ids: Vec<String>) -> std::io::Result<Blobs> {
+        Blobs::spawn(mirror, ids, true)
+    }
+
+    fn spawn(mirror: &Path, ids: Vec<String>, check: bool) -> std::io::Result<Blobs> {
         use std::io::Write;
         let mut child = git(Some(mirror))
-            .args(["cat-file", "--batch"])
+            .args(["cat-file", if check { "--batch-check" } else { "--batch" }])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -387,6 +355,7 @@ impl Blobs {
             out: std::io::BufReader::with_capacity(64 << 10, stdout),
             left: 0,
             open: false,
+            check,
         })
     }
 
@@ -404,8 +373,10 @@ impl Blobs {
         let (got, kind, size) = (f.next(), f.next(), f.next().and_then(|n| n.parse().ok()));
         match (got, kind, size) {
             (Some(g), Some("blob"), Some(size)) if g == oid => {
-                self.left = size;
-                self.open = true;
+                if !self.check {
+                    self.left = size;
+                    self.open = true;
+                }
                 Ok(size)
             }
             _ => Err(std::io::Error::other(format!(

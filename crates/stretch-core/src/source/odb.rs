@@ -262,7 +262,7 @@ impl Odb {
         match loc {
             Loc::Loose(path) => Ok(Stream::loose(path)?.size),
             Loc::Packed { pack, offset } => {
-                let p = self.pack(*pack)?;
+                let p = self.packs.get(*pack).ok_or_else(|| bad("no such pack"))?;
                 let e = entry(p, *offset, self.hash_len)?;
                 if e.base.is_none() {
                     return Ok(e.size);
@@ -272,22 +272,10 @@ impl Odb {
                 let n = head
                     .len()
                     .min(usize::try_from(e.size).unwrap_or(head.len()));
-                let mut s = Stream::packed(p.pack.try_clone()?, e.data, e.size, 512);
-                s.fill(&mut head[..n])?;
-                let mut sizes = head[..n].iter();
-                let mut varint = || -> io::Result<u64> {
-                    let mut v = 0u64;
-                    for shift in (0..64).step_by(7) {
-                        let b = *sizes.next().ok_or_else(|| bad("a delta is cut short"))?;
-                        v |= u64::from(b & 0x7f) << shift;
-                        if b & 0x80 == 0 {
-                            return Ok(v);
-                        }
-                    }
-                    Err(bad("a delta's size is too large"))
-                };
-                varint()?;
-                varint()
+                inflate(&p.pack, e.data, &mut head[..n], &mut self.input, true)?;
+                let mut at = 0;
+                varint(&head[..n], &mut at)?;
+                varint(&head[..n], &mut at)
             }
         }
     }
@@ -511,7 +499,19 @@ fn bound(n: usize) -> usize {
 }
 
 /// Inflate the zlib stream at `at` of `file` into `dst`, which it must fill exactly.
-fn inflate_into(file: &File, mut at: u64, dst: &mut [u8], input: &mut Vec<u8>) -> io::Result<()> {
+fn inflate_into(file: &File, at: u64, dst: &mut [u8], input: &mut Vec<u8>) -> io::Result<()> {
+    inflate(file, at, dst, input, false)
+}
+
+/// Inflate the zlib stream at `at` of `file` into `dst`: all of it, or (`prefix`) only
+/// its first `dst.len()` bytes.
+fn inflate(
+    file: &File,
+    mut at: u64,
+    dst: &mut [u8],
+    input: &mut Vec<u8>,
+    prefix: bool,
+) -> io::Result<()> {
     let mut d = DecompressorOxide::new();
     let flags = inflate_flags::TINFL_FLAG_PARSE_ZLIB_HEADER
         | inflate_flags::TINFL_FLAG_COMPUTE_ADLER32
@@ -533,6 +533,7 @@ fn inflate_into(file: &File, mut at: u64, dst: &mut [u8], input: &mut Vec<u8>) -
         written += out;
         match status {
             TINFLStatus::Done if written == dst.len() => return Ok(()),
+            TINFLStatus::HasMoreOutput if prefix && written == dst.len() => return Ok(()),
             TINFLStatus::Done | TINFLStatus::HasMoreOutput => {
                 return Err(bad("an object does not inflate to its size"));
             }
@@ -542,27 +543,26 @@ fn inflate_into(file: &File, mut at: u64, dst: &mut [u8], input: &mut Vec<u8>) -
     }
 }
 
+/// The little-endian base-128 number at `at` of `bytes` (a delta's sizes); moves `at`
+/// past it.
+fn varint(bytes: &[u8], at: &mut usize) -> io::Result<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *bytes.get(*at).ok_or_else(|| bad("a delta is cut short"))?;
+        *at += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(bad("a delta's size is too large"))
+}
+
 /// Apply a git delta to `base`.
 fn apply(base: &[u8], delta: &[u8]) -> io::Result<Vec<u8>> {
     let mut at = 0;
-    let varint = |at: &mut usize| -> io::Result<u64> {
-        let mut v = 0u64;
-        let mut shift = 0;
-        loop {
-            let b = *delta.get(*at).ok_or_else(|| bad("a delta is cut short"))?;
-            *at += 1;
-            if shift > 63 {
-                return Err(bad("a delta's size is too large"));
-            }
-            v |= u64::from(b & 0x7f) << shift;
-            shift += 7;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-    };
-    let from = varint(&mut at)?;
-    let to = varint(&mut at)?;
+    let from = varint(delta, &mut at)?;
+    let to = varint(delta, &mut at)?;
     if from != base.len() as u64 {
         return Err(bad("a delta does not fit its base"));
     }
